@@ -1,0 +1,5 @@
+import sys
+
+from memc.cli import main
+
+sys.exit(main())

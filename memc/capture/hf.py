@@ -1,0 +1,108 @@
+"""Hugging Face model directories -> an nn.Module whose forward takes token tensors and returns one tensor.
+
+The wrappers pin ``use_cache=False`` (a DynamicCache in the output breaks torch.export) and load MoE experts with
+``experts_implementation="batched_mm"`` (the default grouped_mm exports but its custom op has no ONNX lowering;
+eager fails export on data-dependent shapes). See shared/design/ARCHITECTURE.md.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from memc.errors import CaptureError
+
+_MOE_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class CausalLMGraph(torch.nn.Module):
+    """input_ids [batch, seq] -> logits [batch, seq, vocab], no KV cache."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids, use_cache=False).logits
+
+
+class EncoderGraph(torch.nn.Module):
+    """input_ids, attention_mask [batch, seq] -> last hidden state [batch, seq, hidden]."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+
+@dataclass
+class HFModel:
+    module: torch.nn.Module
+    task: str
+    input_names: list[str]
+    output_names: list[str]
+    vocab_size: int
+    max_seq_len: int | None
+    architecture: str
+    is_moe: bool
+
+
+def _task_of(architectures: list[str], requested: str) -> str:
+    if requested != "auto":
+        return requested
+    for arch in architectures:
+        if arch.endswith(("ForCausalLM", "LMHeadModel")):
+            return "causal-lm"
+    for arch in architectures:
+        if arch.endswith("Model"):
+            return "encoder"
+    raise CaptureError(
+        f"cannot tell what to capture for architectures {architectures or '(none listed)'}",
+        hint='set [model] task = "causal-lm" or "encoder" in toolchain.toml',
+    )
+
+
+def load_hf(directory: Path, task: str, dtype: str) -> HFModel:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the network
+    try:
+        import transformers
+    except ImportError:
+        raise CaptureError(
+            f"{directory} is a Hugging Face model directory, but transformers is not installed",
+            hint="pip install 'memc[hf]'",
+        ) from None
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        config = transformers.AutoConfig.from_pretrained(directory, local_files_only=True)
+    except Exception as exc:
+        raise CaptureError(f"{directory}/config.json is not a readable Hugging Face config: {exc}") from None
+    archs = list(getattr(config, "architectures", None) or [])
+    task = _task_of(archs, task)
+    auto = transformers.AutoModelForCausalLM if task == "causal-lm" else transformers.AutoModel
+    cls = getattr(transformers, archs[0], None) if archs else None
+    cls = cls if cls is not None and hasattr(cls, "from_pretrained") else auto
+    is_moe = any(getattr(config, k, None) for k in _MOE_KEYS)
+    kwargs = {"attn_implementation": "sdpa", "dtype": _DTYPES[dtype], "local_files_only": True}
+    if is_moe:
+        kwargs["experts_implementation"] = "batched_mm"
+    weights = [p for p in directory.iterdir() if p.suffix in (".safetensors", ".bin")]
+    if not weights:
+        raise CaptureError(f"{directory} has config.json but no weights (*.safetensors or *.bin)")
+    try:
+        model = cls.from_pretrained(directory, **kwargs).eval()
+    except Exception as exc:
+        raise CaptureError(f"cannot load the Hugging Face model in {directory}: {type(exc).__name__}: {exc}") from None
+    max_len = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if task == "causal-lm":
+        wrapper: torch.nn.Module = CausalLMGraph(model)
+        inputs, outputs = ["input_ids"], ["logits"]
+    else:
+        wrapper = EncoderGraph(model)
+        inputs, outputs = ["input_ids", "attention_mask"], ["last_hidden_state"]
+    return HFModel(wrapper, task, inputs, outputs, int(config.vocab_size), max_len, archs[0] if archs else cls.__name__, is_moe)

@@ -1,0 +1,112 @@
+"""The `memc` command line: compile, inspect, passes. Errors are one clear message and a non-zero exit."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+from pathlib import Path
+from typing import Sequence
+
+from memc.errors import MemcError
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="model: .pt2 archive, Hugging Face model dir, package.module:function, or .pt pickle")
+    p.add_argument("--config", "-c", help="toolchain.toml (default: memc's built-in defaults)")
+    p.add_argument("--trust-pickle", action="store_true", help="allow loading a pickled .pt/.pth model (runs code!)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="memc", description="Compile PyTorch models into smaller, faster deployable ones.")
+    parser.add_argument("--debug", action="store_true", help="show Python tracebacks for errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    c = sub.add_parser("compile", help="capture, run the pass pipeline, lower to a target and verify")
+    _add_model_args(c)
+    c.add_argument("--target", "-t", choices=["onnx"], help="deployment target (overrides [target] name)")
+    c.add_argument("--output", "-o", help="output directory (overrides [output] dir)")
+    c.add_argument("--seed", type=int, help="overrides the config's seed")
+    c.add_argument("--dry-run", action="store_true", help="validate everything and print the plan; run nothing")
+    c.add_argument("--dump-ir", action="store_true", help="write the graph after each pass to <output>/ir/")
+    c.add_argument("--no-progress", action="store_true", help="no progress display")
+
+    i = sub.add_parser("inspect", help="parameters and bytes per module, op histogram of the captured graph")
+    _add_model_args(i)
+    i.add_argument("--depth", type=int, default=2, help="module depth of the size table (default 2)")
+    i.add_argument("--json", action="store_true", help="print JSON instead of tables")
+
+    sub.add_parser("passes", help="list registered passes (plugins included) with their options")
+    return parser
+
+
+def _config(args: argparse.Namespace):
+    from memc.config import load_config
+
+    cfg = load_config(args.config)
+    if getattr(args, "seed", None) is not None:
+        cfg.seed = args.seed
+    if getattr(args, "target", None):
+        cfg.target.name = args.target
+    if getattr(args, "dump_ir", False):
+        cfg.instruments.dump_ir = True
+    return cfg
+
+
+def cmd_compile(args: argparse.Namespace) -> int:
+    from memc.compiler import make_plan, run_plan
+
+    cfg = _config(args)
+    source = args.model or cfg.model.source
+    out_dir = Path(args.output or cfg.output.dir)
+    plan = make_plan(source, cfg, out_dir, trust_pickle=args.trust_pickle)
+    if args.dry_run:
+        print("memc compile --dry-run: configuration is valid; this is the plan:")
+        print("\n".join(plan.describe()))
+        return 0
+    run_plan(plan, progress=not args.no_progress)
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from memc.inspection import inspect_model
+
+    inspect_model(args.model, _config(args), trust_pickle=args.trust_pickle, depth=args.depth, as_json=args.json)
+    return 0
+
+
+def cmd_passes(args: argparse.Namespace) -> int:
+    from memc.inspection import print_passes
+
+    print_passes()
+    return 0
+
+
+COMMANDS = {"compile": cmd_compile, "inspect": cmd_inspect, "passes": cmd_passes}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        return COMMANDS[args.command](args)
+    except MemcError as exc:
+        if args.debug:
+            traceback.print_exc()
+        print(f"memc: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("memc: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a bug in memc or a library: still one readable message
+        if args.debug:
+            traceback.print_exc()
+        print(
+            f"memc: internal error: {type(exc).__name__}: {exc}\n  rerun with --debug for the traceback and report it",
+            file=sys.stderr,
+        )
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Codegen: lower a Program to deployable graphs (ONNX today)."""

@@ -1,0 +1,163 @@
+"""The compile driver: validate -> capture -> passes -> target check -> build -> verify -> atomic write."""
+from __future__ import annotations
+
+import contextlib
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from memc.atomic import check_output_dir, staged_output_dir, write_json
+from memc.calibration import calibration_samples
+from memc.capture import capture, resolve_kind
+from memc.capture.inputs import alternate_sizes, resized_inputs
+from memc.config import ToolchainConfig
+from memc.errors import VerificationError
+from memc.passes.base import Pass, PassContext, create_pass
+from memc.passes.instruments import IRDumpInstrument, ProgressInstrument, VerifyInstrument
+from memc.passes.manager import PassManager, check_order
+from memc.program import Program
+from memc.report import build_report, program_facts, render_summary
+from memc.targets.base import Target, get_target
+
+REPORT_FILE = "report.json"
+SUMMARY_FILE = "summary.txt"
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class Plan:
+    """A validated compile plan: what ``--dry-run`` prints and ``run`` executes."""
+
+    source: str
+    kind: str
+    config: ToolchainConfig
+    passes: list[Pass]
+    target: Target
+    out_dir: Path
+    trust_pickle: bool = False
+
+    def describe(self) -> list[str]:
+        lines = [
+            f"model:   {self.source} ({self.kind})",
+            f"seed:    {self.config.seed}",
+            f"inputs:  batch {self.config.inputs.batch}, seq_len {self.config.inputs.seq_len} "
+            f"(dynamic batch: {self.config.inputs.dynamic_batch}, dynamic seq: {self.config.inputs.dynamic_seq})",
+            f"passes:  {len(self.passes)}",
+        ]
+        for i, p in enumerate(self.passes):
+            opts = ", ".join(f"{k}={v!r}" for k, v in vars(p.config).items())
+            lines.append(f"  {i}. {p.name}" + (f" ({opts})" if opts else ""))
+        t = self.config.target
+        lines.append(f"target:  {t.name} (opset {t.opset}, atol {t.atol:g})")
+        lines.append(f"output:  {self.out_dir}")
+        return lines
+
+
+def make_plan(source: str, config: ToolchainConfig, out_dir: Path, trust_pickle: bool = False) -> Plan:
+    """Validate everything that can be validated without loading the model."""
+    passes = [create_pass(s.name, s.options, s.path) for s in config.pipeline]
+    check_order(passes, set())
+    kind = resolve_kind(source, config.model.kind)
+    check_output_dir(out_dir)
+    return Plan(source, kind, config, passes, get_target(config.target), out_dir, trust_pickle)
+
+
+class _Display:
+    """Stage lines on stderr plus a progress bar for long loops (only on a terminal)."""
+
+    def __init__(self, enabled: bool):
+        self.console = Console(stderr=True)
+        self.progress = Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            console=self.console, transient=True, disable=not (enabled and self.console.is_terminal),
+        )
+
+    def stage(self, text: str) -> None:
+        self.console.print(f"[bold]memc[/bold] {text}", highlight=False)
+
+    @contextlib.contextmanager
+    def task(self, total: int, description: str) -> Iterator[Callable[[int], None]]:
+        task_id = self.progress.add_task(description, total=total)
+        try:
+            yield lambda n=1: self.progress.advance(task_id, n)
+        finally:
+            self.progress.remove_task(task_id)
+
+
+def _verification_samples(program: Program, calib: list[tuple], config: ToolchainConfig) -> list[tuple]:
+    samples = [program.example_inputs]
+    if program.source.task in ("causal-lm", "encoder") and program.dynamic_dims:
+        for batch, seq in config.target.verify_shapes:
+            if program.source.max_seq_len is None or seq <= program.source.max_seq_len:
+                samples.append(resized_inputs(program, {"batch": batch, "seq": seq}, config.seed + 100 + batch + seq))
+    elif any(program.dynamic_dims.values()):
+        samples.append(resized_inputs(program, alternate_sizes(program), config.seed + 100))
+    return samples + calib
+
+
+def run_plan(plan: Plan, progress: bool = True) -> dict[str, Any]:
+    """Execute a plan; on any failure nothing is left in the output directory."""
+    cfg = plan.config
+    display = _Display(progress and cfg.instruments.progress)
+    seed_everything(cfg.seed)
+    with display.progress:
+        t0 = time.perf_counter()
+        display.stage(f"capturing {plan.source} ({plan.kind}) with torch.export")
+        program = capture(plan.source, cfg, trust_pickle=plan.trust_pickle)
+        capture_seconds = time.perf_counter() - t0
+        captured = {**program_facts(program), "op_histogram": program.op_histogram()}
+        calib = calibration_samples(program, cfg.calibration, cfg.inputs, cfg.seed)
+        ctx = PassContext(seed=cfg.seed, calibration=calib, options={"config": cfg}, progress_factory=display.task)
+
+        with staged_output_dir(plan.out_dir) as stage:
+            instruments: list = []
+            if cfg.instruments.verify_each_pass:
+                instruments.append(VerifyInstrument(program.example_inputs, cfg.instruments.pass_atol))
+            if cfg.instruments.dump_ir:
+                dumper = IRDumpInstrument(stage / "ir")
+                dumper.dump(program, "capture")
+                instruments.append(dumper)
+            if plan.passes:
+                display.stage(f"running {len(plan.passes)} pass(es)")
+                with display.task(len(plan.passes), "passes") as advance:
+                    instruments.append(ProgressInstrument(advance))
+                    program = PassManager(plan.passes, instruments).run(program, ctx)
+
+            display.stage(f"lowering to {plan.target.name} (checking every op first)")
+            t1 = time.perf_counter()
+            plan.target.check(program)
+            build = plan.target.build(program, stage)
+            build_seconds = time.perf_counter() - t1
+
+            samples = _verification_samples(program, calib, cfg)
+            display.stage(f"verifying against the torch program on {len(samples)} sample(s)")
+            verification = plan.target.verify(program, stage, samples)
+            report = build_report(
+                config=cfg, captured=captured, program=program, capture_seconds=capture_seconds,
+                target_name=plan.target.name, build=build, build_seconds=build_seconds, verification=verification,
+            )
+            summary = render_summary(report)
+            if not verification.passed:
+                display.console.print(summary, highlight=False)
+                worst = {k: f"{v:.3g}" for k, v in verification.worst.items() if v > verification.atol}
+                raise VerificationError(
+                    f"the {plan.target.name} artifact does not match the torch program: max |Δ| {worst} "
+                    f"> atol {verification.atol:g}; nothing was written to {plan.out_dir}"
+                )
+            write_json(stage / REPORT_FILE, report)
+            (stage / SUMMARY_FILE).write_text(summary, encoding="utf-8")
+    display.console.print(summary, highlight=False)
+    display.stage(f"wrote {plan.out_dir}/ ({', '.join(a.path for a in build.artifacts)}, {REPORT_FILE}, {SUMMARY_FILE})")
+    return report

@@ -1,0 +1,168 @@
+"""toolchain.toml -> typed config. Every key is validated; errors name the exact key path and the valid choices.
+
+The pipeline is an ordered array of tables, one per pass:
+
+    [[pipeline]]
+    pass = "eliminate-dead-code"     # a registered pass name (built-in or plugin)
+    # ...that pass's own options, validated against its Config dataclass
+
+Pass options are validated when the pipeline is resolved against the registry (``resolve_pipeline``), so unknown
+pass names and option typos fail before anything is loaded or written.
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from memc.errors import ConfigError
+from memc.schema import from_dict, option
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+DType = Literal["float32", "float16", "bfloat16", "int64", "int32", "bool"]
+
+
+@dataclass
+class TensorSpec:
+    """One model input, for models whose inputs memc cannot infer (factories, pickles)."""
+
+    name: str = option(doc="the forward() argument name")
+    shape: list[int] = option(doc="example shape; use >= 2 on an axis that should stay dynamic")
+    dtype: DType = option("float32", "element type")
+    dynamic: dict[str, str] = option(factory=dict, doc='axis -> dimension name, e.g. {0 = "batch", 1 = "seq"}')
+    high: int = option(0, "integer inputs are drawn from [0, high); 0 means 2")
+
+    def validate(self) -> None:
+        for axis in self.dynamic:
+            if not axis.isdigit() or int(axis) >= len(self.shape):
+                raise ValueError(f"dynamic axis {axis!r} of input {self.name!r} is not an axis of shape {self.shape}")
+
+
+@dataclass
+class ModelConfig:
+    source: str = option("", "model path or package.module:function; the CLI's MODEL argument overrides it")
+    kind: Literal["auto", "pt2", "hf", "factory", "pickle"] = option("auto", "how to load the source")
+    task: Literal["auto", "causal-lm", "encoder"] = option("auto", "HF models: what the captured graph returns")
+    dtype: Literal["float32", "bfloat16", "float16"] = option("float32", "weights dtype for capture")
+
+
+@dataclass
+class InputsConfig:
+    batch: int = option(2, "example batch size (>= 2 keeps the batch axis dynamic)")
+    seq_len: int = option(32, "example sequence length for token models")
+    dynamic_batch: bool = option(True, "export with a dynamic batch axis")
+    dynamic_seq: bool = option(True, "export with a dynamic sequence axis (token models)")
+    max_seq_len: int = option(0, "upper bound of the dynamic sequence axis; 0 = the model's own maximum")
+    tensors: list[TensorSpec] = option(factory=list, doc="explicit inputs (factories / pickles)")
+
+    def validate(self) -> None:
+        if self.batch < 1 or self.seq_len < 1:
+            raise ValueError("batch and seq_len must be >= 1")
+        if self.dynamic_batch and self.batch < 2:
+            raise ValueError("a dynamic batch axis needs an example batch >= 2 (torch.export specialises 0/1)")
+
+
+@dataclass
+class CalibrationConfig:
+    source: str = option("random", '"random" token/tensor samples, or a path to a UTF-8 text file')
+    tokenizer: Literal["auto", "bytes", "hf"] = option(
+        "auto", "text -> tokens: the HF model directory's tokenizer, or raw bytes (byte-level models)"
+    )
+    num_samples: int = option(2, "calibration / verification samples")
+    seq_len: int = option(0, "tokens per sample; 0 = inputs.seq_len")
+
+    def validate(self) -> None:
+        if self.num_samples < 1:
+            raise ValueError("num_samples must be >= 1")
+
+
+@dataclass
+class InstrumentsConfig:
+    verify_each_pass: bool = option(True, "compare each pass's output with the program before it")
+    pass_atol: float = option(1e-4, "absolute tolerance of per-pass verification (passes meant to be exact)")
+    dump_ir: bool = option(False, "write the graph after each pass to <output>/ir/")
+    progress: bool = option(True, "show a progress display on the terminal")
+
+
+@dataclass
+class TargetConfig:
+    name: Literal["onnx"] = option("onnx", "deployment target (onnx: ONNX run and verified with onnxruntime)")
+    opset: int = option(18, "ONNX opset version (18..23)")
+    atol: float = option(1e-4, "max |Δ| allowed between the artifact and the torch program, per output")
+    verify_shapes: list[list[int]] = option(
+        factory=lambda: [[1, 7]], doc="extra [batch, seq] shapes to verify dynamic axes with (token models)"
+    )
+    optimize: bool = option(True, "run the ONNX exporter's graph optimizer (constant folding, CSE)")
+
+    def validate(self) -> None:
+        if not 18 <= self.opset <= 23:
+            raise ValueError(f"opset {self.opset} is outside the supported range 18..23")
+        for shape in self.verify_shapes:
+            if len(shape) != 2 or min(shape) < 1:
+                raise ValueError(f"verify_shapes entries are [batch, seq] with both >= 1, got {shape}")
+
+
+@dataclass
+class OutputConfig:
+    dir: str = option("memc-out", "output directory (replaced atomically; must not be a non-memc directory)")
+
+
+@dataclass
+class PassSpec:
+    """One pipeline entry: a pass name and its raw options (validated by ``resolve_pipeline``)."""
+
+    name: str
+    options: dict[str, Any]
+    path: str  # key path in the config, for errors
+
+
+@dataclass
+class ToolchainConfig:
+    seed: int = option(0, "seeds torch / numpy / random; recorded in report.json")
+    model: ModelConfig = option(factory=ModelConfig, doc="what to compile")
+    inputs: InputsConfig = option(factory=InputsConfig, doc="example inputs and dynamic axes")
+    calibration: CalibrationConfig = option(factory=CalibrationConfig, doc="sample data for passes and checks")
+    instruments: InstrumentsConfig = option(factory=InstrumentsConfig, doc="pass instrumentation")
+    target: TargetConfig = option(factory=TargetConfig, doc="where the artifact runs")
+    output: OutputConfig = option(factory=OutputConfig, doc="where artifacts go")
+    pipeline: list[PassSpec] = field(default_factory=list)
+
+
+def parse_config(data: dict[str, Any], origin: str = "toolchain.toml") -> ToolchainConfig:
+    """Validate a parsed TOML mapping; pipeline entries keep their raw options for the registry to check."""
+    raw_pipeline = data.get("pipeline", [])
+    if not isinstance(raw_pipeline, list):
+        raise ConfigError(f"pipeline: expected an array of tables ([[pipeline]]), got {type(raw_pipeline).__name__}")
+    specs = []
+    for i, entry in enumerate(raw_pipeline):
+        path = f"pipeline[{i}]"
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{path}: expected a table with a 'pass' key")
+        name = entry.get("pass")
+        if not isinstance(name, str):
+            raise ConfigError(f"{path}.pass: required string naming a registered pass (see `memc passes`)")
+        specs.append(PassSpec(name, {k: v for k, v in entry.items() if k != "pass"}, path))
+    cfg = from_dict(ToolchainConfig, {k: v for k, v in data.items() if k != "pipeline"}, "")
+    cfg.pipeline = specs
+    return cfg
+
+
+def load_config(path: str | Path | None) -> ToolchainConfig:
+    """Read toolchain.toml; ``None`` gives the defaults (an empty pipeline that only captures and lowers)."""
+    if path is None:
+        return ToolchainConfig()
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        data = tomllib.loads(p.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{p}: not valid TOML: {exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{p}: not a UTF-8 text file") from None
+    return parse_config(data, str(p))

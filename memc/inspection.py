@@ -1,0 +1,80 @@
+"""`memc inspect` (what a model is made of) and `memc passes` (what memc can do to it)."""
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from memc.capture import capture
+from memc.config import ToolchainConfig
+from memc.passes.base import pass_origin, plugin_errors, registered_passes
+from memc.program import Program
+from memc.schema import describe_fields
+
+
+def module_sizes(program: Program, depth: int) -> list[tuple[str, int, int]]:
+    """(module path truncated to ``depth``, parameter count, bytes), in first-seen order."""
+    counts: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    seen: set[int] = set()
+    tensors = list(program.module.named_parameters()) + list(program.module.named_buffers())
+    for name, t in tensors:
+        if t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        parts = name.split(".")[:-1]
+        key = ".".join(parts[:depth]) or "(top level)"
+        counts[key][0] += t.numel()
+        counts[key][1] += t.numel() * t.element_size()
+    return [(k, v[0], v[1]) for k, v in counts.items()]
+
+
+def inspect_model(source: str, cfg: ToolchainConfig, *, trust_pickle: bool, depth: int, as_json: bool) -> dict[str, Any]:
+    program = capture(source, cfg, trust_pickle=trust_pickle)
+    params, nbytes = program.parameter_stats()
+    info = {
+        "source": {"path": program.source.path, "kind": program.source.kind, "task": program.source.task},
+        "parameters": params,
+        "parameter_bytes": nbytes,
+        "inputs": {n: list(t.shape) for n, t in zip(program.input_names, program.example_inputs)},
+        "outputs": program.output_names,
+        "modules": [{"module": m, "parameters": c, "bytes": b} for m, c, b in module_sizes(program, depth)],
+        "op_histogram": program.op_histogram(),
+    }
+    if as_json:
+        print(json.dumps(info, indent=2))
+        return info
+    console = Console()
+    console.print(f"[bold]{source}[/bold] ({program.source.kind}, {program.source.task}): "
+                  f"{params:,} parameters, {nbytes:,} bytes", highlight=False)
+    sizes = Table(title=f"parameters per module (depth {depth})", title_justify="left")
+    for col, just in (("module", "left"), ("parameters", "right"), ("bytes", "right"), ("share", "right")):
+        sizes.add_column(col, justify=just)
+    for m in info["modules"]:
+        sizes.add_row(m["module"], f"{m['parameters']:,}", f"{m['bytes']:,}", f"{m['bytes'] / max(nbytes, 1):.1%}")
+    console.print(sizes)
+    ops = Table(title=f"op histogram ({len(program.module.graph.nodes)} graph nodes)", title_justify="left")
+    ops.add_column("op")
+    ops.add_column("count", justify="right")
+    for op, n in info["op_histogram"].items():
+        ops.add_row(op, str(n))
+    console.print(ops)
+    return info
+
+
+def print_passes() -> None:
+    console = Console()
+    passes = registered_passes()
+    for name, cls in passes.items():
+        console.print(f"[bold]{name}[/bold]  [dim]({pass_origin(name)})[/dim]", highlight=False)
+        console.print(f"  {cls.summary()}", highlight=False)
+        contract = [f"{k}: {', '.join(sorted(v))}" for k, v in
+                    (("requires", cls.requires), ("provides", cls.provides), ("invalidates", cls.invalidates)) if v]
+        if contract:
+            console.print("  " + "; ".join(contract), highlight=False)
+        for opt, typ, default, doc in describe_fields(cls.Config):
+            console.print(f"    {opt}: {typ} = {default!r}  {doc}", highlight=False)
+    for err in plugin_errors():
+        console.print(f"[yellow]warning:[/yellow] {err}", highlight=False)

@@ -1,0 +1,2 @@
+"""Importing this module registers memc's built-in passes."""
+from memc.passes import cleanup  # noqa: F401

@@ -1,0 +1,94 @@
+"""Configs of the reference models: small byte-level causal LMs of real transformers architectures.
+
+Byte-level (vocab 256, token = byte value) keeps bits/byte exact and needs no tokenizer files.
+Both models train at context 1024 and are small enough (3-5M params) to train on one CPU thread
+in under half an hour and to commit as checkpoints of a few MB.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from transformers import LlamaConfig, PreTrainedConfig, Qwen3MoeConfig
+
+VOCAB = 256
+CONTEXT = 1024
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Optimiser and data settings; the step count is what makes a rerun reproducible."""
+
+    steps: int
+    batch_size: int = 8
+    context: int = CONTEXT
+    lr: float = 2e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 1.0
+    prose_fraction: float = 0.2  # prose is 4% of the train bytes; upweight it so both domains are learned
+    eval_every: int = 200
+    eval_windows: int = 16  # per domain, for the periodic held-out estimate only
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def ref_llama_config() -> LlamaConfig:
+    """Dense Llama, 4 layers x hidden 256, GQA (4 query heads, 2 KV heads): 3.28M params."""
+    return LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=256,
+        intermediate_size=768,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=CONTEXT,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        tie_word_embeddings=False,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
+    )
+
+
+def ref_moe_config() -> Qwen3MoeConfig:
+    """Qwen3-MoE, 4 layers x hidden 256, 16 experts (intermediate 64) with top-2 routing in every
+    layer: 4.0M params total, ~1.0M active per token. The load-balancing loss is on in training."""
+    return Qwen3MoeConfig(
+        vocab_size=VOCAB,
+        hidden_size=256,
+        intermediate_size=768,  # unused: every layer is sparse
+        moe_intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=64,
+        num_experts=16,
+        num_experts_per_tok=2,
+        norm_topk_prob=True,
+        router_aux_loss_coef=0.01,
+        max_position_embeddings=CONTEXT,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        tie_word_embeddings=False,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
+    )
+
+
+CONFIGS: dict[str, object] = {"ref-llama": ref_llama_config, "ref-moe": ref_moe_config}
+
+# Steps are fixed per model (not wall time) so that a rerun with the same seed is the same run.
+# Derived from the smoke runs' measured speed on this machine; see train_config.json for the result.
+TRAIN: dict[str, TrainSettings] = {
+    "ref-llama": TrainSettings(steps=1000),
+    "ref-moe": TrainSettings(steps=1000),
+}
+
+
+def model_config(name: str) -> PreTrainedConfig:
+    if name not in CONFIGS:
+        raise ValueError(f"unknown reference model {name!r}; expected one of {sorted(CONFIGS)}")
+    return CONFIGS[name]()
