@@ -23,7 +23,7 @@ from memc.passes.base import Pass, PassContext, create_pass
 from memc.passes.instruments import IRDumpInstrument, ProgressInstrument, VerifyInstrument
 from memc.passes.manager import PassManager, check_order
 from memc.program import Program
-from memc.report import build_report, program_facts, render_summary
+from memc.report import build_report, print_summary, program_facts, render_summary
 from memc.targets.base import Target, get_target
 
 REPORT_FILE = "report.json"
@@ -148,16 +148,15 @@ def run_plan(plan: Plan, progress: bool = True) -> dict[str, Any]:
                 config=cfg, captured=captured, program=program, capture_seconds=capture_seconds,
                 target_name=plan.target.name, build=build, build_seconds=build_seconds, verification=verification,
             )
-            summary = render_summary(report)
             if not verification.passed:
-                display.console.print(summary, highlight=False)
+                print_summary(display.console, report)
                 worst = {k: f"{v:.3g}" for k, v in verification.worst.items() if v > verification.atol}
                 raise VerificationError(
                     f"the {plan.target.name} artifact does not match the torch program: max |Δ| {worst} "
                     f"> atol {verification.atol:g}; nothing was written to {plan.out_dir}"
                 )
             write_json(stage / REPORT_FILE, report)
-            (stage / SUMMARY_FILE).write_text(summary, encoding="utf-8")
-    display.console.print(summary, highlight=False)
+            (stage / SUMMARY_FILE).write_text(render_summary(report), encoding="utf-8")
+    print_summary(display.console, report)
     display.stage(f"wrote {plan.out_dir}/ ({', '.join(a.path for a in build.artifacts)}, {REPORT_FILE}, {SUMMARY_FILE})")
     return report

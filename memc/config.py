@@ -98,6 +98,7 @@ class TargetConfig:
         factory=lambda: [[1, 7]], doc="extra [batch, seq] shapes to verify dynamic axes with (token models)"
     )
     optimize: bool = option(True, "run the ONNX exporter's graph optimizer (constant folding, CSE)")
+    debug_metadata: bool = option(False, "keep the exporter's per-node stack traces (machine paths; larger file)")
 
     def validate(self) -> None:
         if not 18 <= self.opset <= 23:

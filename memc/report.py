@@ -123,10 +123,15 @@ def summary_tables(report: dict[str, Any]) -> list[Table]:
     return [stages, checks]
 
 
-def render_summary(report: dict[str, Any], width: int = 120) -> str:
-    console = Console(width=width, record=True, file=io.StringIO(), color_system=None)
+def print_summary(console: Console, report: dict[str, Any]) -> None:
     for table in summary_tables(report):
         console.print(table)
     n = len(report["verification"]["samples"])
     console.print(f"verified on {n} sample(s): " + ("PASSED" if report["verification"]["passed"] else "FAILED"))
+
+
+def render_summary(report: dict[str, Any], width: int = 120) -> str:
+    """The summary as plain text (summary.txt)."""
+    console = Console(width=width, record=True, file=io.StringIO(), color_system=None)
+    print_summary(console, report)
     return console.export_text()

@@ -8,6 +8,7 @@ import re
 import sys
 from pathlib import Path
 
+import sympy
 import torch
 from torch.export import Dim
 
@@ -76,6 +77,14 @@ def _export(module: torch.nn.Module, inputs: tuple, names: list[str], dynamic_sh
         ) from None
 
 
+def _finite_int(value) -> int | None:
+    """sympy bound -> int, or None for torch's unbounded int_oo."""
+    try:
+        return int(value)
+    except (TypeError, ValueError, AttributeError, OverflowError):
+        return None
+
+
 def _dims_from_exported(ep: torch.export.ExportedProgram, names: list[str]) -> dict[str, dict[int, DimSpec]]:
     """Read the dynamic axes torch.export actually kept (for .pt2 archives and Dim.AUTO captures)."""
     placeholders = {n.name: n for n in ep.graph.nodes if n.op == "placeholder"}
@@ -85,12 +94,11 @@ def _dims_from_exported(ep: torch.export.ExportedProgram, names: list[str]) -> d
         val = placeholders[node_name].meta.get("val")
         axes = {}
         for axis, size in enumerate(getattr(val, "shape", ())):
-            if isinstance(size, torch.SymInt):
-                expr = size.node.expr
+            expr = size.node.expr if isinstance(size, torch.SymInt) else None
+            if isinstance(expr, sympy.Symbol):  # constants and derived expressions are not input dims
                 rng = ep.range_constraints.get(expr)
                 low = int(rng.lower) if rng is not None else 0
-                high = rng.upper if rng is not None else None
-                high = int(high) if high is not None and high.is_finite else None
+                high = _finite_int(rng.upper) if rng is not None else None
                 axes[axis] = DimSpec(str(expr), max(low, 0), high)
         dims[name] = axes
     return dims

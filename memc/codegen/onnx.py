@@ -95,8 +95,20 @@ def _rename_dims(model: onnx.ModelProto, program: Program) -> None:
                 dim.dim_param = rename[dim.dim_param]
 
 
+# Node metadata the exporter attaches: name scopes map ONNX nodes back to module paths and are kept; stack traces
+# and FX dumps hold absolute paths of this machine (non-deterministic artifacts) and triple the file size.
+_DEBUG_METADATA = ("pkg.torch.onnx.stack_trace", "pkg.torch.onnx.fx_node", "pkg.torch.onnx.class_hierarchy")
+
+
+def _strip_debug_metadata(model: onnx.ModelProto) -> None:
+    for node in model.graph.node:
+        keep = [p for p in node.metadata_props if p.key not in _DEBUG_METADATA]
+        del node.metadata_props[:]
+        node.metadata_props.extend(keep)
+
+
 def export_onnx(
-    program: Program, ep: torch.export.ExportedProgram, opset: int, optimize: bool = True
+    program: Program, ep: torch.export.ExportedProgram, opset: int, optimize: bool = True, debug_metadata: bool = False
 ) -> onnx.ModelProto:
     """The Program as an ONNX model with memc's input/output names and dimension names."""
     with _quiet():
@@ -112,5 +124,7 @@ def export_onnx(
         )
     model = onnx_program.model_proto
     _rename_dims(model, program)
+    if not debug_metadata:
+        _strip_debug_metadata(model)
     model.producer_name = "memc"
     return model

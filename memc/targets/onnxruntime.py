@@ -46,7 +46,9 @@ class OnnxRuntimeTarget(Target):
         check_exportable(self._exported(program), self.config.opset)
 
     def build(self, program: Program, out_dir: Path) -> BuildResult:
-        model = export_onnx(program, self._exported(program), self.config.opset, self.config.optimize)
+        model = export_onnx(
+            program, self._exported(program), self.config.opset, self.config.optimize, self.config.debug_metadata
+        )
         path = out_dir / MODEL_FILE
         onnx.save_model(model, str(path))
         onnx.checker.check_model(str(path))

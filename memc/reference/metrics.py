@@ -1,0 +1,181 @@
+"""Held-out quality of a reference checkpoint, next to general-purpose compressors on the same bytes.
+
+``python -m memc.reference.metrics models/ref-llama`` prints a table and writes metrics.json.
+
+Bits/byte use non-overlapping windows of `context` bytes: window k covers bytes [kC, (k+1)C] and predicts
+bytes kC+1 .. (k+1)C, so every held-out byte but the first is scored exactly once, with 0..C-1 bytes of
+context (C/2 on average). Compressors are run on the same byte stream, whole (their dictionary spans
+every held-out file, which a 1024-byte context cannot) and per document (each file compressed alone).
+"""
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import lzma
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from rich.table import Table
+from transformers import AutoModelForCausalLM, PreTrainedModel
+
+from memc.reference import corpus
+from memc.reference.models import CONTEXT
+
+XZ_PRESET = 9 | lzma.PRESET_EXTREME
+
+
+def load(path: str | Path, **kwargs) -> PreTrainedModel:
+    """A committed checkpoint in float32 (its bf16 weights upcast exactly), never downloading."""
+    kwargs.setdefault("dtype", torch.float32)
+    return AutoModelForCausalLM.from_pretrained(path, local_files_only=True, **kwargs).eval()
+
+
+def is_moe(model: PreTrainedModel) -> bool:
+    return getattr(model.config, "num_experts", None) is not None
+
+
+def windows(data: bytes, context: int) -> list[torch.Tensor]:
+    """Non-overlapping windows of context + 1 bytes that share their boundary byte."""
+    arr = np.frombuffer(data, np.uint8).astype(np.int64)
+    return [torch.from_numpy(arr[i : i + context + 1]) for i in range(0, len(arr) - 1, context)]
+
+
+class RoutingStats:
+    """Per-layer expert assignment counts and summed per-token router entropy."""
+
+    def __init__(self, layers: int, experts: int) -> None:
+        self.counts = np.zeros((layers, experts), np.int64)
+        self.entropy_sum = np.zeros(layers)
+        self.tokens = 0
+
+    def add(self, router_logits: tuple[torch.Tensor, ...], top_k: int) -> None:
+        for layer, logits in enumerate(router_logits):
+            logp = F.log_softmax(logits.float(), dim=-1)
+            self.entropy_sum[layer] += -(logp.exp() * logp).sum().item() / math.log(2)
+            chosen = logp.topk(top_k, dim=-1).indices.flatten()
+            self.counts[layer] += np.bincount(chosen.numpy(), minlength=self.counts.shape[1])
+        self.tokens += router_logits[0].shape[0]
+
+    def summary(self) -> list[dict]:
+        """Per layer: mean token entropy, entropy of the expert load (bits; max log2(experts)),
+        top-expert share (uniform = 1/experts, full collapse with top-2 = 1/2) and the load histogram."""
+        rows = []
+        for layer, counts in enumerate(self.counts):
+            load = counts / counts.sum()
+            nz = load[load > 0]
+            rows.append({
+                "layer": layer,
+                "token_entropy_bits": round(float(self.entropy_sum[layer] / self.tokens), 4),
+                "load_entropy_bits": round(float(-(nz * np.log2(nz)).sum()), 4),
+                "top_expert_share": round(float(load.max()), 4),
+                "load_histogram": counts.tolist(),
+            })
+        return rows
+
+
+@torch.inference_mode()
+def nll_bits(model: PreTrainedModel, x: torch.Tensor, routing: RoutingStats | None = None) -> float:
+    """Summed next-byte negative log-likelihood (bits) of x[:, 1:] given the preceding bytes of each row."""
+    out = model(input_ids=x[:, :-1], output_router_logits=routing is not None or None)
+    nll = F.cross_entropy(out.logits.float().flatten(0, 1), x[:, 1:].flatten(), reduction="sum")
+    if routing is not None:
+        routing.add(out.router_logits, model.config.num_experts_per_tok)
+    return nll.item() / math.log(2)
+
+
+def bits_per_byte(
+    model: PreTrainedModel, data: bytes, context: int = CONTEXT, batch: int = 8,
+    routing: RoutingStats | None = None,
+) -> tuple[float, int]:
+    """(bits/byte, bytes scored) over `data` in non-overlapping windows; float32 unless autocast is on."""
+    total, count = 0.0, 0
+    chunks = windows(data, context)
+    for length in sorted({len(w) for w in chunks}):  # the last window may be shorter
+        same = [w for w in chunks if len(w) == length]
+        for i in range(0, len(same), batch):
+            x = torch.stack(same[i : i + batch])
+            total += nll_bits(model, x, routing)
+            count += x[:, 1:].numel()
+    return total / count, count
+
+
+def quick_bits_per_byte(model: PreTrainedModel, data: bytes, n: int, context: int = CONTEXT) -> float:
+    """Cheap estimate during training: n full windows spread evenly over `data`, bf16 autocast."""
+    arr = np.frombuffer(data, np.uint8).astype(np.int64)
+    starts = np.linspace(0, len(arr) - context - 1, n).astype(int)
+    x = torch.from_numpy(np.stack([arr[s : s + context + 1] for s in starts]))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        return round(nll_bits(model, x) / (n * context), 4)
+
+
+def compressor_bits_per_byte(docs: tuple[corpus.Document, ...]) -> dict[str, float]:
+    """gzip -9 and xz (preset 9 | extreme) on the joined stream and summed over documents, headers included."""
+    stream = corpus.join(docs)
+    n = len(stream)
+    gz = lambda b: len(gzip.compress(b, compresslevel=9))  # noqa: E731
+    xz = lambda b: len(lzma.compress(b, preset=XZ_PRESET))  # noqa: E731
+    return {
+        "gzip9": round(8 * gz(stream) / n, 4),
+        "xz9e": round(8 * xz(stream) / n, 4),
+        "gzip9_per_doc": round(8 * sum(gz(d.data) for d in docs) / n, 4),
+        "xz9e_per_doc": round(8 * sum(xz(d.data) for d in docs) / n, 4),
+    }
+
+
+def measure(path: str | Path, context: int = CONTEXT) -> dict:
+    """Full held-out measurement of a checkpoint (float32), per domain; routing stats for MoE."""
+    model = load(path)
+    result: dict = {"context": context, "windows": "non-overlapping", "dtype": "float32",
+                    "split_hash": corpus.split_hash(), "domains": {}}
+    routing_by_domain = {}
+    for domain in corpus.DOMAINS:
+        docs = corpus.split(domain, held_out=True)
+        routing = RoutingStats(model.config.num_hidden_layers, model.config.num_experts) if is_moe(model) else None
+        bpb, scored = bits_per_byte(model, corpus.join(docs), context, routing=routing)
+        result["domains"][domain] = {
+            "bytes": scored, "bits_per_byte": round(bpb, 4), "ppl_per_byte": round(2**bpb, 4),
+            **compressor_bits_per_byte(docs),
+        }
+        if routing is not None:
+            routing_by_domain[domain] = routing
+    if routing_by_domain:
+        result["routing"] = {d: r.summary() for d, r in routing_by_domain.items()}
+    return result
+
+
+def print_table(result: dict, console: Console) -> None:
+    table = Table(title=f"held-out bits/byte (context {result['context']}, {result['windows']} windows)")
+    for col in ("domain", "bytes", "model", "ppl/byte", "gzip -9", "xz -9e", "gzip/doc", "xz/doc"):
+        table.add_column(col, justify="right")
+    for domain, m in result["domains"].items():
+        table.add_row(domain, f"{m['bytes']:,}", f"{m['bits_per_byte']:.3f}", f"{m['ppl_per_byte']:.3f}",
+                      *(f"{m[k]:.3f}" for k in ("gzip9", "xz9e", "gzip9_per_doc", "xz9e_per_doc")))
+    console.print(table)
+    for domain, layers in result.get("routing", {}).items():
+        rt = Table(title=f"routing on held-out {domain}")
+        for col in ("layer", "token entropy", "load entropy", "top-expert share", "load histogram"):
+            rt.add_column(col, justify="right")
+        for r in layers:
+            rt.add_row(str(r["layer"]), f"{r['token_entropy_bits']:.3f}", f"{r['load_entropy_bits']:.3f}",
+                       f"{r['top_expert_share']:.3f}", " ".join(map(str, r["load_histogram"])))
+        console.print(rt)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("path", type=Path)
+    p.add_argument("--context", type=int, default=CONTEXT)
+    a = p.parse_args(argv)
+    torch.set_num_threads(1)
+    result = measure(a.path, a.context)
+    print_table(result, Console())
+    (a.path / "metrics.json").write_text(json.dumps(result, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
