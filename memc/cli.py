@@ -37,7 +37,34 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true", help="print JSON instead of tables")
 
     sub.add_parser("passes", help="list registered passes (plugins included) with their options")
+
+    e = sub.add_parser("eval", help="perplexity, recall, embedding cosine, bytes and speed of a model or ONNX artifact")
+    e.add_argument("model", help="anything `memc compile` accepts, or a compiled artifact (output dir or .onnx)")
+    e.add_argument("--text", default="heldout:code", help="heldout:code | heldout:prose | a UTF-8 text file")
+    e.add_argument("--context", type=int, default=1024, help="tokens per evaluation window (default 1024)")
+    e.add_argument("--max-windows", type=int, help="evaluate at most this many windows")
+    e.add_argument("--recall", action="store_true", help="run the long-range recall probe (byte-level LMs)")
+    e.add_argument("--recall-distances", type=_int_list, default=[16, 128, 512, 896], help="comma-separated bytes")
+    e.add_argument("--recall-trials", type=int, default=16)
+    e.add_argument("--reference", help="encoders: compare sentence embeddings with this model")
+    e.add_argument("--sentences", type=int, default=64, help="encoders: number of real sentences")
+    e.add_argument("--speed", type=_int_list, default=[], metavar="CONTEXTS", help="e.g. 128,512,1024")
+    e.add_argument("--threads", type=int, default=1, help="CPU threads (default 1, for comparable numbers)")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--json", dest="json_out", help="write the results as JSON here")
+    e.add_argument("--plot", help="write PNG plots into this directory")
+    e.add_argument("--trust-pickle", action="store_true", help="allow loading a pickled .pt/.pth model (runs code!)")
     return parser
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"values must be >= 1, got {text!r}")
+    return values
 
 
 def _config(args: argparse.Namespace):
@@ -82,7 +109,26 @@ def cmd_passes(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"compile": cmd_compile, "inspect": cmd_inspect, "passes": cmd_passes}
+def cmd_eval(args: argparse.Namespace) -> int:
+    from memc.eval.command import EvalRequest, evaluate, plot_result, print_result, save_json
+
+    req = EvalRequest(
+        source=args.model, text=args.text, context=args.context, max_windows=args.max_windows, recall=args.recall,
+        recall_distances=args.recall_distances, recall_trials=args.recall_trials, reference=args.reference,
+        sentences=args.sentences, speed_contexts=args.speed, threads=args.threads, seed=args.seed,
+        trust_pickle=args.trust_pickle,
+    )
+    result = evaluate(req)
+    print_result(result)
+    if args.json_out:
+        save_json(result, Path(args.json_out))
+    if args.plot:
+        for path in plot_result(result, Path(args.plot)):
+            print(f"wrote {path}")
+    return 0
+
+
+COMMANDS = {"compile": cmd_compile, "inspect": cmd_inspect, "passes": cmd_passes, "eval": cmd_eval}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

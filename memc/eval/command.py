@@ -1,0 +1,138 @@
+"""`memc eval`: run the chosen measurements on one backend, print a table, write JSON (and PNG plots)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from memc.atomic import write_json
+from memc.errors import MemcError
+from memc.eval.backends import Backend, load_backend
+from memc.eval.embedding import embedding_cosine, real_sentences
+from memc.eval.footprint import footprint
+from memc.eval.perplexity import perplexity
+from memc.eval.recall import recall_probe
+from memc.eval.speed import speed
+from memc.eval.text import load_text, tokenize
+
+
+@dataclass
+class EvalRequest:
+    source: str
+    text: str = "heldout:code"
+    context: int = 1024
+    max_windows: int | None = None
+    recall: bool = False
+    recall_distances: list[int] = field(default_factory=lambda: [16, 128, 512, 896])
+    recall_trials: int = 16
+    reference: str | None = None  # encoders: embedding cosine against this model
+    sentences: int = 64
+    speed_contexts: list[int] = field(default_factory=list)
+    threads: int = 1
+    seed: int = 0
+    trust_pickle: bool = False
+
+
+def evaluate(req: EvalRequest, backend: Backend | None = None) -> dict[str, Any]:
+    torch.set_num_threads(req.threads)
+    backend = backend or load_backend(req.source, trust_pickle=req.trust_pickle, threads=req.threads)
+    info = backend.info
+    result: dict[str, Any] = {"source": req.source, "backend": backend.name, "task": info.task, "seed": req.seed}
+    contexts = sorted(set([req.context] + req.speed_contexts))
+    result["footprint"] = footprint(backend, contexts)
+    if info.task == "causal-lm":
+        data = load_text(req.text)
+        tokens, tokenizer = tokenize(data, info)
+        ppl = perplexity(backend, tokens, req.context, bytes_per_token=len(data) / len(tokens), max_windows=req.max_windows)
+        result["perplexity"] = {"text": req.text, "tokenizer": tokenizer, **ppl.as_dict()}
+        if req.recall:
+            points = recall_probe(backend, data, req.recall_distances, req.context, req.recall_trials, req.seed)
+            result["recall"] = [p.as_dict() for p in points]
+    elif req.reference:
+        reference = load_backend(req.reference, trust_pickle=req.trust_pickle, threads=req.threads)
+        sentences = real_sentences(load_text(req.text), req.sentences)
+        result["embedding_cosine"] = {"reference": req.reference, **embedding_cosine(backend, reference, sentences).as_dict()}
+    elif req.recall:
+        raise MemcError("--recall needs a causal LM")
+    if req.speed_contexts:
+        result["speed"] = [p.as_dict() for p in speed(backend, req.speed_contexts, seed=req.seed)]
+    return result
+
+
+def print_result(result: dict[str, Any], console: Console | None = None) -> None:
+    console = console or Console()
+    t = Table(title=f"memc eval: {result['source']} ({result['backend']}, {result['task']})", title_justify="left")
+    t.add_column("metric")
+    t.add_column("value", justify="right")
+    fp = result["footprint"]
+    t.add_row("parameter bytes", f"{fp['parameter_bytes']:,}")
+    for ctx, b in fp["kv_cache_bytes"].items():
+        t.add_row(f"KV-cache bytes @ {ctx} tokens", f"{b:,}")
+    if "perplexity" in result:
+        p = result["perplexity"]
+        t.add_row(f"perplexity ({p['text']}, ctx {p['context']}, {p['windows']} windows)", f"{p['perplexity']:.4f}")
+        t.add_row("bits per byte", f"{p['bits_per_byte']:.4f}")
+    if "embedding_cosine" in result:
+        c = result["embedding_cosine"]
+        t.add_row(f"embedding cosine vs reference ({c['sentences']} sentences) mean", f"{c['mean']:.6f}")
+        t.add_row("embedding cosine min", f"{c['min']:.6f}")
+    console.print(t)
+    if "recall" in result:
+        r = Table(title="long-range recall (teacher-forced value characters)", title_justify="left")
+        for col in ("distance (bytes)", "char accuracy", "exact", "control (no key)"):
+            r.add_column(col, justify="right")
+        for p in result["recall"]:
+            r.add_row(str(p["distance"]), f"{p['char_accuracy']:.3f}", f"{p['exact']:.3f}", f"{p['control_char_accuracy']:.3f}")
+        console.print(r)
+    if "speed" in result:
+        s = Table(title="speed (median; decode = recompute over the prefix)", title_justify="left")
+        for col in ("context", "prefill tok/s", "prefill ms", "decode ms/token"):
+            s.add_column(col, justify="right")
+        for p in result["speed"]:
+            s.add_row(str(p["context"]), f"{p['prefill_tokens_per_s']:.0f}", f"{p['prefill_ms']:.1f}", f"{p['decode_ms_per_token']:.1f}")
+        console.print(s)
+
+
+def plot_result(result: dict[str, Any], out_dir: Path) -> list[Path]:
+    """PNG plots: KV-cache bytes vs context, recall accuracy vs distance, decode latency vs context."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    panels = []
+    if result["footprint"]["kv_cache_bytes"]:
+        kv = result["footprint"]["kv_cache_bytes"]
+        panels.append(("memory_vs_context.png", "context (tokens)", "KV-cache bytes",
+                       [int(k) for k in kv], [v for v in kv.values()], "KV cache"))
+    if "recall" in result:
+        rec = result["recall"]
+        panels.append(("recall_vs_distance.png", "distance (bytes)", "char accuracy",
+                       [p["distance"] for p in rec], [p["char_accuracy"] for p in rec], "recall"))
+    if "speed" in result:
+        sp = result["speed"]
+        panels.append(("decode_vs_context.png", "context (tokens)", "decode ms/token",
+                       [p["context"] for p in sp], [p["decode_ms_per_token"] for p in sp], "decode"))
+    for name, xlabel, ylabel, xs, ys, label in panels:
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        ax.plot(xs, ys, marker="o", label=label)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_title(f"{Path(result['source']).name} ({result['backend']})")
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(out_dir / name, dpi=110)
+        plt.close(fig)
+        written.append(out_dir / name)
+    return written
+
+
+def save_json(result: dict[str, Any], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(path, result)
