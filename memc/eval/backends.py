@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from memc.errors import MemcError
 
@@ -50,6 +49,8 @@ class TorchBackend(Backend):
         )
 
     def forward(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        import torch
+
         args = [torch.from_numpy(np.ascontiguousarray(feeds[n])) for n in self.info.input_names]
         return self.program(*args)[0].float().numpy()
 
@@ -60,7 +61,7 @@ class OnnxBackend(Backend):
     name = "onnxruntime"
 
     def __init__(self, path: Path, threads: int = 0):
-        from memc.targets.onnxruntime import create_session
+        from memc.targets.session import create_session
 
         model = path / "model.onnx" if path.is_dir() else path
         try:

@@ -11,18 +11,10 @@ import torch
 from memc.codegen.onnx import check_exportable, export_onnx
 from memc.errors import CaptureError
 from memc.program import Program
+from memc.targets.session import create_session
 from memc.targets.base import Artifact, BuildResult, Target, register_target
 
 MODEL_FILE = "model.onnx"
-
-
-def create_session(path: Path, threads: int = 0) -> ort.InferenceSession:
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    if threads:
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
 @register_target

@@ -1,0 +1,90 @@
+"""The shared benchmark runner: every case runs in a fresh process (so peak RSS is its own), on one thread,
+with a warm-up and the median of N repeats; ratios are computed between cases of the same run.
+
+A case is a function ``case(**params) -> dict`` importable by name (``module:function``); it does its own set-up,
+then returns measurements. The runner adds ``peak_rss_mb`` read in the child after the case finished.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import multiprocessing as mp
+import os
+import platform
+import resource
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def median_time(fn: Callable[[], Any], repeats: int = 5, warmup: int = 1) -> float:
+    """Median wall seconds of ``fn`` over ``repeats`` runs after ``warmup`` runs."""
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - t)
+    return statistics.median(samples)
+
+
+def _child(target: str, params: dict[str, Any], queue: "mp.Queue") -> None:
+    os.environ["OMP_NUM_THREADS"] = "1"
+    try:
+        module, func = target.split(":")
+        result = getattr(importlib.import_module(module), func)(**params)
+        result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        queue.put(("ok", result))
+    except BaseException as exc:  # report, don't hang the parent
+        queue.put(("error", f"{type(exc).__name__}: {exc}"))
+
+
+def run_case(target: str, **params: Any) -> dict[str, Any]:
+    """Run one case in a fresh spawned process and return its measurements."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_child, args=(target, params, queue))
+    proc.start()
+    status, payload = queue.get()
+    proc.join()
+    if status != "ok":
+        raise RuntimeError(f"benchmark case {target} failed: {payload}")
+    return payload
+
+
+@dataclass
+class Table:
+    """A Markdown table plus the raw rows, written side by side as results/NAME.md and NAME.json."""
+
+    name: str
+    command: str
+    columns: list[str]
+    rows: list[list[Any]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    raw: dict[str, Any] = field(default_factory=dict)
+
+    def markdown(self) -> str:
+        head = "| " + " | ".join(self.columns) + " |\n|" + "---|" * len(self.columns) + "\n"
+        body = "".join("| " + " | ".join(_fmt(v) for v in row) + " |\n" for row in self.rows)
+        notes = "".join(f"\n{n}" for n in self.notes)
+        return f"`{self.command}`\n\n{head}{body}{notes}\n"
+
+    def write(self) -> Path:
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        md = RESULTS / f"{self.name}.md"
+        md.write_text(self.markdown(), encoding="utf-8")
+        env = {"python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count()}
+        payload = {"command": self.command, "columns": self.columns, "rows": self.rows, "raw": self.raw, "env": env}
+        (RESULTS / f"{self.name}.json").write_text(json.dumps(payload, indent=2, default=str) + "\n", encoding="utf-8")
+        return md
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}" if abs(v) < 1000 else f"{v:,.0f}"
+    return str(v)

@@ -1,0 +1,16 @@
+"""onnxruntime sessions, importable without torch (deployment processes need only onnxruntime + numpy)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnxruntime as ort
+
+
+def create_session(path: Path, threads: int = 0) -> ort.InferenceSession:
+    """A CPU session; ``threads`` > 0 pins intra-op threads (benchmarks use 1 for comparable numbers)."""
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    if threads:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
