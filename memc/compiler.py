@@ -85,7 +85,7 @@ class _Display:
         )
 
     def stage(self, text: str) -> None:
-        self.console.print(f"[bold]memc[/bold] {text}", highlight=False)
+        self.console.print(f"[bold]memc[/bold] {text}", highlight=False, soft_wrap=True)  # one line per stage in logs
 
     @contextlib.contextmanager
     def task(self, total: int, description: str) -> Iterator[Callable[[int], None]]:

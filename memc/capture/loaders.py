@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import inspect
+import logging
 import re
 import sys
 from pathlib import Path
@@ -158,10 +159,15 @@ def _capture_module(module: torch.nn.Module, provided: tuple | None, cfg: Toolch
 
 
 def _load_pt2(path: Path, cfg: ToolchainConfig) -> Program:
+    export_log = logging.getLogger("torch.export")  # it logs a traceback for a corrupt archive before raising
+    level = export_log.level
+    export_log.setLevel(logging.ERROR)
     try:
         ep = torch.export.load(str(path))
     except Exception as exc:
         raise CaptureError(f"{path} is not a readable torch.export archive (corrupt or truncated?): {_first_line(exc)}") from None
+    finally:
+        export_log.setLevel(level)
     names = list(ep.graph_signature.user_inputs)
     gen = torch.Generator().manual_seed(cfg.seed)
     if ep.example_inputs is not None and not ep.example_inputs[1]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import difflib
 import importlib.metadata
 import inspect
 import warnings
@@ -18,7 +19,7 @@ import torch
 
 from memc.errors import ConfigError, PassError
 from memc.program import Program
-from memc.schema import from_dict, unknown_key_error
+from memc.schema import from_dict
 
 ENTRY_POINT_GROUP = "memc.passes"
 
@@ -149,6 +150,9 @@ def create_pass(name: str, options: dict[str, Any], path: str) -> Pass:
     passes = registered_passes()
     cls = passes.get(name)
     if cls is None:
-        err = unknown_key_error("", name, passes)
-        raise ConfigError(f"{path}.pass: unknown pass {name!r}. " + str(err).split("unknown key. ", 1)[1])
+        close = difflib.get_close_matches(name, passes, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise ConfigError(
+            f"{path}.pass: unknown pass {name!r}. {hint}Valid passes: {', '.join(passes) or '(none)'} (see `memc passes`)"
+        )
     return cls(from_dict(cls.Config, options, path))
