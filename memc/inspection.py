@@ -6,6 +6,7 @@ from collections import defaultdict
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from memc.capture import capture
@@ -68,13 +69,13 @@ def print_passes() -> None:
     console = Console()
     passes = registered_passes()
     for name, cls in passes.items():
-        console.print(f"[bold]{name}[/bold]  [dim]({pass_origin(name)})[/dim]", highlight=False)
-        console.print(f"  {cls.summary()}", highlight=False)
+        console.print(f"[bold]{escape(name)}[/bold]  [dim]({escape(pass_origin(name))})[/dim]", highlight=False)
+        console.print(f"  {escape(cls.summary())}", highlight=False)
         contract = [f"{k}: {', '.join(sorted(v))}" for k, v in
                     (("requires", cls.requires), ("provides", cls.provides), ("invalidates", cls.invalidates)) if v]
         if contract:
-            console.print("  " + "; ".join(contract), highlight=False)
+            console.print("  " + escape("; ".join(contract)), highlight=False)
         for opt, typ, default, doc in describe_fields(cls.Config):
-            console.print(f"    {opt}: {typ} = {default!r}  {doc}", highlight=False)
+            console.print(escape(f"    {opt}: {typ} = {default!r}  {doc}"), highlight=False)
     for err in plugin_errors():
-        console.print(f"[yellow]warning:[/yellow] {err}", highlight=False)
+        console.print(f"[yellow]warning:[/yellow] {escape(err)}", highlight=False)

@@ -1,0 +1,6 @@
+"""Test the package source in this directory, installed or not."""
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
