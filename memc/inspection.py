@@ -20,8 +20,7 @@ def module_sizes(program: Program, depth: int) -> list[tuple[str, int, int]]:
     """(module path truncated to ``depth``, parameter count, bytes), in first-seen order."""
     counts: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     seen: set[int] = set()
-    tensors = list(program.module.named_parameters()) + list(program.module.named_buffers())
-    for name, t in tensors:
+    for name, t in program.module.named_parameters():
         if t.data_ptr() in seen:
             continue
         seen.add(t.data_ptr())
@@ -39,6 +38,7 @@ def inspect_model(source: str, cfg: ToolchainConfig, *, trust_pickle: bool, dept
         "source": {"path": program.source.path, "kind": program.source.kind, "task": program.source.task},
         "parameters": params,
         "parameter_bytes": nbytes,
+        "buffer_bytes": program.buffer_stats()[1],
         "inputs": {n: list(t.shape) for n, t in zip(program.input_names, program.example_inputs)},
         "outputs": program.output_names,
         "modules": [{"module": m, "parameters": c, "bytes": b} for m, c, b in module_sizes(program, depth)],

@@ -92,16 +92,12 @@ class Program:
 
     # -- facts for reports and `memc inspect` ---------------------------------------------------------------------
     def parameter_stats(self) -> tuple[int, int]:
-        """(number of parameters + buffers elements, their bytes), counting shared tensors once."""
-        seen: set[int] = set()
-        count = nbytes = 0
-        for t in list(self.module.parameters()) + list(self.module.buffers()):
-            if t.data_ptr() in seen:
-                continue
-            seen.add(t.data_ptr())
-            count += t.numel()
-            nbytes += t.numel() * t.element_size()
-        return count, nbytes
+        """(parameter count, parameter bytes), counting tied weights once."""
+        return _tensor_stats(self.module.parameters())
+
+    def buffer_stats(self) -> tuple[int, int]:
+        """(buffer elements, buffer bytes): rotary tables, position ids and other non-trained state."""
+        return _tensor_stats(self.module.buffers())
 
     def op_histogram(self) -> dict[str, int]:
         """How many times each op appears in the graph (asserts and shape bookkeeping included)."""
@@ -109,6 +105,18 @@ class Program:
             str(n.target) for n in self.module.graph.nodes if n.op in ("call_function", "call_method")
         )
         return dict(counts.most_common())
+
+
+def _tensor_stats(tensors: Any) -> tuple[int, int]:
+    seen: set[int] = set()
+    count = nbytes = 0
+    for t in tensors:
+        if t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        count += t.numel()
+        nbytes += t.numel() * t.element_size()
+    return count, nbytes
 
 
 def module_path(node: torch.fx.Node) -> str:

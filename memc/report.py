@@ -32,9 +32,12 @@ def environment() -> dict[str, str]:
 
 def program_facts(program: Program) -> dict[str, Any]:
     params, nbytes = program.parameter_stats()
+    buffers, buffer_bytes = program.buffer_stats()
     return {
         "parameters": params,
         "parameter_bytes": nbytes,
+        "buffers": buffers,
+        "buffer_bytes": buffer_bytes,
         "graph_nodes": len(program.module.graph.nodes),
         "inputs": {
             name: {

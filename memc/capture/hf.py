@@ -7,6 +7,7 @@ eager fails export on data-dependent shapes). See shared/design/ARCHITECTURE.md.
 from __future__ import annotations
 
 import os
+import types
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,26 +19,25 @@ _MOE_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class CausalLMGraph(torch.nn.Module):
+def _causal_lm_forward(self: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
     """input_ids [batch, seq] -> logits [batch, seq, vocab], no KV cache."""
-
-    def __init__(self, model: torch.nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=input_ids, use_cache=False).logits
+    return type(self).forward(self, input_ids=input_ids, use_cache=False).logits
 
 
-class EncoderGraph(torch.nn.Module):
+def _encoder_forward(self: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """input_ids, attention_mask [batch, seq] -> last hidden state [batch, seq, hidden]."""
+    return type(self).forward(self, input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
-    def __init__(self, model: torch.nn.Module):
-        super().__init__()
-        self.model = model
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+def graph_forward(model: torch.nn.Module, task: str) -> torch.nn.Module:
+    """Give the loaded model (our own instance) a tensor-in, tensor-out forward for torch.export.
+
+    Overriding ``forward`` on the instance instead of wrapping it in another module keeps parameter names and
+    ``nn_module_stack`` paths exactly as transformers names them (``model.layers.0.self_attn``).
+    """
+    fn = _causal_lm_forward if task == "causal-lm" else _encoder_forward
+    model.forward = types.MethodType(fn, model)
+    return model
 
 
 @dataclass
@@ -100,9 +100,7 @@ def load_hf(directory: Path, task: str, dtype: str) -> HFModel:
         raise CaptureError(f"cannot load the Hugging Face model in {directory}: {type(exc).__name__}: {exc}") from None
     max_len = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
     if task == "causal-lm":
-        wrapper: torch.nn.Module = CausalLMGraph(model)
         inputs, outputs = ["input_ids"], ["logits"]
     else:
-        wrapper = EncoderGraph(model)
         inputs, outputs = ["input_ids", "attention_mask"], ["last_hidden_state"]
-    return HFModel(wrapper, task, inputs, outputs, int(config.vocab_size), max_len, archs[0] if archs else cls.__name__, is_moe)
+    return HFModel(graph_forward(model, task), task, inputs, outputs, int(config.vocab_size), max_len, archs[0] if archs else cls.__name__, is_moe)

@@ -1,0 +1,1 @@
+"""memc test suite (a package so test modules and fixtures import as tests.*)."""

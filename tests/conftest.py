@@ -1,0 +1,94 @@
+"""Shared fixtures: tiny Hugging Face models of real architectures, and compiles cached for the whole session.
+
+Fixtures (all session-scoped; the plain functions behind them are in tests/helpers.py):
+
+* ``tiny_hf(name) -> Path``: a directory with a tiny ``save_pretrained`` model (safetensors) of family ``name``,
+  one of ``tests.helpers.TINY_FAMILIES``: llama, qwen2, gpt2, mixtral, qwen2-moe, olmoe (MoE: 4 experts, top-2)
+  and bert (``BertModel`` encoder). Hidden 32, 2 layers, vocab 128, seed 0. Built once per session, on first use.
+* ``tiny_llama_dir``, ``tiny_qwen2_dir``, ``tiny_gpt2_dir``, ``tiny_mixtral_dir``, ``tiny_qwen2_moe_dir``,
+  ``tiny_olmoe_dir``, ``tiny_bert_dir``: the same directories by name.
+* ``compiled(model, *extra_args) -> CompileResult``: ``memc compile`` run in-process once per distinct
+  (model, args) in the session, into a fresh temporary directory. Treat its output directory as read-only.
+
+Tests that print measured max |Δ| through ``tests.helpers.record_diff`` get them listed in the terminal summary.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+
+from tests.helpers import RECORDED_DIFFS, TINY_FAMILIES, CompileResult, compile_model, save_tiny_hf
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_hf(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+    built: dict[str, Path] = {}
+
+    def get(name: str) -> Path:
+        if name not in TINY_FAMILIES:
+            raise KeyError(f"unknown tiny family {name!r}; expected one of {sorted(TINY_FAMILIES)}")
+        if name not in built:
+            built[name] = save_tiny_hf(name, tmp_path_factory.mktemp(f"tiny-{name}"))
+        return built[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tiny_hf) -> Path:
+    return tiny_hf("llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_dir(tiny_hf) -> Path:
+    return tiny_hf("qwen2")
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_dir(tiny_hf) -> Path:
+    return tiny_hf("gpt2")
+
+
+@pytest.fixture(scope="session")
+def tiny_mixtral_dir(tiny_hf) -> Path:
+    return tiny_hf("mixtral")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_moe_dir(tiny_hf) -> Path:
+    return tiny_hf("qwen2-moe")
+
+
+@pytest.fixture(scope="session")
+def tiny_olmoe_dir(tiny_hf) -> Path:
+    return tiny_hf("olmoe")
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tiny_hf) -> Path:
+    return tiny_hf("bert")
+
+
+@pytest.fixture(scope="session")
+def compiled(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., CompileResult]:
+    cache: dict[tuple, CompileResult] = {}
+
+    def get(model: Any, *extra: Any) -> CompileResult:
+        key = (str(model), *map(str, extra))
+        if key not in cache:
+            cache[key] = compile_model(model, tmp_path_factory.mktemp("compiled") / "out", *extra)
+        return cache[key]
+
+    return get
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
+    if RECORDED_DIFFS:
+        terminalreporter.section("memc: measured max |Δ| (artifact vs original)")
+        for label, value in RECORDED_DIFFS.items():
+            terminalreporter.write_line(f"{label:40s} max|Δ|={value:.3g}")
