@@ -119,7 +119,7 @@ def run_plan(plan: Plan, progress: bool = True) -> dict[str, Any]:
         capture_seconds = time.perf_counter() - t0
         captured = {**program_facts(program), "op_histogram": program.op_histogram()}
         calib = calibration_samples(program, cfg.calibration, cfg.inputs, cfg.seed)
-        ctx = PassContext(seed=cfg.seed, calibration=calib, options={"config": cfg}, progress_factory=display.task)
+        ctx = PassContext(seed=cfg.seed, calibration=calib, config=cfg, progress_factory=display.task)
 
         with staged_output_dir(plan.out_dir) as stage:
             instruments: list = []

@@ -73,16 +73,9 @@ class Program:
     def replace(self, **changes: Any) -> "Program":
         return dataclasses.replace(self, **changes)
 
-    def dynamic_shapes(self) -> dict[str, dict[int, Any]] | None:
-        """torch.export ``dynamic_shapes`` for re-exporting ``module`` (one Dim object per shared name)."""
-        if not any(self.dynamic_dims.values()):
-            return None
-        dims: dict[str, Any] = {}
-        shapes: dict[str, dict[int, Any]] = {}
-        for name in self.input_names:
-            axes = self.dynamic_dims.get(name, {})
-            shapes[name] = {a: dims.setdefault(s.name, s.to_torch()) for a, s in axes.items()} or None
-        return shapes
+    def dynamic_shapes(self) -> dict[str, dict[int, Any] | None] | None:
+        """torch.export ``dynamic_shapes`` for re-exporting ``module``."""
+        return export_dynamic_shapes(self.input_names, self.dynamic_dims)
 
     def export(self) -> torch.export.ExportedProgram:
         """Re-export the (possibly rewritten) module, keeping the captured dynamic axes."""
@@ -105,6 +98,19 @@ class Program:
             str(n.target) for n in self.module.graph.nodes if n.op in ("call_function", "call_method")
         )
         return dict(counts.most_common())
+
+
+def export_dynamic_shapes(
+    input_names: list[str], dims: dict[str, dict[int, DimSpec]]
+) -> dict[str, dict[int, Any] | None] | None:
+    """torch.export ``dynamic_shapes`` with one Dim object per shared name (so shared axes stay equal)."""
+    if not any(dims.values()):
+        return None
+    made: dict[str, Any] = {}
+    return {
+        name: {a: made.setdefault(s.name, s.to_torch()) for a, s in dims.get(name, {}).items()} or None
+        for name in input_names
+    }
 
 
 def _tensor_stats(tensors: Any) -> tuple[int, int]:

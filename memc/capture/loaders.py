@@ -17,7 +17,7 @@ from memc.capture.hf import load_hf
 from memc.capture.inputs import dims_from_specs, tensor_from_spec, token_inputs
 from memc.config import ToolchainConfig
 from memc.errors import CaptureError
-from memc.program import DimSpec, Program, SourceInfo
+from memc.program import DimSpec, Program, SourceInfo, export_dynamic_shapes
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle")
 _FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
@@ -67,7 +67,7 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}"
 
 
-def _export(module: torch.nn.Module, inputs: tuple, names: list[str], dynamic_shapes) -> torch.export.ExportedProgram:
+def _export(module: torch.nn.Module, inputs: tuple, dynamic_shapes) -> torch.export.ExportedProgram:
     try:
         return torch.export.export(module, inputs, dynamic_shapes=dynamic_shapes, strict=False)
     except Exception as exc:
@@ -137,17 +137,12 @@ def _capture_module(module: torch.nn.Module, provided: tuple | None, cfg: Toolch
         ordered = [by_name[n] for n in names]
         inputs = tuple(tensor_from_spec(s, gen) for s in ordered)
         dims = dims_from_specs(ordered)
-        dim_objs: dict[str, object] = {}  # one Dim object per shared name
-        shapes = {
-            n: {a: dim_objs.setdefault(d.name, d.to_torch()) for a, d in axes.items()} or None
-            for n, axes in dims.items()
-        }
-        ep = _export(module, inputs, names, shapes)
+        ep = _export(module, inputs, export_dynamic_shapes(names, dims))
     elif provided is not None:
         inputs = tuple(provided)
         names = _forward_names(module, len(inputs))
         shapes = {n: {a: Dim.AUTO for a in range(t.dim())} for n, t in zip(names, inputs)}
-        ep = _export(module, inputs, names, shapes)
+        ep = _export(module, inputs, shapes)
         dims = _dims_from_exported(ep, names)
     else:
         raise CaptureError(
@@ -197,8 +192,7 @@ def _load_hf_dir(path: Path, cfg: ToolchainConfig) -> Program:
         str(path), "hf", _sha256(path), hf.task, hf.vocab_size, max_seq,
         {"architecture": hf.architecture, "moe": hf.is_moe},
     )
-    probe = Program(hf.module, inputs, hf.input_names, hf.output_names, dims, source)  # for its Dim objects
-    ep = _export(hf.module, inputs, hf.input_names, probe.dynamic_shapes())
+    ep = _export(hf.module, inputs, export_dynamic_shapes(hf.input_names, dims))
     return _program(ep, inputs, hf.input_names, hf.output_names, dims, source)
 
 

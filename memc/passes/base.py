@@ -46,7 +46,7 @@ class PassContext:
 
     seed: int = 0
     calibration: list[tuple[torch.Tensor, ...]] = field(default_factory=list)
-    options: dict[str, Any] = field(default_factory=dict)  # the whole validated toolchain config, for reference
+    config: Any = None  # the whole validated ToolchainConfig (read-only for passes)
     progress_factory: Callable[[int, str], contextlib.AbstractContextManager[Callable[[int], None]]] | None = None
 
     @contextlib.contextmanager

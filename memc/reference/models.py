@@ -27,7 +27,7 @@ class TrainSettings:
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = 1.0
     prose_fraction: float = 0.2  # prose is 4% of the train bytes; upweight it so both domains are learned
-    eval_every: int = 200
+    eval_every: int = 100
     eval_windows: int = 16  # per domain, for the periodic held-out estimate only
 
     def to_dict(self) -> dict:
@@ -82,8 +82,9 @@ CONFIGS: dict[str, object] = {"ref-llama": ref_llama_config, "ref-moe": ref_moe_
 TRAIN: dict[str, TrainSettings] = {"ref-llama": TrainSettings(), "ref-moe": TrainSettings()}
 
 # Training stops on steps, not wall time, so a rerun with the same seed is the same run;
-# --minutes is converted with these speeds, measured in the 1-minute smoke runs (1 thread, bf16).
-STEPS_PER_MINUTE: dict[str, float] = {"ref-llama": 50.0, "ref-moe": 60.0}
+# --minutes is converted with these speeds, measured in the 1-minute smoke runs (1 thread, bf16,
+# ~2,500 tok/s for both while the 2 shared cores were busy with other work; ~3,700 / ~4,300 when idle).
+STEPS_PER_MINUTE: dict[str, float] = {"ref-llama": 37.0, "ref-moe": 37.0}
 
 
 def model_config(name: str) -> PreTrainedConfig:

@@ -10,12 +10,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+import transformers
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
@@ -58,7 +60,7 @@ def train_step(model: PreTrainedModel, batch: torch.Tensor, moe: bool) -> tuple[
     return loss, ce.item()
 
 
-def train(name: str, steps: int, seed: int, out: Path, minutes: float | None) -> dict:
+def train(name: str, steps: int, seed: int, out: Path, minutes: float | None, command: str) -> dict:
     torch.set_num_threads(1)
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -68,7 +70,7 @@ def train(name: str, steps: int, seed: int, out: Path, minutes: float | None) ->
     opt = make_optimizer(model, s)
     streams = {d: corpus.train_bytes(d) for d in corpus.DOMAINS}
     held = {d: corpus.held_out_bytes(d) for d in corpus.DOMAINS}
-    history, ce, t0 = [], float("nan"), time.perf_counter()
+    history, t0 = [], time.perf_counter()
     columns = [TextColumn(name), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
                TimeRemainingColumn()]
     with Progress(*columns) as bar:
@@ -87,20 +89,22 @@ def train(name: str, steps: int, seed: int, out: Path, minutes: float | None) ->
             if (step + 1) % s.eval_every == 0 or step + 1 == steps:
                 model.eval()
                 bpb = {d: metrics.quick_bits_per_byte(model, held[d], s.eval_windows, s.context) for d in held}
-                history.append({"step": step + 1, "train_bits_per_byte": ce / math.log(2), **bpb})
+                history.append({"step": step + 1, "train_bits_per_byte": round(ce / math.log(2), 4), **bpb})
                 bar.console.log(json.dumps(history[-1]))
             bar.update(task, advance=1, info=info)
+            if not bar.console.is_terminal and (step + 1) % 25 == 0:
+                bar.console.log(f"step {step + 1}/{steps} {info}")  # a live log when writing to a file
     elapsed = time.perf_counter() - t0
     out.mkdir(parents=True, exist_ok=True)
     model.to(torch.bfloat16).save_pretrained(out, safe_serialization=True)
     train_config = {
-        "model": name, "seed": seed, "steps": steps, "minutes_requested": minutes,
+        "model": name, "command": command, "seed": seed, "steps": steps, "minutes_requested": minutes,
         "minutes_elapsed": round(elapsed / 60, 2), "tokens_seen": steps * s.batch_size * s.context,
         "tokens_per_s": round(steps * s.batch_size * s.context / elapsed),
         "params": sum(p.numel() for p in model.parameters()), "settings": s.to_dict(),
         "precision": "fp32 weights, bf16 autocast; saved as bf16", "threads": 1,
         "corpus": {"split_hash": corpus.split_hash(), "held_out_mod": corpus.HELD_OUT_MOD, **corpus.summary()},
-        "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__},
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
         "history": history,
     }
     (out / "train_config.json").write_text(json.dumps(train_config, indent=1) + "\n")
@@ -119,7 +123,8 @@ def main(argv: list[str] | None = None) -> None:
     if a.steps is None and a.minutes is None:
         p.error("give --minutes or --steps")
     steps = a.steps if a.steps is not None else max(1, round(a.minutes * STEPS_PER_MINUTE[a.name]))
-    train(a.name, steps, a.seed, a.out, a.minutes)
+    command = "python -m memc.reference.train " + " ".join(argv if argv is not None else sys.argv[1:])
+    train(a.name, steps, a.seed, a.out, a.minutes, command)
     if not a.no_metrics:
         metrics.main([str(a.out)])
 
