@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from memc.config import TargetConfig
+from memc.errors import VerificationError
 from memc.program import Program
 
 
@@ -83,12 +84,19 @@ class Target:
         """Run the built artifact and the torch program on each sample; max |Δ| per output."""
         checks = []
         for inputs in samples:
+            shapes = {n: list(t.shape) for n, t in zip(program.input_names, inputs)}
             expected = program(*inputs)
-            actual = self.run(out_dir, inputs)
+            try:
+                actual = self.run(out_dir, inputs)
+            except Exception as exc:
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+                raise VerificationError(
+                    f"the {self.name} artifact failed to run on inputs of shapes {shapes}: {type(exc).__name__}: {first}",
+                    hint="the lowering produced a graph the runtime rejects for these shapes; try another opset",
+                ) from None
             diffs = {
                 name: max_abs_diff(ref, got) for name, ref, got in zip(program.output_names, expected, actual)
             }
-            shapes = {n: list(t.shape) for n, t in zip(program.input_names, inputs)}
             checks.append(SampleCheck(shapes, diffs))
         return Verification(self.config.atol, checks)
 

@@ -9,7 +9,7 @@ import onnxruntime as ort
 def create_session(path: Path, threads: int = 0) -> ort.InferenceSession:
     """A CPU session; ``threads`` > 0 pins intra-op threads (benchmarks use 1 for comparable numbers)."""
     opts = ort.SessionOptions()
-    opts.log_severity_level = 3
+    opts.log_severity_level = 4  # failures surface as exceptions that memc turns into one clear message
     if threads:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
