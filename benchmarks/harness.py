@@ -10,7 +10,9 @@ import importlib
 import json
 import multiprocessing as mp
 import os
+import pickle
 import platform
+import queue as queue_module
 import resource
 import statistics
 import time
@@ -33,25 +35,66 @@ def median_time(fn: Callable[[], Any], repeats: int = 5, warmup: int = 1) -> flo
     return statistics.median(samples)
 
 
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process's own address space, in MiB.
+
+    Linux keeps ``ru_maxrss`` across ``execve``, so a spawned child's ``ru_maxrss`` is at least its parent's RSS at
+    spawn time (a parent holding torch makes every case look ~300 MB heavier). ``VmHWM`` belongs to the address
+    space and starts afresh at exec; ``ru_maxrss`` is the fallback where /proc is missing.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def _child(target: str, params: dict[str, Any], queue: "mp.Queue") -> None:
     os.environ["OMP_NUM_THREADS"] = "1"
     try:
         module, func = target.split(":")
         result = getattr(importlib.import_module(module), func)(**params)
-        result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        result["peak_rss_mb"] = peak_rss_mb()
+        pickle.dumps(result)  # Queue.put pickles in a feeder thread that would only print the error
         queue.put(("ok", result))
     except BaseException as exc:  # report, don't hang the parent
         queue.put(("error", f"{type(exc).__name__}: {exc}"))
 
 
 def run_case(target: str, **params: Any) -> dict[str, Any]:
-    """Run one case in a fresh spawned process and return its measurements."""
+    """Run one case in a fresh spawned process and return its measurements.
+
+    A child that dies without reporting (a crash, the OOM killer, ``os._exit``) raises RuntimeError instead of
+    leaving the parent waiting forever.
+    """
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     proc = ctx.Process(target=_child, args=(target, params, queue))
     proc.start()
-    status, payload = queue.get()
-    proc.join()
+    try:
+        while True:
+            try:
+                status, payload = queue.get(timeout=1.0)
+                break
+            except queue_module.Empty:
+                if proc.is_alive():
+                    continue
+                try:  # it may have reported just before exiting
+                    status, payload = queue.get(timeout=1.0)
+                    break
+                except queue_module.Empty:
+                    raise RuntimeError(
+                        f"benchmark case {target} died without reporting a result (exit code {proc.exitcode}"
+                        + (f", signal {-proc.exitcode}" if (proc.exitcode or 0) < 0 else "") + ")"
+                    ) from None
+    finally:
+        proc.join(timeout=30)
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
     if status != "ok":
         raise RuntimeError(f"benchmark case {target} failed: {payload}")
     return payload

@@ -8,6 +8,7 @@ import numpy as np
 
 from memc.errors import MemcError
 from memc.eval.backends import Backend
+from memc.eval.text import TOKENIZER_FILES, has_tokenizer
 
 
 @dataclass
@@ -38,8 +39,11 @@ def embed(backend: Backend, sentences: list[str], batch: int = 16, max_len: int 
     if backend.info.task != "encoder":
         raise MemcError("embedding cosine needs an encoder model")
     tok_dir = backend.info.source_dir
-    if tok_dir is None:
-        raise MemcError("embedding cosine needs the encoder's tokenizer: compile from an HF directory that has one")
+    if not has_tokenizer(tok_dir):
+        where = f" ({tok_dir} has no {' / '.join(TOKENIZER_FILES)})" if tok_dir is not None else ""
+        raise MemcError(
+            f"embedding cosine needs the encoder's tokenizer{where}: compile from an HF directory that has one"
+        )
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)

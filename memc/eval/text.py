@@ -33,14 +33,20 @@ def load_text(spec: str) -> bytes:
     return data
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.txt", "vocab.json")
+
+
+def has_tokenizer(directory: Path | None) -> bool:
+    """Whether an HF directory ships tokenizer files. (transformers' AutoTokenizer does not tell: for a directory
+    without them it builds an empty tokenizer that maps every word to [UNK].)"""
+    return directory is not None and any((directory / f).exists() for f in TOKENIZER_FILES)
+
+
 def tokenize(data: bytes, info: ModelInfo) -> tuple[np.ndarray, str]:
     """Tokens (int64) and the tokenizer used: raw bytes for byte-level models (vocab 256..), else the HF tokenizer."""
     vocab = info.vocab_size or 0
     tokenizer_dir = info.source_dir
-    has_hf = tokenizer_dir is not None and any(
-        (tokenizer_dir / f).exists() for f in ("tokenizer.json", "tokenizer.model", "vocab.txt", "vocab.json")
-    )
-    if has_hf:
+    if has_tokenizer(tokenizer_dir):
         from transformers import AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)

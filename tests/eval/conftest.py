@@ -1,0 +1,46 @@
+"""Fixtures for the `memc eval` tests: a tiny *byte-level* Llama (vocab 256) and its compiled ONNX artifact.
+
+The shared tiny models in tests/helpers.py have a vocabulary of 128, which `memc eval` cannot tokenise text for
+(no tokenizer files, fewer ids than bytes); perplexity, bits per byte and the recall probe need a byte model.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.helpers import CompileResult
+
+BYTE_VOCAB = 256
+BYTE_MAX_POS = 256
+
+
+def save_byte_llama(directory: Path, seed: int = 0) -> Path:
+    """A 2-layer LlamaForCausalLM over raw bytes (vocab 256, 256 positions), ``save_pretrained`` (safetensors)."""
+    import transformers as T
+
+    T.utils.logging.set_verbosity_error()
+    T.utils.logging.disable_progress_bar()
+    cfg = T.LlamaConfig(
+        vocab_size=BYTE_VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=BYTE_MAX_POS, initializer_range=0.2,
+        bos_token_id=None, eos_token_id=None, pad_token_id=None,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = T.LlamaForCausalLM(cfg).eval()
+    model.save_pretrained(directory, safe_serialization=True)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def byte_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_byte_llama(tmp_path_factory.mktemp("byte-llama"))
+
+
+@pytest.fixture(scope="session")
+def byte_llama_onnx(byte_llama_dir: Path, compiled) -> CompileResult:
+    result = compiled(byte_llama_dir)
+    assert result.rc == 0, result.explain()
+    return result
