@@ -14,8 +14,8 @@ from memc.errors import MemcError
 from memc.eval.backends import Backend, load_backend
 from memc.eval.embedding import embedding_cosine, real_sentences
 from memc.eval.footprint import footprint
-from memc.eval.perplexity import perplexity
-from memc.eval.recall import recall_probe
+from memc.eval.perplexity import check_context, perplexity
+from memc.eval.recall import check_distances, recall_probe
 from memc.eval.speed import speed
 from memc.eval.text import load_text, tokenize
 
@@ -43,6 +43,13 @@ def evaluate(req: EvalRequest, backend: Backend | None = None) -> dict[str, Any]
     info = backend.info
     result: dict[str, Any] = {"source": req.source, "backend": backend.name, "task": info.task, "seed": req.seed}
     contexts = sorted(set([req.context] + req.speed_contexts))
+    # every argument is checked before the long measurements start
+    if req.recall and info.task != "causal-lm":
+        raise MemcError("--recall needs a causal LM")
+    for context in req.speed_contexts + ([req.context] if info.task == "causal-lm" else []):
+        check_context(backend, context)
+    if req.recall:
+        check_distances(req.recall_distances, req.context)
     result["footprint"] = footprint(backend, contexts)
     if info.task == "causal-lm":
         data = load_text(req.text)
@@ -56,8 +63,6 @@ def evaluate(req: EvalRequest, backend: Backend | None = None) -> dict[str, Any]
         reference = load_backend(req.reference, trust_pickle=req.trust_pickle, threads=req.threads)
         sentences = real_sentences(load_text(req.text), req.sentences)
         result["embedding_cosine"] = {"reference": req.reference, **embedding_cosine(backend, reference, sentences).as_dict()}
-    elif req.recall:
-        raise MemcError("--recall needs a causal LM")
     if req.speed_contexts:
         result["speed"] = [p.as_dict() for p in speed(backend, req.speed_contexts, seed=req.seed)]
     return result

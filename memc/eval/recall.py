@@ -18,6 +18,19 @@ from memc.eval.backends import Backend
 from memc.eval.perplexity import check_context
 
 VALUE_LEN = 6
+KEY_LEN = 7  # "k_" + 5 letters
+# bytes of a trial that are not filler: the planted line, the query and the value with its closing quote
+OVERHEAD = (1 + KEY_LEN + 4 + VALUE_LEN + 2) + (1 + KEY_LEN + 4) + (VALUE_LEN + 1)
+
+
+def check_distances(distances: list[int], context: int) -> None:
+    """Fail before any model work when a distance cannot fit one window."""
+    too_far = [d for d in distances if d > context - OVERHEAD]
+    if too_far:
+        raise MemcError(
+            f"recall distance(s) {too_far} do not fit in a context of {context} bytes "
+            f"(the longest is {context - OVERHEAD})"
+        )
 
 
 @dataclass
@@ -58,6 +71,7 @@ def recall_probe(
     if backend.info.task != "causal-lm" or (backend.info.vocab_size or 0) < 256:
         raise MemcError("the recall probe needs a byte-level causal LM (vocabulary >= 256)")
     check_context(backend, context)
+    check_distances(distances, context)
     if len(filler) < 2 * context:
         raise MemcError(f"the filler text has {len(filler)} bytes; the recall probe needs at least {2 * context}")
     points = []

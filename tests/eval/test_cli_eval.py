@@ -136,7 +136,7 @@ def test_context_longer_than_the_model(byte_llama_dir, byte_llama_onnx) -> None:
 def test_context_too_short_and_bad_lists(byte_llama_onnx) -> None:
     expect_error([byte_llama_onnx.out_dir, "--context", 1], "context 1 is too short")
     expect_error([byte_llama_onnx.out_dir, "--context", 64, "--max-windows", 1, "--recall", "--recall-distances", 500],
-                 "recall distance 500 does not fit in a context of 64 bytes")
+                 "recall distance(s) [500] do not fit in a context of 64 bytes (the longest is 25)")
     rc, _, stderr = run_cli(["eval", byte_llama_onnx.out_dir, "--speed", "64,abc"])
     assert rc == 2 and "expected comma-separated integers" in stderr and "Traceback" not in stderr
 

@@ -126,7 +126,7 @@ def test_uninformed_model_scores_chance(filler: bytes) -> None:
 
 
 def test_distance_that_does_not_fit_is_a_clear_error(filler: bytes) -> None:
-    with pytest.raises(MemcError, match=rf"recall distance {MAX_DISTANCE + 1} does not fit in a context of 256 bytes"):
+    with pytest.raises(MemcError, match=rf"recall distance\(s\) \[{MAX_DISTANCE + 1}\] do not fit in a context of 256 bytes \(the longest is {MAX_DISTANCE}\)"):
         recall_probe(OracleBackend(), filler, [16, MAX_DISTANCE + 1], CONTEXT, trials=2)
     (p,) = recall_probe(OracleBackend(), filler, [MAX_DISTANCE], CONTEXT, trials=2)  # the longest that fits
     assert p.char_accuracy == 1.0
