@@ -52,3 +52,23 @@ def write_json(path: Path, data: Any) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n", encoding="utf-8")
     os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def atomic_file(path: Path) -> Iterator[Path]:
+    """Yield a temporary sibling path to write ``path``'s content to; it is renamed over ``path`` only when the block
+    succeeds (and removed otherwise), so readers never see a partial file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    umask = os.umask(0)
+    os.umask(umask)
+    try:
+        yield tmp
+        tmp.chmod(0o666 & ~umask)  # mkstemp makes it private; the result should look like any other file
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()

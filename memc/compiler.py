@@ -60,7 +60,7 @@ class Plan:
             opts = ", ".join(f"{k}={v!r}" for k, v in vars(p.config).items())
             lines.append(f"  {i}. {p.name}" + (f" ({opts})" if opts else ""))
         t = self.config.target
-        lines.append(f"target:  {t.name} (opset {t.opset}, atol {t.atol:g})")
+        lines.append(f"target:  {t.name} (opset {t.opset}, atol {t.atol:g}" + (", + decode.onnx)" if t.decode_graph else ")"))
         lines.append(f"output:  {self.out_dir}")
         return lines
 

@@ -99,6 +99,12 @@ class TargetConfig:
     )
     optimize: bool = option(True, "run the ONNX exporter's graph optimizer (constant folding, CSE)")
     debug_metadata: bool = option(False, "keep the exporter's per-node stack traces (machine paths; larger file)")
+    decode_graph: bool = option(
+        False,
+        "HF causal LMs: also write decode.onnx, the stateful decode graph (input_ids + past KV -> logits + present "
+        "KV; memc.runtime.DecodeEngine runs it), built from the source model (pass rewrites are not applied to it) "
+        "and verified as prefill + one-token steps against the compiled program's full-sequence logits",
+    )
 
     def validate(self) -> None:
         if not 18 <= self.opset <= 23:

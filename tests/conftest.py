@@ -9,6 +9,8 @@ Fixtures (all session-scoped; the plain functions behind them are in tests/helpe
   ``tiny_olmoe_dir``, ``tiny_bert_dir``: the same directories by name.
 * ``compiled(model, *extra_args) -> CompileResult``: ``memc compile`` run in-process once per distinct
   (model, args) in the session, into a fresh temporary directory. Treat its output directory as read-only.
+* ``decode_artifact(name, opset=18) -> Path``: ``decode.onnx`` (memc.codegen.decode.build_decode_artifact) of the
+  tiny family ``name``, built once per session. Read-only too.
 
 Tests that print measured max |Δ| through ``tests.helpers.record_diff`` get them listed in the terminal summary.
 """
@@ -83,6 +85,21 @@ def compiled(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., CompileR
         if key not in cache:
             cache[key] = compile_model(model, tmp_path_factory.mktemp("compiled") / "out", *extra)
         return cache[key]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def decode_artifact(tiny_hf, tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    built: dict[tuple[str, int], Path] = {}
+
+    def get(name: str, opset: int = 18) -> Path:
+        if (name, opset) not in built:
+            from memc.codegen.decode import build_decode_artifact
+
+            out = tmp_path_factory.mktemp(f"decode-{name}-{opset}")
+            built[name, opset] = build_decode_artifact(tiny_hf(name), out, opset)
+        return built[name, opset]
 
     return get
 

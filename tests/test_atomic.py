@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from memc.atomic import MARKER, check_output_dir, staged_output_dir, write_json
+from memc.atomic import MARKER, atomic_file, check_output_dir, staged_output_dir, write_json
 from memc.errors import MemcError
 
 
@@ -114,3 +114,20 @@ def test_write_json_failure_keeps_the_old_file(tmp_path):
         write_json(path, {"v": Unserialisable()})
     assert json.loads(path.read_text()) == {"v": 1}
     assert _names(tmp_path) == ["report.json"]
+
+
+def test_atomic_file_replaces_only_on_success(tmp_path):
+    target = tmp_path / "decode.onnx"
+    target.write_bytes(b"old")
+    with pytest.raises(RuntimeError, match="boom"):
+        with atomic_file(target) as tmp:
+            assert tmp.parent == tmp_path and tmp != target
+            tmp.write_bytes(b"half")
+            raise RuntimeError("boom")
+    assert target.read_bytes() == b"old" and _names(tmp_path) == ["decode.onnx"]
+    with atomic_file(target) as tmp:
+        tmp.write_bytes(b"new")
+        assert target.read_bytes() == b"old", "the old file stays until the block succeeds"
+    assert target.read_bytes() == b"new" and _names(tmp_path) == ["decode.onnx"]
+    assert target.stat().st_mode & 0o444 == 0o444  # readable like any other file, not mkstemp's 0600
+

@@ -140,7 +140,8 @@ def test_compile_handwritten_model_folds_its_weight_transposes(plugin_copy, tmp_
     # w_in.t() * log_scale.exp()[:, None] (t, exp, unsqueeze, mul) and w_out.t(): two constants of 256x64 floats
     assert (metrics["nodes_folded"], metrics["constants_created"], metrics["bytes_created"]) == (5, 2, 2 * 256 * 64 * 4)
     assert metrics["bytes_freed"] == report["capture"]["parameter_bytes"]  # w_in, log_scale, w_out all gone
-    assert report["compiled"]["parameter_bytes"] == 2 * 256 * 64 * 4
+    # the folded weights are constants now (buffers), not trainable parameters
+    assert (report["compiled"]["parameter_bytes"], report["compiled"]["buffer_bytes"]) == (0, 2 * 256 * 64 * 4)
     assert report["verification"]["passed"] is True
 
 

@@ -67,7 +67,24 @@ def _task_of(architectures: list[str], requested: str) -> str:
     )
 
 
-def load_hf(directory: Path, task: str, dtype: str) -> HFModel:
+@dataclass
+class Pretrained:
+    """A Hugging Face model loaded the way memc captures it, its forward untouched."""
+
+    model: torch.nn.Module
+    config: object  # transformers.PretrainedConfig
+    task: str
+    architecture: str
+    is_moe: bool
+
+    @property
+    def max_seq_len(self) -> int | None:
+        return getattr(self.config, "max_position_embeddings", None) or getattr(self.config, "n_positions", None)
+
+
+def load_pretrained(directory: Path, task: str = "auto", dtype: str = "float32") -> Pretrained:
+    """Load an HF model directory offline: sdpa attention, ``dtype`` weights, MoE experts as ``batched_mm``."""
+    directory = Path(directory)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the network
     try:
         import transformers
@@ -98,9 +115,16 @@ def load_hf(directory: Path, task: str, dtype: str) -> HFModel:
         model = cls.from_pretrained(directory, **kwargs).eval()
     except Exception as exc:
         raise CaptureError(f"cannot load the Hugging Face model in {directory}: {type(exc).__name__}: {exc}") from None
-    max_len = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-    if task == "causal-lm":
+    return Pretrained(model, config, task, archs[0] if archs else cls.__name__, is_moe)
+
+
+def load_hf(directory: Path, task: str, dtype: str) -> HFModel:
+    p = load_pretrained(directory, task, dtype)
+    if p.task == "causal-lm":
         inputs, outputs = ["input_ids"], ["logits"]
     else:
         inputs, outputs = ["input_ids", "attention_mask"], ["last_hidden_state"]
-    return HFModel(graph_forward(model, task), task, inputs, outputs, int(config.vocab_size), max_len, archs[0] if archs else cls.__name__, is_moe)
+    return HFModel(
+        graph_forward(p.model, p.task), p.task, inputs, outputs, int(p.config.vocab_size), p.max_seq_len,
+        p.architecture, p.is_moe,
+    )

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import re
 import warnings
 from dataclasses import dataclass
 
@@ -31,7 +32,7 @@ class UnsupportedNode:
 
 
 @contextlib.contextmanager
-def _quiet():
+def quiet():
     """The exporter prints progress and warnings meant for its own developers; keep memc's output readable."""
     logger = logging.getLogger("torch.onnx")
     level = logger.level
@@ -54,7 +55,7 @@ def find_unsupported(ep: torch.export.ExportedProgram, opset: int) -> list[Unsup
     """Nodes the ONNX exporter has no translation for at ``opset`` (after its own decompositions)."""
     from torch.onnx._internal.exporter import _core, _dispatching
 
-    with _quiet():
+    with quiet():
         registry = _registry(opset)
         decomposed = _core._prepare_exported_program_for_export(ep, registry=registry)
     found = []
@@ -81,18 +82,25 @@ def check_exportable(ep: torch.export.ExportedProgram, opset: int) -> None:
         )
 
 
-def _rename_dims(model: onnx.ModelProto, program: Program) -> None:
-    """Give dynamic axes memc's names (batch, seq, ...) instead of the exporter's symbols (s72, ...)."""
+def rename_dims(model: onnx.ModelProto, dim_names: dict[str, dict[int, str]]) -> None:
+    """Give dynamic axes memc's names (batch, seq, ...) instead of the exporter's symbols (s72, ...).
+
+    ``dim_names`` maps a graph input name to ``{axis: name}``. The exporter's symbol on that axis is renamed
+    everywhere, inside derived expressions too (an output axis ``s15 + s70`` becomes ``past + seq``).
+    """
     rename: dict[str, str] = {}
-    for value, name in zip(model.graph.input, program.input_names):
+    for value in model.graph.input:
         dims = value.type.tensor_type.shape.dim
-        for axis, spec in program.dynamic_dims.get(name, {}).items():
+        for axis, name in dim_names.get(value.name, {}).items():
             if axis < len(dims) and dims[axis].dim_param:
-                rename.setdefault(dims[axis].dim_param, spec.name)
+                rename.setdefault(dims[axis].dim_param, name)
+    if not rename:
+        return
+    symbol = re.compile(r"\b(" + "|".join(re.escape(k) for k in sorted(rename, key=len, reverse=True)) + r")\b")
     for value in list(model.graph.input) + list(model.graph.output) + list(model.graph.value_info):
         for dim in value.type.tensor_type.shape.dim:
-            if dim.dim_param in rename:
-                dim.dim_param = rename[dim.dim_param]
+            if dim.dim_param:
+                dim.dim_param = symbol.sub(lambda m: rename[m.group(1)], dim.dim_param)
 
 
 # Node metadata the exporter attaches: name scopes map ONNX nodes back to module paths and are kept; stack traces
@@ -100,31 +108,50 @@ def _rename_dims(model: onnx.ModelProto, program: Program) -> None:
 _DEBUG_METADATA = ("pkg.torch.onnx.stack_trace", "pkg.torch.onnx.fx_node", "pkg.torch.onnx.class_hierarchy")
 
 
-def _strip_debug_metadata(model: onnx.ModelProto) -> None:
+def strip_debug_metadata(model: onnx.ModelProto) -> None:
     for node in model.graph.node:
         keep = [p for p in node.metadata_props if p.key not in _DEBUG_METADATA]
         del node.metadata_props[:]
         node.metadata_props.extend(keep)
 
 
-def export_onnx(
-    program: Program, ep: torch.export.ExportedProgram, opset: int, optimize: bool = True, debug_metadata: bool = False
+def lower_exported(
+    ep: torch.export.ExportedProgram,
+    example_inputs: tuple,
+    input_names: list[str],
+    output_names: list[str],
+    dim_names: dict[str, dict[int, str]],
+    opset: int,
+    optimize: bool = True,
+    debug_metadata: bool = False,
 ) -> onnx.ModelProto:
-    """The Program as an ONNX model with memc's input/output names and dimension names."""
-    with _quiet():
+    """An exported program as an ONNX model (dynamo exporter, quietly), with the given input/output names, dynamic
+    axes renamed per ``dim_names`` and, unless ``debug_metadata``, machine-specific node metadata stripped."""
+    with quiet():
         onnx_program = torch.onnx.export(
             ep,
-            program.example_inputs,
+            example_inputs,
             dynamo=True,
             opset_version=opset,
-            input_names=program.input_names,
-            output_names=program.output_names,
+            input_names=input_names,
+            output_names=output_names,
             optimize=optimize,
             verbose=False,
         )
     model = onnx_program.model_proto
-    _rename_dims(model, program)
+    rename_dims(model, dim_names)
     if not debug_metadata:
-        _strip_debug_metadata(model)
+        strip_debug_metadata(model)
     model.producer_name = "memc"
     return model
+
+
+def export_onnx(
+    program: Program, ep: torch.export.ExportedProgram, opset: int, optimize: bool = True, debug_metadata: bool = False
+) -> onnx.ModelProto:
+    """The Program as an ONNX model with memc's input/output names and dimension names."""
+    dim_names = {name: {a: spec.name for a, spec in axes.items()} for name, axes in program.dynamic_dims.items()}
+    return lower_exported(
+        ep, program.example_inputs, program.input_names, program.output_names, dim_names, opset, optimize,
+        debug_metadata,
+    )

@@ -30,10 +30,11 @@ class BuildResult:
 
 @dataclass
 class SampleCheck:
-    """One verification sample: its input shapes and max |Δ| per output."""
+    """One verification sample: its input shapes and max |Δ| per output, and how the artifact was run on it."""
 
     shapes: dict[str, list[int]]
     max_abs_diff: dict[str, float]
+    mode: str = "forward"  # or e.g. "decode: prefill 16 + 16 steps" for the stateful decode graph
 
 
 @dataclass

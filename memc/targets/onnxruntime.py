@@ -1,4 +1,9 @@
-"""The onnx target: an ONNX model (dynamo exporter) executed and verified with onnxruntime on the CPU."""
+"""The onnx target: an ONNX model (dynamo exporter) executed and verified with onnxruntime on the CPU.
+
+With ``[target] decode_graph = true`` (HF causal LMs) it also writes ``decode.onnx``, the stateful decode form
+(memc.codegen.decode), and verifies it as prefill + single-token steps through memc.runtime.DecodeEngine against
+the program's full-sequence logits; those checks appear in the report as ``decode.logits`` samples.
+"""
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,12 +14,29 @@ import onnxruntime as ort
 import torch
 
 from memc.codegen.onnx import check_exportable, export_onnx
-from memc.errors import CaptureError
+from memc.errors import CaptureError, UnsupportedError, VerificationError
 from memc.program import Program
+from memc.runtime.engine import DECODE_FILE
 from memc.targets.session import create_session
-from memc.targets.base import Artifact, BuildResult, Target, register_target
+from memc.targets.base import Artifact, BuildResult, SampleCheck, Target, Verification, register_target
 
 MODEL_FILE = "model.onnx"
+DECODE_OUTPUT = "decode.logits"  # the name decode checks carry in the report's max |Δ| tables
+
+
+def _op_histogram(model: onnx.ModelProto) -> dict[str, int]:
+    ops: dict[str, int] = {}
+    for node in model.graph.node:
+        key = f"{node.domain}::{node.op_type}" if node.domain else node.op_type
+        ops[key] = ops.get(key, 0) + 1
+    return dict(sorted(ops.items()))
+
+
+def _dtype_name(program: Program) -> str:
+    for p in program.module.parameters():
+        if p.is_floating_point():
+            return str(p.dtype).replace("torch.", "")
+    return "float32"
 
 
 @register_target
@@ -35,6 +57,12 @@ class OnnxRuntimeTarget(Target):
         return self._ep
 
     def check(self, program: Program) -> None:
+        if self.config.decode_graph and (program.source.kind != "hf" or program.source.task != "causal-lm"):
+            raise UnsupportedError(
+                f"target.decode_graph = true needs a Hugging Face causal LM directory; {program.source.path} is a "
+                f"{program.source.kind} source ({program.source.task})",
+                hint="set target.decode_graph = false for this model",
+            )
         check_exportable(self._exported(program), self.config.opset)
 
     def build(self, program: Program, out_dir: Path) -> BuildResult:
@@ -44,15 +72,69 @@ class OnnxRuntimeTarget(Target):
         path = out_dir / MODEL_FILE
         onnx.save_model(model, str(path))
         onnx.checker.check_model(str(path))
-        ops: dict[str, int] = {}
-        for node in model.graph.node:
-            key = f"{node.domain}::{node.op_type}" if node.domain else node.op_type
-            ops[key] = ops.get(key, 0) + 1
-        metrics = {"opset": self.config.opset, "nodes": len(model.graph.node), "op_histogram": dict(sorted(ops.items()))}
-        return BuildResult([Artifact(MODEL_FILE, path.stat().st_size, "onnx model")], metrics)
+        metrics = {"opset": self.config.opset, "nodes": len(model.graph.node), "op_histogram": _op_histogram(model)}
+        artifacts = [Artifact(MODEL_FILE, path.stat().st_size, "onnx model")]
+        if self.config.decode_graph:
+            artifacts.append(self._build_decode(program, out_dir, metrics))
+        return BuildResult(artifacts, metrics)
+
+    def _build_decode(self, program: Program, out_dir: Path, metrics: dict) -> Artifact:
+        from memc.codegen.decode import decode_graph, lower_decode, save_onnx_atomic
+
+        graph = decode_graph(program.source.path, _dtype_name(program))
+        model = lower_decode(graph, self.config.opset, self.config.optimize, self.config.debug_metadata)
+        path = out_dir / DECODE_FILE
+        save_onnx_atomic(model, path)
+        metrics["decode"] = {
+            "file": DECODE_FILE,
+            "layers": graph.layers,
+            "state": {"keys": [list(s) for s in graph.key_shapes], "values": [list(s) for s in graph.value_shapes]},
+            "nodes": len(model.graph.node),
+            "op_histogram": _op_histogram(model),
+        }
+        return Artifact(DECODE_FILE, path.stat().st_size, "decode graph: input_ids + past KV -> logits + present KV")
 
     def run(self, out_dir: Path, inputs: tuple[torch.Tensor, ...]) -> list[np.ndarray]:
         if self._session is None:
             self._session = create_session(out_dir / MODEL_FILE)
         feeds = {i.name: t.numpy() for i, t in zip(self._session.get_inputs(), inputs)}
         return self._session.run(None, feeds)
+
+    def verify(self, program: Program, out_dir: Path, samples: list[tuple[torch.Tensor, ...]]) -> Verification:
+        result = super().verify(program, out_dir, samples)
+        if self.config.decode_graph:
+            result.samples.extend(self._verify_decode(program, out_dir, samples))
+        return result
+
+    def _verify_decode(
+        self, program: Program, out_dir: Path, samples: list[tuple[torch.Tensor, ...]]
+    ) -> list[SampleCheck]:
+        """Each sample's input_ids as prefill of the first half + one step per remaining token vs one forward."""
+        from memc.codegen.decode import verify_decode
+        from memc.runtime.engine import DecodeEngine
+
+        def reference(ids: np.ndarray) -> np.ndarray:
+            return program(torch.from_numpy(ids))[0].float().numpy()
+
+        checks = []
+        shape: list[int] = []
+        try:
+            engine = DecodeEngine(out_dir / DECODE_FILE)
+            for inputs in samples:
+                ids = inputs[0]
+                if ids.dim() != 2 or ids.shape[1] < 2:
+                    continue
+                shape = list(ids.shape)
+                check = verify_decode(engine, reference, ids, atol=self.config.atol)
+                checks.append(SampleCheck(
+                    {"input_ids": shape}, {DECODE_OUTPUT: check.max_abs_diff},
+                    f"decode: prefill {check.prefill} + {check.steps} steps",
+                ))
+        except Exception as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            where = f" on input_ids of shape {shape}" if shape else ""
+            raise VerificationError(
+                f"the decode graph failed to run{where}: {type(exc).__name__}: {first}",
+                hint="the lowering produced a graph the runtime rejects; try another opset or model.dtype float32",
+            ) from None
+        return checks

@@ -1,0 +1,4 @@
+"""Deployment-side runtime: drives memc artifacts with onnxruntime and numpy only (no torch import)."""
+from memc.runtime.engine import DecodeEngine, DecodeStateError, decode_logits
+
+__all__ = ["DecodeEngine", "DecodeStateError", "decode_logits"]
