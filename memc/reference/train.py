@@ -61,6 +61,7 @@ def train_step(model: PreTrainedModel, batch: torch.Tensor, moe: bool) -> tuple[
 
 
 def train(name: str, steps: int, seed: int, out: Path, minutes: float | None, command: str) -> dict:
+    """Train `name` for exactly `steps` steps and save the bf16 checkpoint with its train_config.json."""
     torch.set_num_threads(1)
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)

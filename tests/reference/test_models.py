@@ -1,0 +1,116 @@
+"""The committed reference checkpoints: load offline, predict held-out text, route without collapse."""
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from memc.reference import corpus, metrics
+from memc.reference.models import CONTEXT, TRAIN, model_config
+from memc.reference.train import lr_at, sample_batch
+
+MODELS = Path(__file__).resolve().parents[2] / "models"
+SLICE_WINDOWS = 2  # per domain: 2 x 1024 held-out bytes keep the test fast and still far from gzip
+
+# Top-2 of 16 experts: a uniform router gives the most used expert 1/16 = 0.0625 of the assignments and a
+# load entropy of 4 bits; a router collapsed onto one expert (in every token's pair) gives 0.5 and at most
+# ~1 bit. The committed model measures at most 0.35 and at least 3.1 bits per layer on either full held-out
+# domain (its last layer has a heavily shared expert). The bounds sit between that and collapse, with
+# room for the noise of a 4 KB slice.
+MAX_TOP_EXPERT_SHARE = 0.4
+MIN_LOAD_ENTROPY_BITS = 2.5
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    torch.set_num_threads(1)
+
+
+def held_out_slice(domain: str) -> bytes:
+    """SLICE_WINDOWS windows from the middle of the held-out stream (not its first file)."""
+    data = corpus.held_out_bytes(domain)
+    mid = len(data) // 2
+    return data[mid : mid + SLICE_WINDOWS * CONTEXT + 1]
+
+
+def require_same_corpus(path: Path) -> None:
+    """Quality checks compare against the split the checkpoint was trained on; another Python's stdlib differs."""
+    trained = json.loads((path / "train_config.json").read_text())["corpus"]["split_hash"]
+    if trained != corpus.split_hash():
+        pytest.skip(f"stdlib differs from the training corpus ({trained} != {corpus.split_hash()})")
+
+
+@pytest.mark.parametrize("name", ["ref-llama", "ref-moe"])
+def test_checkpoint_is_committed_with_metrics(name: str) -> None:
+    path = MODELS / name
+    for f in ("config.json", "model.safetensors", "train_config.json", "metrics.json"):
+        assert (path / f).is_file(), f
+    assert (path / "model.safetensors").stat().st_size < 10 * 2**20
+    train_config = json.loads((path / "train_config.json").read_text())
+    assert train_config["model"] == name and train_config["steps"] > 0
+    result = json.loads((path / "metrics.json").read_text())
+    assert result["split_hash"] == train_config["corpus"]["split_hash"]
+    assert set(result["domains"]) == set(corpus.DOMAINS)
+
+
+@pytest.mark.parametrize("name", ["ref-llama", "ref-moe"])
+def test_loads_offline_and_beats_gzip_on_held_out_slice(name: str) -> None:
+    path = MODELS / name
+    require_same_corpus(path)
+    model = metrics.load(path)
+    expected = model_config(name)
+    assert model.config.vocab_size == 256 and model.config.max_position_embeddings >= 1024
+    assert model.config.num_hidden_layers == expected.num_hidden_layers
+    for domain in corpus.DOMAINS:
+        data = held_out_slice(domain)
+        bpb, scored = metrics.bits_per_byte(model, data)
+        gzip_bpb = 8 * len(gzip.compress(data, compresslevel=9)) / len(data)
+        assert scored == len(data) - 1
+        assert bpb < gzip_bpb, (domain, bpb, gzip_bpb)
+
+
+def test_moe_routing_is_not_collapsed() -> None:
+    path = MODELS / "ref-moe"
+    require_same_corpus(path)
+    model = metrics.load(path)
+    assert model.config.num_experts >= 16 and model.config.num_experts_per_tok == 2
+    routing = metrics.RoutingStats(model.config.num_hidden_layers, model.config.num_experts)
+    for domain in corpus.DOMAINS:
+        metrics.bits_per_byte(model, held_out_slice(domain), routing=routing)
+    for layer in routing.summary():
+        assert layer["top_expert_share"] < MAX_TOP_EXPERT_SHARE, layer
+        assert layer["load_entropy_bits"] > MIN_LOAD_ENTROPY_BITS, layer
+
+
+def test_moe_runs_with_batched_mm_experts() -> None:
+    """The batched_mm experts path loads and agrees with the default one."""
+    path = MODELS / "ref-moe"
+    x = torch.from_numpy(np.frombuffer(corpus.held_out_bytes("code")[:257], np.uint8).astype(np.int64))[None]
+    logits = {}
+    for impl in ("grouped_mm", "batched_mm"):
+        model = metrics.load(path, experts_implementation=impl)
+        assert model.config._experts_implementation == impl
+        with torch.inference_mode():
+            logits[impl] = model(input_ids=x).logits
+    torch.testing.assert_close(logits["batched_mm"], logits["grouped_mm"], rtol=1e-4, atol=1e-4)
+
+
+def test_training_data_and_schedule_are_deterministic() -> None:
+    """Same seed, same batches, drawn from train text only; warmup then cosine down to min_lr_ratio."""
+    s = TRAIN["ref-llama"]
+    streams = {d: corpus.train_bytes(d) for d in corpus.DOMAINS}
+    a = sample_batch(np.random.default_rng(7), streams, s)
+    b = sample_batch(np.random.default_rng(7), streams, s)
+    assert a.shape == (s.batch_size, s.context + 1) and torch.equal(a, b)
+    assert not torch.equal(a, sample_batch(np.random.default_rng(8), streams, s))
+    row = bytes(a[0].tolist())
+    assert any(row in streams[d] for d in corpus.DOMAINS)
+    lrs = [lr_at(i, 1000, s) for i in range(1000)]
+    assert lrs[0] < lrs[s.warmup_steps - 1] == pytest.approx(s.lr)
+    assert lrs[-1] == pytest.approx(s.lr * s.min_lr_ratio, rel=1e-3)
