@@ -154,16 +154,16 @@ def main(argv: list[str] | None = None) -> None:
                        decode_steps=args.decode_steps)
 
     cmd = "python -m benchmarks.dense_onnx " + " ".join(argv if argv is not None else sys.argv[1:])
-    t = Table("dense_onnx", cmd.strip(), ["metric", "torch eager", "memc onnx (onnxruntime)", "memc / torch"])
+    t = Table("dense_onnx", cmd.strip(), ["metric", "torch eager", "memc onnx (onnxruntime)", "memc speed-up (>1: memc faster / smaller)"])
     for ctx in CONTEXTS:
         a, b = eager["prefill_tok_s"][ctx], ort["prefill_tok_s"][ctx]
-        t.rows.append([f"prefill tokens/s @ {ctx}", a, b, f"{b / a:.2f}x"])
+        t.rows.append([f"prefill tokens/s @ {ctx}", a, b, f"{b / a:.2f}x"])  # throughput ratio
     last = CONTEXTS[-1]
     a, b = eager["decode_ms"]["recompute"], ort["decode_ms"]["recompute"]
-    t.rows.append([f"decode ms/token @ {last} (recompute)", a, b, f"{a / b:.2f}x faster"])
+    t.rows.append([f"decode ms/token @ {last} (recompute)", a, b, f"{a / b:.2f}x"])
     a, b = eager["decode_ms"]["kv-cache"], dec["decode_ms"]["kv-state"]
-    t.rows.append([f"decode ms/token @ {last} (KV state)", a, b, f"{a / b:.2f}x faster"])
-    t.rows.append(["peak RSS MB", eager["peak_rss_mb"], ort["peak_rss_mb"], f"{ort['peak_rss_mb'] / eager['peak_rss_mb']:.2f}x"])
+    t.rows.append([f"decode ms/token @ {last} (KV state)", a, b, f"{a / b:.2f}x"])
+    t.rows.append(["peak RSS MB", eager["peak_rss_mb"], ort["peak_rss_mb"], f"{eager['peak_rss_mb'] / ort['peak_rss_mb']:.2f}x"])
     rel = abs(ort["perplexity"] - eager["perplexity"]) / eager["perplexity"]
     t.rows.append([f"held-out code perplexity ({args.windows}x1024 B)", eager["perplexity"], ort["perplexity"], f"rel. diff {rel:.1e}"])
     t.notes.append("One thread each, every case in a fresh process; medians of "

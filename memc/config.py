@@ -92,7 +92,7 @@ class InstrumentsConfig:
 @dataclass
 class TargetConfig:
     name: Literal["onnx"] = option("onnx", "deployment target (onnx: ONNX run and verified with onnxruntime)")
-    opset: int = option(18, "ONNX opset version (18..23)")
+    opset: int = option(23, "ONNX opset version (18..23); 23 emits native Attention / RotaryEmbedding / RMSNormalization")
     atol: float = option(1e-4, "max |Δ| allowed between the artifact and the torch program, per output")
     verify_shapes: list[list[int]] = option(
         factory=lambda: [[1, 7]], doc="extra [batch, seq] shapes to verify dynamic axes with (token models)"

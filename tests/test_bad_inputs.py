@@ -263,7 +263,7 @@ def test_dry_run_prints_the_plan_and_writes_nothing(memc, outs):
     assert "configuration is valid" in result.out
     assert "model:   good.pt2 (pt2)" in result.out
     assert "0. eliminate-dead-code" in result.out
-    assert "target:  onnx (opset 18" in result.out
+    assert "target:  onnx (opset 23" in result.out
     assert f"output:  {outs / 'result'}" in result.out
     assert os.listdir(outs) == []
 

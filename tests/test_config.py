@@ -62,7 +62,7 @@ def test_shipped_toolchain_parses_into_the_dataclasses():
     for name, cls in SECTIONS.items():
         assert type(getattr(cfg, name)) is cls, name
     assert cfg.pipeline == [PassSpec("eliminate-dead-code", {}, "pipeline[0]")]
-    assert cfg.target.name == "onnx" and cfg.target.opset == 18
+    assert cfg.target.name == "onnx" and cfg.target.opset == 23
 
 
 def test_shipped_toolchain_shows_the_defaults():

@@ -20,8 +20,14 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 
 def _causal_lm_forward(self: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
-    """input_ids [batch, seq] -> logits [batch, seq, vocab], no KV cache."""
-    return type(self).forward(self, input_ids=input_ids, use_cache=False).logits
+    """input_ids [batch, seq] -> logits [batch, seq, vocab], no KV cache.
+
+    Position ids are passed per row ([batch, seq]): at opset 23 the exporter emits ONNX RotaryEmbedding, which
+    onnxruntime rejects for batch >= 2 when positions are broadcast from [1, seq].
+    """
+    batch, seq = input_ids.shape
+    positions = torch.arange(seq, device=input_ids.device).unsqueeze(0).expand(batch, seq)
+    return type(self).forward(self, input_ids=input_ids, position_ids=positions, use_cache=False).logits
 
 
 def _encoder_forward(self: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
