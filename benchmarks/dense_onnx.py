@@ -17,7 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from benchmarks.harness import Table, median_time, run_case
+from benchmarks.harness import Table, median_seconds, run_case
 
 CONTEXTS = [128, 512, 1024]
 
@@ -56,7 +56,7 @@ def torch_case(model: str, contexts: list[int], windows: int, repeats: int, deco
 
     for ctx in contexts:
         ids = rng.integers(0, 256, size=(1, ctx), dtype=np.int64)
-        out["prefill_tok_s"][ctx] = ctx / median_time(lambda: fwd(ids), repeats)
+        out["prefill_tok_s"][ctx] = ctx / median_seconds(lambda: fwd(ids), repeats)
     ctx = contexts[-1]
     ids = torch.from_numpy(rng.integers(0, 256, size=(1, ctx), dtype=np.int64))
     with torch.no_grad():
@@ -68,9 +68,9 @@ def torch_case(model: str, contexts: list[int], windows: int, repeats: int, deco
                 m(input_ids=ids[:, -1:], cache=copy.deepcopy(past), use_cache=True)
 
         # each step starts from a copy of the context-1 cache (a step appends to it); the copy time is subtracted
-        copy_s = median_time(lambda: copy.deepcopy(past), decode_steps)
-        out["decode_ms"]["kv-cache"] = (median_time(step, decode_steps) - copy_s) * 1e3
-    out["decode_ms"]["recompute"] = median_time(lambda: fwd(ids.numpy()), repeats) * 1e3
+        copy_s = median_seconds(lambda: copy.deepcopy(past), decode_steps)
+        out["decode_ms"]["kv-cache"] = (median_seconds(step, decode_steps) - copy_s) * 1e3
+    out["decode_ms"]["recompute"] = median_seconds(lambda: fwd(ids.numpy()), repeats) * 1e3
     out["perplexity"] = _ppl(fwd, _heldout_windows(1024, windows))
     return out
 
@@ -89,9 +89,9 @@ def onnx_case(artifact: str, contexts: list[int], windows: int, repeats: int) ->
 
     for ctx in contexts:
         ids = rng.integers(0, 256, size=(1, ctx), dtype=np.int64)
-        out["prefill_tok_s"][ctx] = ctx / median_time(lambda: fwd(ids), repeats)
+        out["prefill_tok_s"][ctx] = ctx / median_seconds(lambda: fwd(ids), repeats)
     ids = rng.integers(0, 256, size=(1, contexts[-1]), dtype=np.int64)
-    out["decode_ms"]["recompute"] = median_time(lambda: fwd(ids), repeats) * 1e3
+    out["decode_ms"]["recompute"] = median_seconds(lambda: fwd(ids), repeats) * 1e3
     out["perplexity"] = _ppl(fwd, _heldout_windows(1024, windows))
     out["artifact_bytes"] = (Path(artifact) / "model.onnx").stat().st_size
     return out
@@ -128,7 +128,7 @@ def decode_case(artifact: str, contexts: list[int], decode_steps: int) -> dict:
     ctx = contexts[-1]
     ids = np.random.default_rng(0).integers(0, 256, size=(1, ctx), dtype=np.int64)
     _, state = engine.prefill(ids[:, :-1])
-    step_s = median_time(lambda: engine.step(ids[:, -1], state), decode_steps)
+    step_s = median_seconds(lambda: engine.step(ids[:, -1], state), decode_steps)
     return {"decode_ms": {"kv-state": step_s * 1e3}}
 
 

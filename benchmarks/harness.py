@@ -14,25 +14,13 @@ import pickle
 import platform
 import queue as queue_module
 import resource
-import statistics
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
+
+from memc.eval.speed import median_seconds  # noqa: F401  (re-exported: one timing rule for eval and benchmarks)
 
 RESULTS = Path(__file__).parent / "results"
-
-
-def median_time(fn: Callable[[], Any], repeats: int = 5, warmup: int = 1) -> float:
-    """Median wall seconds of ``fn`` over ``repeats`` runs after ``warmup`` runs."""
-    for _ in range(warmup):
-        fn()
-    samples = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - t)
-    return statistics.median(samples)
 
 
 def peak_rss_mb() -> float:

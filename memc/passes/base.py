@@ -17,7 +17,7 @@ from typing import Any, Callable, ClassVar, Iterator
 
 import torch
 
-from memc.errors import ConfigError, PassError
+from memc.errors import ConfigError
 from memc.program import Program
 from memc.schema import from_dict
 

@@ -9,7 +9,7 @@ import threading
 import pytest
 
 from benchmarks import harness
-from benchmarks.harness import Table, median_time, run_case
+from benchmarks.harness import Table, run_case
 
 CASES = "tests.benchmarks.cases"
 
@@ -63,12 +63,6 @@ def test_child_that_dies_without_reporting_is_an_error() -> None:
 def test_unpicklable_result_is_an_error() -> None:
     with pytest.raises(RuntimeError, match=r"unpicklable_case"):
         _run_with_deadline(f"{CASES}:unpicklable_case", seconds=60)
-
-
-def test_median_time() -> None:
-    calls = []
-    t = median_time(lambda: calls.append(1), repeats=3, warmup=2)
-    assert len(calls) == 5 and t >= 0
 
 
 def _table() -> Table:
