@@ -29,6 +29,7 @@ class ModelInfo:
 class Backend:
     name: str
     info: ModelInfo
+    decode_graph: Path | None = None  # decode.onnx with explicit KV state, when the artifact has one
 
     def forward(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
         raise NotImplementedError
@@ -81,6 +82,8 @@ class OnnxBackend(Backend):
         out_dims = self.session.get_outputs()[0].shape
         vocab = source.get("vocab_size") or (out_dims[-1] if task == "causal-lm" and isinstance(out_dims[-1], int) else None)
         params = report.get("compiled", {}).get("parameter_bytes") or _initializer_bytes(model)
+        decode = model.parent / "decode.onnx"
+        self.decode_graph = decode if decode.is_file() else None
         self.info = ModelInfo(task, names, vocab, source.get("max_seq_len"), params, src_dir)
 
     def forward(self, feeds: dict[str, np.ndarray]) -> np.ndarray:

@@ -94,11 +94,12 @@ def print_result(result: dict[str, Any], console: Console | None = None) -> None
             r.add_row(str(p["distance"]), f"{p['char_accuracy']:.3f}", f"{p['exact']:.3f}", f"{p['control_char_accuracy']:.3f}")
         console.print(r)
     if "speed" in result:
-        s = Table(title="speed (median; decode = recompute over the prefix)", title_justify="left")
-        for col in ("context", "prefill tok/s", "prefill ms", "decode ms/token"):
+        s = Table(title="speed (median; recompute = a forward over the whole prefix per token)", title_justify="left")
+        for col in ("context", "prefill tok/s", "prefill ms", "decode ms/token", "decode mode"):
             s.add_column(col, justify="right")
         for p in result["speed"]:
-            s.add_row(str(p["context"]), f"{p['prefill_tokens_per_s']:.0f}", f"{p['prefill_ms']:.1f}", f"{p['decode_ms_per_token']:.1f}")
+            s.add_row(str(p["context"]), f"{p['prefill_tokens_per_s']:.0f}", f"{p['prefill_ms']:.1f}",
+                      f"{p['decode_ms_per_token']:.1f}", p["decode_mode"])
         console.print(s)
 
 

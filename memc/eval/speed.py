@@ -1,8 +1,9 @@
 """Prefill throughput and per-token decode latency, as medians over repeats after a warm-up.
 
-The captured graphs carry no KV cache (capture pins ``use_cache=False``), so decode here is *recompute* decode: one
-forward over the whole prefix per new token. That is the honest cost of the current artifacts; a stateful decode
-graph is measured separately where it exists.
+``model.onnx`` carries no KV cache (capture pins ``use_cache=False``), so its decode is *recompute* decode: one
+forward over the whole prefix per new token. When the artifact also has ``decode.onnx`` (``[target] decode_graph``),
+decode is measured the way it deploys: the DecodeEngine prefills ``context - 1`` tokens, then single steps are timed
+from that state (``decode_mode = "kv-state"``).
 """
 from __future__ import annotations
 
@@ -54,12 +55,28 @@ def speed(backend: Backend, contexts: list[int], repeats: int = 5, decode_steps:
         check_context(backend, context)
         ids = rng.integers(0, vocab, size=(1, context), dtype=np.int64)
         prefill = median_seconds(lambda: backend.forward(_feeds(backend, ids)), repeats)
-        start = max(context - decode_steps, 1)
-
-        def decode() -> None:
-            for t in range(start, context):
-                backend.forward(_feeds(backend, ids[:, : t + 1]))
-
-        decode_s = median_seconds(decode, max(repeats // 2, 1)) / max(context - start, 1)
-        points.append(SpeedPoint(context, context / prefill, prefill * 1e3, decode_s * 1e3))
+        if backend.decode_graph is not None:
+            decode_s, mode = _kv_state_step_seconds(backend.decode_graph, ids, repeats), "kv-state"
+        else:
+            decode_s, mode = _recompute_step_seconds(backend, ids, repeats, decode_steps), "recompute"
+        points.append(SpeedPoint(context, context / prefill, prefill * 1e3, decode_s * 1e3, mode))
     return points
+
+
+def _recompute_step_seconds(backend: Backend, ids: np.ndarray, repeats: int, steps: int) -> float:
+    context = ids.shape[1]
+    start = max(context - steps, 1)
+
+    def decode() -> None:
+        for t in range(start, context):
+            backend.forward(_feeds(backend, ids[:, : t + 1]))
+
+    return median_seconds(decode, max(repeats // 2, 1)) / max(context - start, 1)
+
+
+def _kv_state_step_seconds(decode_graph, ids: np.ndarray, repeats: int) -> float:
+    from memc.runtime.engine import DecodeEngine
+
+    engine = DecodeEngine(decode_graph, threads=1)
+    _, state = engine.prefill(ids[:, :-1])
+    return median_seconds(lambda: engine.step(ids[:, -1], state), max(repeats, 3))
