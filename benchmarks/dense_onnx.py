@@ -105,10 +105,11 @@ def decode_build_case(model: str, out_dir: str) -> dict:
     import torch
 
     from memc.codegen.decode import build_decode_artifact, verify_decode
+    from memc.config import load_config
 
     torch.set_num_threads(1)
     t = time.perf_counter()
-    path = build_decode_artifact(model, out_dir)
+    path = build_decode_artifact(model, out_dir, load_config("toolchain.toml").target.opset)  # as model.onnx
     seconds = time.perf_counter() - t
     ids = np.random.default_rng(1).integers(0, 256, size=(1, 64), dtype=np.int64)
     check = verify_decode(path, model, ids, prefill=32)
