@@ -2,6 +2,12 @@
 from __future__ import annotations
 
 
+def first_line(exc: BaseException) -> str:
+    """``Type: first line of the message``: enough to act on, without a library's multi-page dump."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}"
+
+
 class MemcError(Exception):
     """An error caused by the user's input or environment, with a message that says what to do.
 

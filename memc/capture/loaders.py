@@ -16,7 +16,7 @@ from torch.export import Dim
 from memc.capture.hf import load_hf
 from memc.capture.inputs import dims_from_specs, tensor_from_spec, token_inputs
 from memc.config import ToolchainConfig
-from memc.errors import CaptureError
+from memc.errors import CaptureError, first_line
 from memc.program import DimSpec, Program, SourceInfo, export_dynamic_shapes
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle")
@@ -62,17 +62,12 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"
-
-
 def _export(module: torch.nn.Module, inputs: tuple, dynamic_shapes) -> torch.export.ExportedProgram:
     try:
         return torch.export.export(module, inputs, dynamic_shapes=dynamic_shapes, strict=False)
     except Exception as exc:
         raise CaptureError(
-            f"torch.export could not capture the model: {_first_line(exc)}",
+            f"torch.export could not capture the model: {first_line(exc)}",
             hint="static shapes often help: set inputs.dynamic_batch / dynamic_seq = false or drop "
             "'dynamic' from [[inputs.tensors]]",
         ) from None
@@ -160,7 +155,7 @@ def _load_pt2(path: Path, cfg: ToolchainConfig) -> Program:
     try:
         ep = torch.export.load(str(path))
     except Exception as exc:
-        raise CaptureError(f"{path} is not a readable torch.export archive (corrupt or truncated?): {_first_line(exc)}") from None
+        raise CaptureError(f"{path} is not a readable torch.export archive (corrupt or truncated?): {first_line(exc)}") from None
     finally:
         export_log.setLevel(level)
     names = list(ep.graph_signature.user_inputs)
@@ -202,7 +197,7 @@ def _load_factory(spec: str, cfg: ToolchainConfig) -> Program:
     try:
         mod = importlib.import_module(module_name)
     except Exception as exc:
-        raise CaptureError(f"cannot import factory module {module_name!r}: {_first_line(exc)}") from None
+        raise CaptureError(f"cannot import factory module {module_name!r}: {first_line(exc)}") from None
     finally:
         sys.path.pop(0)
     func = getattr(mod, func_name, None)
@@ -211,7 +206,7 @@ def _load_factory(spec: str, cfg: ToolchainConfig) -> Program:
     try:
         made = func()
     except Exception as exc:
-        raise CaptureError(f"factory {spec} raised {_first_line(exc)}") from None
+        raise CaptureError(f"factory {spec} raised {first_line(exc)}") from None
     module, provided = (made[0], made[1]) if isinstance(made, tuple) and len(made) == 2 else (made, None)
     if not isinstance(module, torch.nn.Module):
         raise CaptureError(f"factory {spec} returned {type(module).__name__}, expected an nn.Module (or (module, inputs))")
@@ -229,7 +224,7 @@ def _load_pickle(path: Path, cfg: ToolchainConfig, trust_pickle: bool) -> Progra
     try:
         obj = torch.load(str(path), weights_only=False)
     except Exception as exc:
-        raise CaptureError(f"{path} is not a readable pickled model: {_first_line(exc)}") from None
+        raise CaptureError(f"{path} is not a readable pickled model: {first_line(exc)}") from None
     if isinstance(obj, dict):
         raise CaptureError(
             f"{path} holds a state_dict, not an nn.Module",

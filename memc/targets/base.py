@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from memc.config import TargetConfig
-from memc.errors import VerificationError
+from memc.errors import VerificationError, first_line
 from memc.program import Program
 
 
@@ -90,9 +90,8 @@ class Target:
             try:
                 actual = self.run(out_dir, inputs)
             except Exception as exc:
-                first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
                 raise VerificationError(
-                    f"the {self.name} artifact failed to run on inputs of shapes {shapes}: {type(exc).__name__}: {first}",
+                    f"the {self.name} artifact failed to run on inputs of shapes {shapes}: {first_line(exc)}",
                     hint="the lowering produced a graph the runtime rejects for these shapes; try another opset",
                 ) from None
             diffs = {

@@ -14,7 +14,7 @@ import onnxruntime as ort
 import torch
 
 from memc.codegen.onnx import check_exportable, export_onnx
-from memc.errors import CaptureError, UnsupportedError, VerificationError
+from memc.errors import CaptureError, UnsupportedError, VerificationError, first_line
 from memc.program import Program
 from memc.runtime.engine import DECODE_FILE
 from memc.targets.session import create_session
@@ -131,10 +131,9 @@ class OnnxRuntimeTarget(Target):
                     f"decode: prefill {check.prefill} + {check.steps} steps",
                 ))
         except Exception as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
             where = f" on input_ids of shape {shape}" if shape else ""
             raise VerificationError(
-                f"the decode graph failed to run{where}: {type(exc).__name__}: {first}",
+                f"the decode graph failed to run{where}: {first_line(exc)}",
                 hint="the lowering produced a graph the runtime rejects; try another opset or model.dtype float32",
             ) from None
         return checks
