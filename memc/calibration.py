@@ -9,17 +9,17 @@ from memc.capture.inputs import resized_inputs
 from memc.config import CalibrationConfig, InputsConfig
 from memc.errors import ConfigError
 from memc.program import Program
+from memc.tokenizer_files import has_tokenizer
 
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.txt", "vocab.json")
 
 
 def _tokenize(text: str, program: Program, how: str) -> list[int]:
     model_dir = Path(program.source.path)
-    has_tokenizer = program.source.kind == "hf" and any((model_dir / f).exists() for f in _TOKENIZER_FILES)
+    found = program.source.kind == "hf" and has_tokenizer(model_dir)
     if how == "auto":
-        how = "hf" if has_tokenizer else "bytes"
+        how = "hf" if found else "bytes"
     if how == "hf":
-        if not has_tokenizer:
+        if not found:
             raise ConfigError(f"calibration.tokenizer: 'hf' needs tokenizer files in the model directory {model_dir}")
         from transformers import AutoTokenizer
 

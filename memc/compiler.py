@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from memc.atomic import check_output_dir, staged_output_dir, write_json
+from memc.tokenizer_files import copy_tokenizer
 from memc.calibration import calibration_samples
 from memc.capture import capture, resolve_kind
 from memc.capture.inputs import alternate_sizes, resized_inputs
@@ -155,6 +156,8 @@ def run_plan(plan: Plan, progress: bool = True) -> dict[str, Any]:
                     f"the {plan.target.name} artifact does not match the torch program: max |Δ| {worst} "
                     f"> atol {verification.atol:g}; nothing was written to {plan.out_dir}"
                 )
+            source_dir = Path(program.source.path) if program.source.kind == "hf" else None
+            report["tokenizer_files"] = copy_tokenizer(source_dir, stage)  # the artifact reads text on its own
             write_json(stage / REPORT_FILE, report)
             (stage / SUMMARY_FILE).write_text(render_summary(report), encoding="utf-8")
     print_summary(display.console, report)

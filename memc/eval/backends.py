@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from memc.errors import MemcError
+from memc.tokenizer_files import has_tokenizer
 
 
 @dataclass
@@ -24,6 +25,12 @@ class ModelInfo:
     parameter_bytes: int
     source_dir: Path | None  # the HF directory (tokenizer, config.json) when known
     extra: dict[str, Any] = field(default_factory=dict)
+    shipped_tokenizer: Path | None = None  # an artifact directory holding a copy of the tokenizer
+
+    @property
+    def tokenizer_dir(self) -> Path | None:
+        """Where to read the tokenizer: the copy shipped with an artifact, else the source directory."""
+        return self.shipped_tokenizer if has_tokenizer(self.shipped_tokenizer) else self.source_dir
 
 
 class Backend:
@@ -84,7 +91,8 @@ class OnnxBackend(Backend):
         params = report.get("compiled", {}).get("parameter_bytes") or _initializer_bytes(model)
         decode = model.parent / "decode.onnx"
         self.decode_graph = decode if decode.is_file() else None
-        self.info = ModelInfo(task, names, vocab, source.get("max_seq_len"), params, src_dir)
+        self.info = ModelInfo(task, names, vocab, source.get("max_seq_len"), params, src_dir,
+                              shipped_tokenizer=model.parent)
 
     def forward(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
         return self.session.run(None, {n: feeds[n] for n in self.info.input_names})[0]

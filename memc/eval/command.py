@@ -17,7 +17,7 @@ from memc.eval.footprint import footprint
 from memc.eval.perplexity import check_context, perplexity
 from memc.eval.recall import check_distances, recall_probe
 from memc.eval.speed import speed
-from memc.eval.text import load_text, tokenize
+from memc.eval.text import load_text, text_codec, tokenize
 
 
 @dataclass
@@ -53,11 +53,14 @@ def evaluate(req: EvalRequest, backend: Backend | None = None) -> dict[str, Any]
     result["footprint"] = footprint(backend, contexts)
     if info.task == "causal-lm":
         data = load_text(req.text)
-        tokens, tokenizer = tokenize(data, info)
-        ppl = perplexity(backend, tokens, req.context, bytes_per_token=len(data) / len(tokens), max_windows=req.max_windows)
-        result["perplexity"] = {"text": req.text, "tokenizer": tokenizer, **ppl.as_dict()}
+        codec = text_codec(info)
+        tokens, spans = tokenize(data, info, codec)
+        ppl = perplexity(backend, tokens, req.context, token_bytes=spans, max_windows=req.max_windows)
+        result["perplexity"] = {"text": req.text, "tokenizer": codec.kind, **ppl.as_dict()}
         if req.recall:
-            points = recall_probe(backend, data, req.recall_distances, req.context, req.recall_trials, req.seed)
+            points = recall_probe(
+                backend, data, req.recall_distances, req.context, req.recall_trials, req.seed, encode=codec.encode
+            )
             result["recall"] = [p.as_dict() for p in points]
     elif req.reference:
         reference = load_backend(req.reference, trust_pickle=req.trust_pickle, threads=req.threads)
@@ -87,11 +90,11 @@ def print_result(result: dict[str, Any], console: Console | None = None) -> None
         t.add_row("embedding cosine min", f"{c['min']:.6f}")
     console.print(t)
     if "recall" in result:
-        r = Table(title="long-range recall (teacher-forced value characters)", title_justify="left")
-        for col in ("distance (bytes)", "char accuracy", "exact", "control (no key)"):
+        r = Table(title="long-range recall (teacher-forced value tokens)", title_justify="left")
+        for col in ("distance (tokens)", "token accuracy", "exact", "control (no key)"):
             r.add_column(col, justify="right")
         for p in result["recall"]:
-            r.add_row(str(p["distance"]), f"{p['char_accuracy']:.3f}", f"{p['exact']:.3f}", f"{p['control_char_accuracy']:.3f}")
+            r.add_row(str(p["distance"]), f"{p['token_accuracy']:.3f}", f"{p['exact']:.3f}", f"{p['control_token_accuracy']:.3f}")
         console.print(r)
     if "speed" in result:
         s = Table(title="speed (median; recompute = a forward over the whole prefix per token)", title_justify="left")
@@ -119,8 +122,8 @@ def plot_result(result: dict[str, Any], out_dir: Path) -> list[Path]:
                        [int(k) for k in kv], [v for v in kv.values()], "KV cache"))
     if "recall" in result:
         rec = result["recall"]
-        panels.append(("recall_vs_distance.png", "distance (bytes)", "char accuracy",
-                       [p["distance"] for p in rec], [p["char_accuracy"] for p in rec], "recall"))
+        panels.append(("recall_vs_distance.png", "distance (tokens)", "token accuracy",
+                       [p["distance"] for p in rec], [p["token_accuracy"] for p in rec], "recall"))
     if "speed" in result:
         sp = result["speed"]
         panels.append(("decode_vs_context.png", "context (tokens)", "decode ms/token",

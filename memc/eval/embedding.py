@@ -8,7 +8,7 @@ import numpy as np
 
 from memc.errors import MemcError
 from memc.eval.backends import Backend
-from memc.eval.text import TOKENIZER_FILES, has_tokenizer
+from memc.tokenizer_files import TOKENIZER_FILES, has_tokenizer
 
 
 @dataclass
@@ -38,7 +38,7 @@ def real_sentences(text: bytes, n: int, min_words: int = 6, max_words: int = 40)
 def embed(backend: Backend, sentences: list[str], batch: int = 16, max_len: int = 128) -> np.ndarray:
     if backend.info.task != "encoder":
         raise MemcError("embedding cosine needs an encoder model")
-    tok_dir = backend.info.source_dir
+    tok_dir = backend.info.tokenizer_dir
     if not has_tokenizer(tok_dir):
         where = f" ({tok_dir} has no {' / '.join(TOKENIZER_FILES)})" if tok_dir is not None else ""
         raise MemcError(

@@ -1,7 +1,8 @@
 """Perplexity and bits per byte of a causal LM on held-out text, in non-overlapping windows of ``context``.
 
 Each window's first token has no context and is not scored; every other token is predicted from the tokens
-before it inside its window. Bits per byte divides the total bits by the UTF-8 bytes those scored tokens span.
+before it inside its window. Bits per byte divides the total bits by the UTF-8 bytes those scored tokens span
+(exactly, from each token's byte length; one byte per token for byte-level models).
 """
 from __future__ import annotations
 
@@ -46,9 +47,10 @@ def check_context(backend: Backend, context: int) -> None:
 
 
 def perplexity(
-    backend: Backend, tokens: np.ndarray, context: int, *, bytes_per_token: float = 1.0,
+    backend: Backend, tokens: np.ndarray, context: int, *, token_bytes: np.ndarray | None = None,
     max_windows: int | None = None, batch: int = 1,
 ) -> PerplexityResult:
+    """`token_bytes[i]`: the bytes token i spans (default: one each)."""
     if backend.info.task != "causal-lm":
         raise MemcError("perplexity needs a causal LM; this model is an encoder (use --embeddings)")
     check_context(backend, context)
@@ -64,8 +66,9 @@ def perplexity(
         logits = backend.forward({"input_ids": ids})
         total += float(log_softmax_nll(logits[:, :-1], ids[:, 1:]).sum())
     scored = n * (context - 1)
+    spans = np.ones(n * context) if token_bytes is None else np.asarray(token_bytes[: n * context], np.float64)
+    scored_bytes = float(spans.reshape(n, context)[:, 1:].sum())
     nll = total / scored
     return PerplexityResult(
-        context, n, scored, scored * bytes_per_token, nll, math.exp(nll),
-        total / math.log(2) / (scored * bytes_per_token),
+        context, n, scored, scored_bytes, nll, math.exp(nll), total / math.log(2) / scored_bytes,
     )

@@ -1,14 +1,17 @@
-"""Long-range recall probe: a key -> value pair is planted in real text and queried ``distance`` bytes later.
+"""Long-range recall probe: a key -> value pair is planted in real text and queried ``distance`` tokens later.
 
-Each trial is one window of ``context`` bytes: filler text, the line ``<key> = '<value>'``, ``distance`` bytes of
-filler, then ``<key> = '`` and the value again. The score is teacher-forced: the fraction of value characters the
+Each trial is one window of ``context`` tokens: filler text, the line ``<key> = '<value>'``, ``distance`` tokens
+of filler, then ``<key> = '`` and the value again. The score is teacher-forced: the fraction of value tokens the
 model predicts (argmax) correctly at the query, and the fraction of values it gets entirely right. A control run
-plants a *different* key, so the value cannot be recalled: its accuracy is the model's prior (about 1/26), and
-the gap between the two is what recall adds. Byte-level models only (positions are byte offsets).
+plants a *different* key, so the value cannot be recalled: its accuracy is the model's prior (about 1/26 for a
+byte-level model), and the gap between the two is what recall adds. Pieces are encoded separately with the
+model's codec (raw bytes, or its tokenizer), so distances and positions are exact in tokens; for a byte-level
+model a token is a byte.
 """
 from __future__ import annotations
 
 import string
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -19,8 +22,15 @@ from memc.eval.perplexity import check_context
 
 VALUE_LEN = 6
 KEY_LEN = 7  # "k_" + 5 letters
-# bytes of a trial that are not filler: the planted line, the query and the value with its closing quote
+# bytes of a trial that are not filler: the planted line, the query and the value with its closing quote. A
+# token spans at least one byte, so this bounds the token count too.
 OVERHEAD = (1 + KEY_LEN + 4 + VALUE_LEN + 2) + (1 + KEY_LEN + 4) + (VALUE_LEN + 1)
+
+Encode = Callable[[bytes], np.ndarray]
+
+
+def encode_bytes(data: bytes) -> np.ndarray:
+    return np.frombuffer(data, dtype=np.uint8).astype(np.int64)
 
 
 def check_distances(distances: list[int], context: int) -> None:
@@ -28,7 +38,7 @@ def check_distances(distances: list[int], context: int) -> None:
     too_far = [d for d in distances if d > context - OVERHEAD]
     if too_far:
         raise MemcError(
-            f"recall distance(s) {too_far} do not fit in a context of {context} bytes "
+            f"recall distance(s) {too_far} do not fit in a context of {context} tokens "
             f"(the longest is {context - OVERHEAD})"
         )
 
@@ -37,56 +47,79 @@ def check_distances(distances: list[int], context: int) -> None:
 class RecallPoint:
     distance: int
     trials: int
-    char_accuracy: float
+    token_accuracy: float
     exact: float
-    control_char_accuracy: float
+    control_token_accuracy: float
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class Trial:
+    ids: np.ndarray  # (context,) int64
+    first: int  # position of the value's first token
+    value_tokens: int
 
 
 def _word(rng: np.random.Generator, n: int) -> str:
     return "".join(rng.choice(list(string.ascii_lowercase), size=n))
 
 
-def _trial(filler: bytes, rng: np.random.Generator, distance: int, context: int, control: bool) -> tuple[bytes, int]:
+def _trial(
+    filler: np.ndarray, rng: np.random.Generator, distance: int, context: int, control: bool, encode: Encode
+) -> Trial:
     key, value = "k_" + _word(rng, 5), _word(rng, VALUE_LEN)
     planted_key = "k_" + _word(rng, 5) if control else key
-    plant = f"\n{planted_key} = '{value if not control else _word(rng, VALUE_LEN)}'\n".encode()
-    query = f"\n{key} = '".encode()
-    tail = value.encode() + b"'"
-    prefix_len = context - len(plant) - distance - len(query) - len(tail)
+    plant = encode(f"\n{planted_key} = '{value if not control else _word(rng, VALUE_LEN)}'\n".encode())
+    query = encode(f"\n{key} = '".encode())
+    value_ids, quote = encode(value.encode()), encode(b"'")
+    prefix_len = context - len(plant) - distance - len(query) - len(value_ids) - len(quote)
     if prefix_len < 0:
-        raise MemcError(f"recall distance {distance} does not fit in a context of {context} bytes")
+        raise MemcError(f"recall distance {distance} does not fit in a context of {context} tokens")
     start = int(rng.integers(0, len(filler) - prefix_len - distance))
     prefix = filler[start : start + prefix_len]
     gap = filler[start + prefix_len : start + prefix_len + distance]
-    seq = prefix + plant + gap + query + tail
-    return seq, len(seq) - len(tail)  # position of the first value byte
+    ids = np.concatenate([prefix, plant, gap, query, value_ids, quote]).astype(np.int64)
+    return Trial(ids, context - len(value_ids) - len(quote), len(value_ids))
+
+
+def _score(backend: Backend, trials: list[Trial]) -> tuple[float, float]:
+    """(fraction of value tokens predicted, fraction of values entirely predicted), one batch for all trials."""
+    logits = backend.forward({"input_ids": np.stack([t.ids for t in trials])})
+    hits, exact = 0, 0
+    for row, t in zip(logits, trials):
+        pred = row[t.first - 1 : t.first - 1 + t.value_tokens].argmax(-1)
+        right = pred == t.ids[t.first : t.first + t.value_tokens]
+        hits += int(right.sum())
+        exact += bool(right.all())
+    return hits / sum(t.value_tokens for t in trials), exact / len(trials)
 
 
 def recall_probe(
-    backend: Backend, filler: bytes, distances: list[int], context: int, trials: int = 16, seed: int = 0
+    backend: Backend, filler: bytes, distances: list[int], context: int, trials: int = 16, seed: int = 0,
+    encode: Encode | None = None,
 ) -> list[RecallPoint]:
-    if backend.info.task != "causal-lm" or (backend.info.vocab_size or 0) < 256:
-        raise MemcError("the recall probe needs a byte-level causal LM (vocabulary >= 256)")
+    """Accuracy by distance; `encode` is the model's text codec (default: raw bytes, for vocabularies >= 256)."""
+    if backend.info.task != "causal-lm":
+        raise MemcError("the recall probe needs a causal LM")
+    if encode is None:
+        if (backend.info.vocab_size or 0) < 256:
+            raise MemcError("the recall probe needs the model's tokenizer or a byte-level vocabulary (>= 256)")
+        encode = encode_bytes
     check_context(backend, context)
     check_distances(distances, context)
-    if len(filler) < 2 * context:
-        raise MemcError(f"the filler text has {len(filler)} bytes; the recall probe needs at least {2 * context}")
+    filler_ids = encode(filler)
+    if len(filler_ids) < 2 * context:
+        raise MemcError(
+            f"the filler text has {len(filler_ids)} tokens; the recall probe needs at least {2 * context}"
+        )
     points = []
     for distance in distances:
         scores = {}
         for control in (False, True):
             rng = np.random.default_rng([seed, distance, int(control)])
-            seqs, firsts = zip(*(_trial(filler, rng, distance, context, control) for _ in range(trials)))
-            ids = np.frombuffer(b"".join(seqs), dtype=np.uint8).astype(np.int64).reshape(trials, context)
-            logits = backend.forward({"input_ids": ids})
-            first = firsts[0]  # identical for all trials by construction
-            pred = logits[:, first - 1 : first - 1 + VALUE_LEN].argmax(-1)
-            truth = ids[:, first : first + VALUE_LEN]
-            scores[control] = ((pred == truth).mean(), (pred == truth).all(-1).mean())
-        points.append(
-            RecallPoint(distance, trials, float(scores[False][0]), float(scores[False][1]), float(scores[True][0]))
-        )
+            batch = [_trial(filler_ids, rng, distance, context, control, encode) for _ in range(trials)]
+            scores[control] = _score(backend, batch)
+        points.append(RecallPoint(distance, trials, scores[False][0], scores[False][1], scores[True][0]))
     return points

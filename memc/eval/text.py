@@ -1,12 +1,16 @@
 """Evaluation text: named offline corpora or files, tokenised the way the model expects."""
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from memc.errors import MemcError
 from memc.eval.backends import ModelInfo
+from memc.tokenizer_files import has_tokenizer
 
 HELD_OUT_PREFIX = "heldout:"
 
@@ -33,32 +37,58 @@ def load_text(spec: str) -> bytes:
     return data
 
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.txt", "vocab.json")
+def token_byte_lengths(tokenizer: Any) -> np.ndarray:
+    """UTF-8 bytes each id of an HF tokenizer stands for, so bits/byte are exact rather than averaged.
+
+    A byte-level BPE (GPT-2 style) writes each byte as one alphabet character, so a token's length in
+    characters is its length in bytes; other tokenizers are decoded id by id.
+    """
+    from tokenizers import decoders
+
+    n = len(tokenizer)
+    if isinstance(tokenizer.backend_tokenizer.decoder, decoders.ByteLevel):
+        special = set(tokenizer.all_special_ids)
+        return np.array([0 if i in special else len(tokenizer.convert_ids_to_tokens(i)) for i in range(n)], np.int64)
+    return np.array([len(tokenizer.decode([i]).encode("utf-8")) for i in range(n)], np.int64)
 
 
-def has_tokenizer(directory: Path | None) -> bool:
-    """Whether an HF directory ships tokenizer files. (transformers' AutoTokenizer does not tell: for a directory
-    without them it builds an empty tokenizer that maps every word to [UNK].)"""
-    return directory is not None and any((directory / f).exists() for f in TOKENIZER_FILES)
+@dataclass(frozen=True)
+class TextCodec:
+    """How a model reads text: ``encode`` maps UTF-8 bytes to int64 ids, ``lengths[id]`` is the bytes an id spans."""
+
+    kind: str  # "bytes" (token = byte value) or "hf" (the model directory's tokenizer)
+    encode: Callable[[bytes], np.ndarray]
+    lengths: np.ndarray
 
 
-def tokenize(data: bytes, info: ModelInfo) -> tuple[np.ndarray, str]:
-    """Tokens (int64) and the tokenizer used: raw bytes for byte-level models (vocab 256..), else the HF tokenizer."""
+def _encode_bytes(data: bytes) -> np.ndarray:
+    return np.frombuffer(data, dtype=np.uint8).astype(np.int64)
+
+
+def text_codec(info: ModelInfo) -> TextCodec:
+    """The model directory's tokenizer when it ships one, else raw bytes for a vocabulary of >= 256."""
     vocab = info.vocab_size or 0
-    tokenizer_dir = info.source_dir
-    if has_tokenizer(tokenizer_dir):
+    if has_tokenizer(info.tokenizer_dir):
         from transformers import AutoTokenizer
 
-        tok = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
-        ids = np.asarray(tok(data.decode("utf-8"), add_special_tokens=False)["input_ids"], dtype=np.int64)
-        kind = "hf"
-    elif vocab >= 256:
-        ids = np.frombuffer(data, dtype=np.uint8).astype(np.int64)
-        kind = "bytes"
-    else:
-        raise MemcError(
-            f"cannot tokenise text for this model: no tokenizer files and a vocabulary of {vocab} (< 256 bytes)"
-        )
+        tok = AutoTokenizer.from_pretrained(info.tokenizer_dir, local_files_only=True)
+
+        def encode(data: bytes) -> np.ndarray:
+            return np.asarray(tok(data.decode("utf-8"), add_special_tokens=False)["input_ids"], dtype=np.int64)
+
+        return TextCodec("hf", encode, token_byte_lengths(tok))
+    if vocab >= 256:
+        return TextCodec("bytes", _encode_bytes, np.ones(vocab, np.int64))
+    raise MemcError(
+        f"cannot tokenise text for this model: no tokenizer files and a vocabulary of {vocab} (< 256 bytes)"
+    )
+
+
+def tokenize(data: bytes, info: ModelInfo, codec: TextCodec | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Tokens (int64) and the bytes each token spans."""
+    codec = codec or text_codec(info)
+    ids = codec.encode(data)
+    vocab = info.vocab_size or 0
     if vocab and ids.size and int(ids.max()) >= vocab:
         raise MemcError(f"the text has token id {int(ids.max())} but the model's vocabulary is {vocab}")
-    return ids, kind
+    return ids, codec.lengths[ids]

@@ -1,4 +1,5 @@
-"""Fixtures for the `memc eval` tests: a tiny *byte-level* Llama (vocab 256) and its compiled ONNX artifact.
+"""Fixtures for the `memc eval` tests: a tiny *byte-level* Llama (vocab 256) and its compiled ONNX artifact, and
+a tiny Llama with its own BPE tokenizer.
 
 The shared tiny models in tests/helpers.py have a vocabulary of 128, which `memc eval` cannot tokenise text for
 (no tokenizer files, fewer ids than bytes); perplexity, bits per byte and the recall probe need a byte model.
@@ -31,6 +32,32 @@ def save_byte_llama(directory: Path, seed: int = 0) -> Path:
         torch.manual_seed(seed)
         model = T.LlamaForCausalLM(cfg).eval()
     model.save_pretrained(directory, safe_serialization=True)
+    return directory
+
+
+def save_bpe_llama(directory: Path, vocab: int = 512, seed: int = 0) -> Path:
+    """A 2-layer Llama over a byte-level BPE of `vocab` ids trained on a slice of the reference corpus, saved with
+    its tokenizer.json / tokenizer_config.json as an HF directory."""
+    import transformers as T
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from memc.reference import corpus
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator([corpus.train_bytes("code")[:200_000].decode("utf-8", "ignore")], trainer)
+    T.PreTrainedTokenizerFast(tokenizer_object=tok).save_pretrained(directory)
+    cfg = T.LlamaConfig(
+        vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=BYTE_MAX_POS, initializer_range=0.2,
+        bos_token_id=None, eos_token_id=None, pad_token_id=None,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        T.LlamaForCausalLM(cfg).eval().save_pretrained(directory, safe_serialization=True)
     return directory
 
 

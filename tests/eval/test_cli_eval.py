@@ -18,7 +18,7 @@ TOP_KEYS = {"source", "backend", "task", "seed", "footprint"}
 FOOTPRINT_KEYS = {"parameter_bytes", "kv_cache_bytes_per_token", "kv_cache_bytes"}
 PERPLEXITY_KEYS = {"text", "tokenizer", "context", "windows", "tokens_scored", "bytes_scored", "nll_per_token",
                    "perplexity", "bits_per_byte"}
-RECALL_KEYS = {"distance", "trials", "char_accuracy", "exact", "control_char_accuracy"}
+RECALL_KEYS = {"distance", "trials", "token_accuracy", "exact", "control_token_accuracy"}
 SPEED_KEYS = {"context", "prefill_tokens_per_s", "prefill_ms", "decode_ms_per_token", "decode_mode"}
 
 
@@ -136,7 +136,7 @@ def test_context_longer_than_the_model(byte_llama_dir, byte_llama_onnx) -> None:
 def test_context_too_short_and_bad_lists(byte_llama_onnx) -> None:
     expect_error([byte_llama_onnx.out_dir, "--context", 1], "context 1 is too short")
     expect_error([byte_llama_onnx.out_dir, "--context", 64, "--max-windows", 1, "--recall", "--recall-distances", 500],
-                 "recall distance(s) [500] do not fit in a context of 64 bytes (the longest is 25)")
+                 "recall distance(s) [500] do not fit in a context of 64 tokens (the longest is 25)")
     rc, _, stderr = run_cli(["eval", byte_llama_onnx.out_dir, "--speed", "64,abc"])
     assert rc == 2 and "expected comma-separated integers" in stderr and "Traceback" not in stderr
 
@@ -187,3 +187,40 @@ def test_bare_onnx_file_without_report(byte_llama_onnx, tmp_path: Path) -> None:
     assert bare_res["perplexity"]["perplexity"] == pytest.approx(dir_res["perplexity"]["perplexity"], rel=1e-9)
     assert bare_res["footprint"]["kv_cache_bytes_per_token"] is None and bare_res["footprint"]["kv_cache_bytes"] == {}
     assert bare_res["footprint"]["parameter_bytes"] > 0
+
+
+# -- a model with its own tokenizer ------------------------------------------------------------------------------
+def test_bpe_model_exact_bytes_and_artifact_ships_its_tokenizer(tmp_path: Path, text_file) -> None:
+    """A BPE model: bits/byte divide by the exact bytes the scored tokens span, and the compiled artifact carries
+    the tokenizer, so it still reads text after its source directory is gone (with the same perplexity)."""
+    from transformers import AutoTokenizer
+
+    from tests.eval.conftest import save_bpe_llama
+    from tests.helpers import compile_model
+
+    source = save_bpe_llama(tmp_path / "bpe-llama")
+    tok = AutoTokenizer.from_pretrained(source, local_files_only=True)
+    data = "".join(chr(c) for c in __import__("memc.reference.corpus", fromlist=["x"]).held_out_bytes("code")
+                   if c < 128)[:20000].encode()  # ASCII only: any token slice decodes to its exact bytes
+    text = text_file(data, "code.txt")
+    ids = tok(data.decode(), add_special_tokens=False)["input_ids"]
+    expected_bytes = sum(len(tok.decode(ids[w * 64 + 1 : (w + 1) * 64]).encode()) for w in range(3))
+
+    artifact = compile_model(source, tmp_path / "out")
+    assert artifact.rc == 0, artifact.explain()
+    assert artifact.report["tokenizer_files"] == ["tokenizer.json", "tokenizer_config.json"]
+    results = {}
+    for name, model in (("torch", source), ("onnx", artifact.out_dir)):
+        out = tmp_path / f"{name}.json"
+        rc, _, stderr = run_cli(["eval", model, "--text", text, "--context", 64, "--max-windows", 3, "--json", out])
+        assert rc == 0, stderr
+        results[name] = json.loads(out.read_text())["perplexity"]
+    shutil.rmtree(source)
+    out = tmp_path / "moved.json"
+    rc, _, stderr = run_cli(["eval", artifact.out_dir, "--text", text, "--context", 64, "--max-windows", 3, "--json", out])
+    assert rc == 0, stderr
+    results["onnx, no source"] = json.loads(out.read_text())["perplexity"]
+    for p in results.values():
+        assert p["tokenizer"] == "hf" and p["tokens_scored"] == 3 * 63
+        assert p["bytes_scored"] == expected_bytes > p["tokens_scored"]  # BPE: more than a byte a token
+        assert p["perplexity"] == pytest.approx(results["torch"]["perplexity"], rel=1e-4)

@@ -75,15 +75,18 @@ class _FixedLogits(Backend):
 def test_perplexity_windows_and_bits_per_byte() -> None:
     backend = _FixedLogits()
     tokens = np.random.default_rng(2).integers(0, 256, size=1000).astype(np.int64)
-    res = perplexity(backend, tokens, 100, bytes_per_token=2.0, max_windows=3)
+    spans = np.random.default_rng(3).integers(1, 5, size=1000)  # bytes per token, as a BPE would have
+    res = perplexity(backend, tokens, 100, token_bytes=spans, max_windows=3)
     assert backend.calls == [(1, 100)] * 3  # non-overlapping windows of exactly `context`, capped by max_windows
     logp = torch.log_softmax(torch.from_numpy(backend.table).double(), -1).numpy()
     scored = np.concatenate([tokens[w * 100 + 1 : (w + 1) * 100] for w in range(3)])  # first token of a window unscored
+    scored_bytes = sum(int(spans[w * 100 + 1 : (w + 1) * 100].sum()) for w in range(3))
     nll = float(-logp[scored].mean())
-    assert res.windows == 3 and res.tokens_scored == 3 * 99 and res.bytes_scored == 2 * 3 * 99
+    assert res.windows == 3 and res.tokens_scored == 3 * 99 and res.bytes_scored == scored_bytes
     assert res.nll_per_token == pytest.approx(nll, rel=1e-12)
     assert res.perplexity == pytest.approx(math.exp(nll), rel=1e-12)
-    assert res.bits_per_byte == pytest.approx(nll / math.log(2) / 2.0, rel=1e-12)  # two bytes per token
+    assert res.bits_per_byte == pytest.approx(nll * 3 * 99 / math.log(2) / scored_bytes, rel=1e-12)
+    assert perplexity(backend, tokens, 100, max_windows=3).bytes_scored == 3 * 99  # one byte a token by default
 
 
 def test_perplexity_rejects_encoders_and_short_text() -> None:

@@ -9,7 +9,7 @@ import pytest
 
 from memc.errors import MemcError
 from memc.eval.backends import Backend, ModelInfo
-from memc.eval.recall import VALUE_LEN, _trial, recall_probe
+from memc.eval.recall import VALUE_LEN, _trial, encode_bytes, recall_probe
 from memc.reference import corpus
 
 CONTEXT = 256
@@ -21,6 +21,11 @@ QUERY_RE = re.compile(rb"\n(k_[a-z]{5}) = '([a-z]{6})'$")
 @pytest.fixture(scope="module")
 def filler() -> bytes:
     return corpus.held_out_bytes("prose")
+
+
+@pytest.fixture(scope="module")
+def filler_ids(filler: bytes) -> np.ndarray:
+    return encode_bytes(filler)
 
 
 class _Fake(Backend):
@@ -40,7 +45,7 @@ class OracleBackend(_Fake):
     def forward(self, feeds):
         ids = feeds["input_ids"]
         self.shapes.append(ids.shape)
-        logits = np.zeros((*ids.shape, 256), dtype=np.float32)
+        logits = np.zeros((*ids.shape, self.info.vocab_size), dtype=np.float32)
         for b, row in enumerate(ids.tolist()):
             last_end: dict[tuple, int] = {}
             for t in range(len(row)):
@@ -71,11 +76,12 @@ class UninformedBackend(_Fake):
 # -- construction ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("distance", [0, 16, 100, MAX_DISTANCE])
 @pytest.mark.parametrize("control", [False, True])
-def test_trial_construction(filler: bytes, distance: int, control: bool) -> None:
+def test_trial_construction(filler: bytes, filler_ids: np.ndarray, distance: int, control: bool) -> None:
     rng = np.random.default_rng([7, distance, int(control)])
     for _ in range(20):
-        seq, first = _trial(filler, rng, distance, CONTEXT, control)
-        assert len(seq) == CONTEXT
+        t = _trial(filler_ids, rng, distance, CONTEXT, control, encode_bytes)
+        seq, first = bytes(t.ids.tolist()), t.first
+        assert len(seq) == CONTEXT and t.value_tokens == VALUE_LEN
         # the value is the 6 characters starting at `first`, followed by the closing quote that ends the window
         assert first == CONTEXT - VALUE_LEN - 1
         m = QUERY_RE.search(seq)
@@ -97,11 +103,42 @@ def test_trial_construction(filler: bytes, distance: int, control: bool) -> None
             assert seq[plant_end:query_start] in filler
 
 
-def test_trials_are_deterministic_per_seed(filler: bytes) -> None:
-    a = _trial(filler, np.random.default_rng([0, 16, 0]), 16, CONTEXT, False)
-    b = _trial(filler, np.random.default_rng([0, 16, 0]), 16, CONTEXT, False)
-    c = _trial(filler, np.random.default_rng([1, 16, 0]), 16, CONTEXT, False)
-    assert a == b and a != c
+def test_trials_are_deterministic_per_seed(filler_ids: np.ndarray) -> None:
+    def ids(seed: int) -> list[int]:
+        return _trial(filler_ids, np.random.default_rng([seed, 16, 0]), 16, CONTEXT, False, encode_bytes).ids.tolist()
+
+    assert ids(0) == ids(0) and ids(0) != ids(1)
+
+
+def test_trial_with_a_bpe_tokenizer_counts_distance_in_tokens() -> None:
+    """With a tokenizer, pieces are encoded separately and the gap is `distance` tokens of encoded filler."""
+    tok = bpe_tokenizer()
+    encode = lambda b: np.asarray(tok.encode(b.decode()).ids, np.int64)  # noqa: E731
+    filler_ids = encode(corpus.held_out_bytes("prose")[:20000])
+    t = _trial(filler_ids, np.random.default_rng(3), 40, CONTEXT, False, encode)
+    assert t.ids.shape == (CONTEXT,)
+    text = tok.decode(t.ids.tolist())
+    m = re.search(r"\n(k_[a-z]{5}) = '([a-z]{6})'\n", text)
+    assert m and text.endswith(f"\n{m.group(1)} = '{m.group(2)}'")
+    value_ids = encode(m.group(2).encode())
+    assert t.value_tokens == len(value_ids) < VALUE_LEN  # merged letters: fewer tokens than bytes
+    assert t.ids[t.first : t.first + t.value_tokens].tolist() == value_ids.tolist()
+    plant_ids = encode(m.group(0).encode())
+    query_ids = encode(f"\n{m.group(1)} = '".encode())
+    plant_end = next(i for i in range(CONTEXT) if t.ids[i - len(plant_ids) : i].tolist() == plant_ids.tolist())
+    assert t.first - len(query_ids) - plant_end == 40
+
+
+def bpe_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    letters = [" ".join("".join(chr(97 + (i * j) % 26) for j in range(3)) for i in range(400))]
+    trainer = trainers.BpeTrainer(vocab_size=600, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(letters + [corpus.held_out_bytes("prose")[:50000].decode()], trainer)
+    return tok
 
 
 # -- scoring ---------------------------------------------------------------------------------------------------
@@ -112,30 +149,38 @@ def test_oracle_recalls_everything_and_control_nothing(filler: bytes) -> None:
     assert backend.shapes == [(8, CONTEXT)] * 6  # one batch per distance for recall and one for the control
     for p in points:
         assert p.trials == 8
-        assert p.char_accuracy == 1.0 and p.exact == 1.0
-        assert p.control_char_accuracy <= 0.05
+        assert p.token_accuracy == 1.0 and p.exact == 1.0
+        assert p.control_token_accuracy <= 0.05
+
+
+def test_oracle_recalls_through_a_bpe_codec() -> None:
+    tok = bpe_tokenizer()
+    encode = lambda b: np.asarray(tok.encode(b.decode()).ids, np.int64)  # noqa: E731
+    (p,) = recall_probe(OracleBackend(vocab=tok.get_vocab_size()), corpus.held_out_bytes("prose")[:20000], [100],
+                        CONTEXT, trials=8, encode=encode)
+    assert p.token_accuracy == 1.0 and p.exact == 1.0 and p.control_token_accuracy <= 0.2
 
 
 def test_uninformed_model_scores_chance(filler: bytes) -> None:
     points = recall_probe(UninformedBackend(), filler, [16, 128], CONTEXT, trials=64, seed=0)
     for p in points:
         # 64 trials x 6 characters = 384 guesses at 1/26 (~0.038): mean ~15 hits, sd ~4
-        assert 0.01 <= p.char_accuracy <= 0.08, p
-        assert 0.01 <= p.control_char_accuracy <= 0.08, p
+        assert 0.01 <= p.token_accuracy <= 0.08, p
+        assert 0.01 <= p.control_token_accuracy <= 0.08, p
         assert p.exact == 0.0
 
 
 def test_distance_that_does_not_fit_is_a_clear_error(filler: bytes) -> None:
-    with pytest.raises(MemcError, match=rf"recall distance\(s\) \[{MAX_DISTANCE + 1}\] do not fit in a context of 256 bytes \(the longest is {MAX_DISTANCE}\)"):
+    with pytest.raises(MemcError, match=rf"recall distance\(s\) \[{MAX_DISTANCE + 1}\] do not fit in a context of 256 tokens \(the longest is {MAX_DISTANCE}\)"):
         recall_probe(OracleBackend(), filler, [16, MAX_DISTANCE + 1], CONTEXT, trials=2)
     (p,) = recall_probe(OracleBackend(), filler, [MAX_DISTANCE], CONTEXT, trials=2)  # the longest that fits
-    assert p.char_accuracy == 1.0
+    assert p.token_accuracy == 1.0
 
 
 def test_probe_input_checks(filler: bytes) -> None:
-    with pytest.raises(MemcError, match="byte-level"):
+    with pytest.raises(MemcError, match="tokenizer or a byte-level vocabulary"):
         recall_probe(_Fake(vocab=128), filler, [16], CONTEXT)
     with pytest.raises(MemcError, match="longer than the model supports"):
         recall_probe(OracleBackend(max_seq_len=128), filler, [16], CONTEXT)
-    with pytest.raises(MemcError, match="filler text has 100 bytes"):
+    with pytest.raises(MemcError, match="filler text has 100 tokens"):
         recall_probe(OracleBackend(), filler[:100], [16], CONTEXT)
