@@ -161,5 +161,6 @@ def run_plan(plan: Plan, progress: bool = True) -> dict[str, Any]:
             write_json(stage / REPORT_FILE, report)
             (stage / SUMMARY_FILE).write_text(render_summary(report), encoding="utf-8")
     print_summary(display.console, report)
-    display.stage(f"wrote {plan.out_dir}/ ({', '.join(a.path for a in build.artifacts)}, {REPORT_FILE}, {SUMMARY_FILE})")
+    written = [a.path for a in build.artifacts] + [REPORT_FILE, SUMMARY_FILE] + report["tokenizer_files"]
+    display.stage(f"wrote {plan.out_dir}/ ({', '.join(written)})")
     return report
