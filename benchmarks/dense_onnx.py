@@ -22,13 +22,12 @@ from benchmarks.harness import Table, median_seconds, run_case
 CONTEXTS = [128, 512, 1024]
 
 
-def _heldout_windows(context: int, windows: int):
-    import numpy as np
+def _heldout_windows(model: str, context: int, windows: int):
+    """The first `windows` x `context` tokens of held-out code, read with the model's own tokenizer (or as bytes)."""
+    from memc.reference import corpus, tokenizer
 
-    from memc.reference import corpus
-
-    data = np.frombuffer(corpus.held_out_bytes("code"), dtype=np.uint8).astype(np.int64)
-    return data[: windows * context].reshape(windows, context)
+    ids = tokenizer.encode(corpus.held_out_bytes("code"), tokenizer.load_tokenizer(model))
+    return ids[: windows * context].reshape(windows, context)
 
 
 def _ppl(forward, ids) -> float:
@@ -71,11 +70,11 @@ def torch_case(model: str, contexts: list[int], windows: int, repeats: int, deco
         copy_s = median_seconds(lambda: copy.deepcopy(past), decode_steps)
         out["decode_ms"]["kv-cache"] = (median_seconds(step, decode_steps) - copy_s) * 1e3
     out["decode_ms"]["recompute"] = median_seconds(lambda: fwd(ids.numpy()), repeats) * 1e3
-    out["perplexity"] = _ppl(fwd, _heldout_windows(1024, windows))
+    out["perplexity"] = _ppl(fwd, _heldout_windows(model, 1024, windows))
     return out
 
 
-def onnx_case(artifact: str, contexts: list[int], windows: int, repeats: int) -> dict:
+def onnx_case(artifact: str, model: str, contexts: list[int], windows: int, repeats: int) -> dict:
     import numpy as np
 
     from memc.targets.session import create_session
@@ -92,7 +91,7 @@ def onnx_case(artifact: str, contexts: list[int], windows: int, repeats: int) ->
         out["prefill_tok_s"][ctx] = ctx / median_seconds(lambda: fwd(ids), repeats)
     ids = rng.integers(0, 256, size=(1, contexts[-1]), dtype=np.int64)
     out["decode_ms"]["recompute"] = median_seconds(lambda: fwd(ids), repeats) * 1e3
-    out["perplexity"] = _ppl(fwd, _heldout_windows(1024, windows))
+    out["perplexity"] = _ppl(fwd, _heldout_windows(model, 1024, windows))
     out["artifact_bytes"] = (Path(artifact) / "model.onnx").stat().st_size
     return out
 
@@ -136,7 +135,7 @@ def decode_case(artifact: str, contexts: list[int], decode_steps: int) -> dict:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="models/ref-llama")
-    ap.add_argument("--windows", type=int, default=8, help="held-out windows of 1024 bytes for perplexity")
+    ap.add_argument("--windows", type=int, default=8, help="held-out windows of 1024 tokens for perplexity")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--decode-steps", type=int, default=32, help="timed single decode steps (median) per KV case")
     args = ap.parse_args(argv)
@@ -150,7 +149,7 @@ def main(argv: list[str] | None = None) -> None:
         decode_built = run_case("benchmarks.dense_onnx:decode_build_case", model=args.model, out_dir=str(artifact))
         common = {"contexts": CONTEXTS, "windows": args.windows, "repeats": args.repeats}
         eager = run_case("benchmarks.dense_onnx:torch_case", model=args.model, decode_steps=args.decode_steps, **common)
-        ort = run_case("benchmarks.dense_onnx:onnx_case", artifact=str(artifact), **common)
+        ort = run_case("benchmarks.dense_onnx:onnx_case", artifact=str(artifact), model=args.model, **common)
         dec = run_case("benchmarks.dense_onnx:decode_case", artifact=decode_built["path"], contexts=CONTEXTS,
                        decode_steps=args.decode_steps)
 
@@ -166,7 +165,7 @@ def main(argv: list[str] | None = None) -> None:
     t.rows.append([f"decode ms/token @ {last} (KV state)", a, b, f"{a / b:.2f}x"])
     t.rows.append(["peak RSS MB", eager["peak_rss_mb"], ort["peak_rss_mb"], f"{eager['peak_rss_mb'] / ort['peak_rss_mb']:.2f}x"])
     rel = abs(ort["perplexity"] - eager["perplexity"]) / eager["perplexity"]
-    t.rows.append([f"held-out code perplexity ({args.windows}x1024 B)", eager["perplexity"], ort["perplexity"], f"rel. diff {rel:.1e}"])
+    t.rows.append([f"held-out code perplexity per token ({args.windows}x1024 tokens)", eager["perplexity"], ort["perplexity"], f"rel. diff {rel:.1e}"])
     t.notes.append("One thread each, every case in a fresh process; medians of "
                    f"{args.repeats} runs after a warm-up. Peak RSS includes each runtime's own import cost.")
     t.notes.append(f"KV state: torch eager with its DynamicCache vs memc decode.onnx (DecodeEngine), median of "

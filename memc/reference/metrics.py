@@ -2,9 +2,9 @@
 
 ``python -m memc.reference.metrics models/ref-llama`` prints a table and writes metrics.json.
 
-Bits/byte use non-overlapping windows of `context` bytes: window k covers bytes [kC, (k+1)C] and predicts
-bytes kC+1 .. (k+1)C, so every held-out byte but the first is scored exactly once, with 0..C-1 bytes of
-context (C/2 on average). Compressors are run on the same byte stream, whole (their dictionary spans
+Bits/byte use non-overlapping windows of `context` tokens: window k covers tokens [kC, (k+1)C] and predicts
+tokens kC+1 .. (k+1)C, so every held-out token but the first is scored exactly once, with 0..C-1 tokens of
+context (C/2 on average), and the bits are divided by the exact bytes the scored tokens span. Compressors are run on the same byte stream, whole (their dictionary spans
 every held-out file, which a 1024-byte context cannot) and per document (each file compressed alone).
 """
 from __future__ import annotations
@@ -23,7 +23,7 @@ from rich.console import Console
 from rich.table import Table
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from memc.reference import corpus
+from memc.reference import corpus, tokenizer
 from memc.reference.models import CONTEXT
 
 XZ_PRESET = 9 | lzma.PRESET_EXTREME
@@ -39,10 +39,9 @@ def is_moe(model: PreTrainedModel) -> bool:
     return getattr(model.config, "num_experts", None) is not None
 
 
-def windows(data: bytes, context: int) -> list[torch.Tensor]:
-    """Non-overlapping windows of context + 1 bytes that share their boundary byte."""
-    arr = np.frombuffer(data, np.uint8).astype(np.int64)
-    return [torch.from_numpy(arr[i : i + context + 1]) for i in range(0, len(arr) - 1, context)]
+def windows(tokens: np.ndarray, context: int) -> list[torch.Tensor]:
+    """Non-overlapping windows of context + 1 tokens that share their boundary token."""
+    return [torch.from_numpy(tokens[i : i + context + 1]) for i in range(0, len(tokens) - 1, context)]
 
 
 class RoutingStats:
@@ -89,28 +88,30 @@ def nll_bits(model: PreTrainedModel, x: torch.Tensor, routing: RoutingStats | No
 
 
 def bits_per_byte(
-    model: PreTrainedModel, data: bytes, context: int = CONTEXT, batch: int = 8,
+    model: PreTrainedModel, tokens: np.ndarray, lengths: np.ndarray, context: int = CONTEXT, batch: int = 8,
     routing: RoutingStats | None = None,
 ) -> tuple[float, int]:
-    """(bits/byte, bytes scored) over `data` in non-overlapping windows; float32 unless autocast is on."""
+    """(bits/byte, bytes scored) over `tokens` in non-overlapping windows; `lengths[id]` is the bytes an id
+    spans. float32 unless autocast is on."""
     total, count = 0.0, 0
-    chunks = windows(data, context)
+    chunks = windows(tokens, context)
     for length in sorted({len(w) for w in chunks}):  # the last window may be shorter
         same = [w for w in chunks if len(w) == length]
         for i in range(0, len(same), batch):
             x = torch.stack(same[i : i + batch])
             total += nll_bits(model, x, routing)
-            count += x[:, 1:].numel()
+            count += int(lengths[x[:, 1:].numpy()].sum())
     return total / count, count
 
 
-def quick_bits_per_byte(model: PreTrainedModel, data: bytes, n: int, context: int = CONTEXT) -> float:
-    """Cheap estimate during training: n full windows spread evenly over `data`, bf16 autocast."""
-    arr = np.frombuffer(data, np.uint8).astype(np.int64)
-    starts = np.linspace(0, len(arr) - context - 1, n).astype(int)
-    x = torch.from_numpy(np.stack([arr[s : s + context + 1] for s in starts]))
+def quick_bits_per_byte(
+    model: PreTrainedModel, tokens: np.ndarray, lengths: np.ndarray, n: int, context: int = CONTEXT
+) -> float:
+    """Cheap estimate during training: n full windows spread evenly over `tokens`, bf16 autocast."""
+    starts = np.linspace(0, len(tokens) - context - 1, n).astype(int)
+    x = torch.from_numpy(np.stack([tokens[s : s + context + 1] for s in starts]))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        return round(nll_bits(model, x) / (n * context), 4)
+        return round(nll_bits(model, x) / int(lengths[x[:, 1:].numpy()].sum()), 4)
 
 
 def compressor_bits_per_byte(docs: tuple[corpus.Document, ...]) -> dict[str, float]:
@@ -130,15 +131,18 @@ def compressor_bits_per_byte(docs: tuple[corpus.Document, ...]) -> dict[str, flo
 def measure(path: str | Path, context: int = CONTEXT) -> dict:
     """Full held-out measurement of a checkpoint (float32), per domain; routing stats for MoE."""
     model = load(path)
+    tok = tokenizer.load_tokenizer(path)
+    lengths = tokenizer.byte_lengths(tok)
     result: dict = {"context": context, "windows": "non-overlapping", "dtype": "float32",
-                    "split_hash": corpus.split_hash(), "domains": {}}
+                    "tokenizer": tokenizer.describe(tok), "split_hash": corpus.split_hash(), "domains": {}}
     routing_by_domain = {}
     for domain in corpus.DOMAINS:
         docs = corpus.split(domain, held_out=True)
         routing = RoutingStats(model.config.num_hidden_layers, model.config.num_experts) if is_moe(model) else None
-        bpb, scored = bits_per_byte(model, corpus.join(docs), context, routing=routing)
+        tokens = tokenizer.encode(corpus.join(docs), tok)
+        bpb, scored = bits_per_byte(model, tokens, lengths, context, routing=routing)
         result["domains"][domain] = {
-            "bytes": scored, "bits_per_byte": round(bpb, 4), "ppl_per_byte": round(2**bpb, 4),
+            "bytes": scored, "tokens": len(tokens), "bits_per_byte": round(bpb, 4), "ppl_per_byte": round(2**bpb, 4),
             **compressor_bits_per_byte(docs),
         }
         if routing is not None:
@@ -149,7 +153,8 @@ def measure(path: str | Path, context: int = CONTEXT) -> dict:
 
 
 def print_table(result: dict, console: Console) -> None:
-    table = Table(title=f"held-out bits/byte (context {result['context']}, {result['windows']} windows)")
+    table = Table(title=f"held-out bits/byte (context {result['context']} tokens, {result.get('tokenizer', 'bytes')}, "
+                        f"{result['windows']} windows)")
     for col in ("domain", "bytes", "model", "ppl/byte", "gzip -9", "xz -9e", "gzip/doc", "xz/doc"):
         table.add_column(col, justify="right")
     for domain, m in result["domains"].items():

@@ -1,8 +1,10 @@
-"""Configs of the reference models: small byte-level causal LMs of real transformers architectures.
+"""Configs of the reference models: small causal LMs of real transformers architectures.
 
-Byte-level (vocab 256, token = byte value) keeps bits/byte exact and needs no tokenizer files.
-Both models train at context 1024 and are small enough (3-5M params) to train on one CPU thread
-in under half an hour and to commit as checkpoints of a few MB.
+ref-llama reads byte-level BPE tokens (4,096 ids, trained on the train split: memc.reference.tokenizer), so
+its 1024-token context spans ~3.5 KB of code and its training compute covers ~3.4x more text than a
+byte-level model's. ref-moe stays byte-level (vocab 256, token = byte value, no tokenizer files). Both train
+at context 1024 and are small enough (3-5M params) to train on one CPU thread and to commit as checkpoints
+of a few MB.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from dataclasses import asdict, dataclass
 from transformers import LlamaConfig, PreTrainedConfig, Qwen3MoeConfig
 
 VOCAB = 256
+BPE_VOCAB = 4096
 CONTEXT = 1024
 
 
@@ -30,15 +33,17 @@ class TrainSettings:
     prose_fraction: float = 0.2  # prose is 4% of the train bytes; upweight it so both domains are learned
     eval_every: int = 100
     eval_windows: int = 16  # per domain, for the periodic held-out estimate only
+    tokenizer_vocab: int | None = None  # a byte-level BPE of this many ids; None: raw bytes
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
 def ref_llama_config() -> LlamaConfig:
-    """Dense Llama, 4 layers x hidden 256, GQA (4 query heads, 2 KV heads): 3.28M params."""
+    """Dense Llama, 4 layers x hidden 256, GQA (4 query heads, 2 KV heads), BPE vocabulary of 4,096 with
+    tied input/output embeddings: 4.2M params."""
     return LlamaConfig(
-        vocab_size=VOCAB,
+        vocab_size=BPE_VOCAB,
         hidden_size=256,
         intermediate_size=768,
         num_hidden_layers=4,
@@ -46,7 +51,7 @@ def ref_llama_config() -> LlamaConfig:
         num_key_value_heads=2,
         max_position_embeddings=CONTEXT,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-        tie_word_embeddings=False,
+        tie_word_embeddings=True,
         bos_token_id=None,
         eos_token_id=None,
         pad_token_id=None,
@@ -80,13 +85,18 @@ def ref_moe_config() -> Qwen3MoeConfig:
 
 CONFIGS: dict[str, Callable[[], PreTrainedConfig]] = {"ref-llama": ref_llama_config, "ref-moe": ref_moe_config}
 
-TRAIN: dict[str, TrainSettings] = {"ref-llama": TrainSettings(), "ref-moe": TrainSettings()}
+# ref-llama: the BPE makes prose 114K train tokens, so the byte models' 0.2 prose share would repeat it ~28 times
+# in a 3,600-step run; 0.06 keeps it near 7 epochs (code: ~5 epochs of 2.9M tokens).
+TRAIN: dict[str, TrainSettings] = {
+    "ref-llama": TrainSettings(tokenizer_vocab=BPE_VOCAB, prose_fraction=0.06),
+    "ref-moe": TrainSettings(),
+}
 
 # Training stops on steps, not wall time, so a rerun with the same seed is the same run. --minutes is
-# converted with these speeds (4,096 tokens a step, 1 thread, bf16 autocast), measured over the committed
-# 1,300-step runs on the 2 shared cores while other work ran (~3,000 tok/s; ~3,700 / ~4,300 when idle).
-# The committed checkpoints were trained with --steps 1300 --seed 0 (see their train_config.json).
-STEPS_PER_MINUTE: dict[str, float] = {"ref-llama": 44.4, "ref-moe": 47.2}
+# converted with these speeds (4,096 tokens a step, 1 thread, bf16 autocast), measured on the 2 shared cores
+# while other work ran: ref-llama (BPE) ~2,950 tok/s in its 3,600-step run, ref-moe ~3,200 tok/s in its
+# 1,300-step run. The exact commands are in each checkpoint's train_config.json.
+STEPS_PER_MINUTE: dict[str, float] = {"ref-llama": 44.0, "ref-moe": 47.2}
 
 
 def model_config(name: str) -> PreTrainedConfig:

@@ -21,17 +21,17 @@ import transformers
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from memc.reference import corpus, metrics
+from memc.reference import corpus, metrics, tokenizer
 from memc.reference.models import STEPS_PER_MINUTE, TRAIN, TrainSettings, model_config
 
 
-def sample_batch(rng: np.random.Generator, streams: dict[str, bytes], s: TrainSettings) -> torch.Tensor:
-    """(batch, context + 1) byte windows; each row's domain is drawn with P(prose) = prose_fraction."""
+def sample_batch(rng: np.random.Generator, streams: dict[str, np.ndarray], s: TrainSettings) -> torch.Tensor:
+    """(batch, context + 1) token windows; each row's domain is drawn with P(prose) = prose_fraction."""
     rows = []
     for _ in range(s.batch_size):
         data = streams["prose" if rng.random() < s.prose_fraction else "code"]
         start = int(rng.integers(0, len(data) - s.context - 1))
-        rows.append(np.frombuffer(data, np.uint8, s.context + 1, start))
+        rows.append(data[start : start + s.context + 1])
     return torch.from_numpy(np.stack(rows).astype(np.int64))
 
 
@@ -52,7 +52,7 @@ def make_optimizer(model: PreTrainedModel, s: TrainSettings) -> torch.optim.Adam
 
 
 def train_step(model: PreTrainedModel, batch: torch.Tensor, moe: bool) -> tuple[torch.Tensor, float]:
-    """Next-byte cross-entropy (plus the load-balancing loss for MoE); returns (total loss, CE)."""
+    """Next-token cross-entropy (plus the load-balancing loss for MoE); returns (total loss, CE)."""
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(input_ids=batch[:, :-1], output_router_logits=moe or None)
     ce = F.cross_entropy(out.logits.float().flatten(0, 1), batch[:, 1:].flatten())
@@ -69,8 +69,12 @@ def train(name: str, steps: int, seed: int, out: Path, minutes: float | None, co
     model = AutoModelForCausalLM.from_config(model_config(name))
     moe = getattr(model.config, "num_experts", None) is not None
     opt = make_optimizer(model, s)
-    streams = {d: corpus.train_bytes(d) for d in corpus.DOMAINS}
-    held = {d: corpus.held_out_bytes(d) for d in corpus.DOMAINS}
+    tok = tokenizer.train_tokenizer(s.tokenizer_vocab) if s.tokenizer_vocab else None
+    if tok is not None and len(tok) != model.config.vocab_size:
+        raise RuntimeError(f"the tokenizer has {len(tok)} ids but the model's vocabulary is {model.config.vocab_size}")
+    lengths = tokenizer.byte_lengths(tok)
+    streams = {d: tokenizer.encode(corpus.train_bytes(d), tok) for d in corpus.DOMAINS}
+    held = {d: tokenizer.encode(corpus.held_out_bytes(d), tok) for d in corpus.DOMAINS}
     history, t0 = [], time.perf_counter()
     columns = [TextColumn(name), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
                TimeRemainingColumn()]
@@ -80,17 +84,19 @@ def train(name: str, steps: int, seed: int, out: Path, minutes: float | None, co
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, steps, s)
             model.train()
-            loss, ce = train_step(model, sample_batch(rng, streams, s), moe)
+            batch = sample_batch(rng, streams, s)
+            loss, ce = train_step(model, batch, moe)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip)
             opt.step()
             opt.zero_grad(set_to_none=True)
             tok_s = (step + 1) * s.batch_size * s.context / (time.perf_counter() - t0)
-            info = f"loss {ce / math.log(2):.3f} bits/byte  {tok_s:,.0f} tok/s"
+            train_bpb = ce * batch[:, 1:].numel() / math.log(2) / int(lengths[batch[:, 1:].numpy()].sum())
+            info = f"loss {train_bpb:.3f} bits/byte  {tok_s:,.0f} tok/s"
             if (step + 1) % s.eval_every == 0 or step + 1 == steps:
                 model.eval()
-                bpb = {d: metrics.quick_bits_per_byte(model, held[d], s.eval_windows, s.context) for d in held}
-                history.append({"step": step + 1, "train_bits_per_byte": round(ce / math.log(2), 4), **bpb})
+                bpb = {d: metrics.quick_bits_per_byte(model, held[d], lengths, s.eval_windows, s.context) for d in held}
+                history.append({"step": step + 1, "train_bits_per_byte": round(train_bpb, 4), **bpb})
                 bar.console.log(json.dumps(history[-1]))
             bar.update(task, advance=1, info=info)
             if not bar.console.is_terminal and (step + 1) % 25 == 0:
@@ -98,12 +104,16 @@ def train(name: str, steps: int, seed: int, out: Path, minutes: float | None, co
     elapsed = time.perf_counter() - t0
     out.mkdir(parents=True, exist_ok=True)
     model.to(torch.bfloat16).save_pretrained(out, safe_serialization=True)
+    if tok is not None:
+        tok.save_pretrained(out)
     train_config = {
         "model": name, "command": command, "seed": seed, "steps": steps, "minutes_requested": minutes,
         "minutes_elapsed": round(elapsed / 60, 2), "tokens_seen": steps * s.batch_size * s.context,
         "tokens_per_s": round(steps * s.batch_size * s.context / elapsed),
         "params": sum(p.numel() for p in model.parameters()), "settings": s.to_dict(),
         "precision": "fp32 weights, bf16 autocast; saved as bf16", "threads": 1,
+        "tokenizer": tokenizer.describe(tok) + (" trained on the train split" if tok is not None else ""),
+        "train_tokens": {d: len(t) for d, t in streams.items()},
         "corpus": {"split_hash": corpus.split_hash(), "held_out_mod": corpus.HELD_OUT_MOD, **corpus.summary()},
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
         "history": history,

@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from memc.reference import corpus, metrics
+from memc.reference import corpus, metrics, tokenizer
 from memc.reference.models import CONTEXT, TRAIN, model_config
 from memc.reference.train import lr_at, sample_batch
 
 MODELS = Path(__file__).resolve().parents[2] / "models"
-SLICE_WINDOWS = 2  # per domain: 2 x 1024 held-out bytes keep the test fast and still far from gzip
+SLICE_WINDOWS = 2  # per domain: 2 x 1024 held-out tokens keep the test fast and still far from gzip
 
 # Top-2 of 16 experts: a uniform router gives the most used expert 1/16 = 0.0625 of the assignments and a
 # load entropy of 4 bits; a router collapsed onto one expert (in every token's pair) gives 0.5 and at most
@@ -32,11 +32,14 @@ def _offline(monkeypatch: pytest.MonkeyPatch) -> None:
     torch.set_num_threads(1)
 
 
-def held_out_slice(domain: str) -> bytes:
-    """SLICE_WINDOWS windows from the middle of the held-out stream (not its first file)."""
+def held_out_slice(domain: str, tok=None) -> tuple[np.ndarray, bytes]:
+    """SLICE_WINDOWS windows of tokens from the middle of the held-out stream (not its first file), and the
+    bytes they span (cut at token boundaries, so exact even where a token ends inside a UTF-8 character)."""
     data = corpus.held_out_bytes(domain)
-    mid = len(data) // 2
-    return data[mid : mid + SLICE_WINDOWS * CONTEXT + 1]
+    ids = tokenizer.encode(data, tok)
+    ends = np.cumsum(tokenizer.byte_lengths(tok)[ids])
+    mid, stop = len(ids) // 2, len(ids) // 2 + SLICE_WINDOWS * CONTEXT + 1
+    return ids[mid:stop], data[ends[mid - 1] : ends[stop - 1]]
 
 
 def require_same_corpus(path: Path) -> None:
@@ -57,6 +60,9 @@ def test_checkpoint_is_committed_with_metrics(name: str) -> None:
     result = json.loads((path / "metrics.json").read_text())
     assert result["split_hash"] == train_config["corpus"]["split_hash"]
     assert set(result["domains"]) == set(corpus.DOMAINS)
+    if name == "ref-llama":  # the dense model beats every compressor on both held-out domains (issue 3's bar)
+        for m in result["domains"].values():
+            assert m["bits_per_byte"] < min(m[k] for k in ("gzip9", "xz9e", "gzip9_per_doc", "xz9e_per_doc")), m
 
 
 @pytest.mark.parametrize("name", ["ref-llama", "ref-moe"])
@@ -64,15 +70,35 @@ def test_loads_offline_and_beats_gzip_on_held_out_slice(name: str) -> None:
     path = MODELS / name
     require_same_corpus(path)
     model = metrics.load(path)
+    tok = tokenizer.load_tokenizer(path)
     expected = model_config(name)
-    assert model.config.vocab_size == 256 and model.config.max_position_embeddings >= 1024
+    assert model.config.vocab_size == expected.vocab_size and model.config.max_position_embeddings >= 1024
     assert model.config.num_hidden_layers == expected.num_hidden_layers
+    assert (tok is None) == (TRAIN[name].tokenizer_vocab is None)
+    lengths = tokenizer.byte_lengths(tok)
     for domain in corpus.DOMAINS:
-        data = held_out_slice(domain)
-        bpb, scored = metrics.bits_per_byte(model, data)
+        ids, data = held_out_slice(domain, tok)
+        bpb, scored = metrics.bits_per_byte(model, ids, lengths)
         gzip_bpb = 8 * len(gzip.compress(data, compresslevel=9)) / len(data)
-        assert scored == len(data) - 1
+        assert scored == len(data) - int(lengths[ids[0]])  # every byte but the first token's
         assert bpb < gzip_bpb, (domain, bpb, gzip_bpb)
+
+
+def test_bpe_tokenizer_is_the_one_train_split_gives_and_is_lossless() -> None:
+    """The committed tokenizer is exactly what train_tokenizer builds from the train split (so no held-out file
+    shaped it), it round-trips held-out text byte for byte, and its byte lengths add up to the text."""
+    path = MODELS / "ref-llama"
+    require_same_corpus(path)
+    committed = tokenizer.load_tokenizer(path)
+    fresh = tokenizer.train_tokenizer(TRAIN["ref-llama"].tokenizer_vocab)
+    assert committed.backend_tokenizer.to_str() == fresh.backend_tokenizer.to_str()
+    lengths = tokenizer.byte_lengths(committed)
+    for domain in corpus.DOMAINS:
+        data = corpus.held_out_bytes(domain)
+        ids = tokenizer.encode(data, committed)
+        assert committed.decode(ids.tolist()).encode() == data
+        assert int(lengths[ids].sum()) == len(data)
+        assert len(ids) < len(data) / 3  # > 3 bytes a token on held-out text
 
 
 def test_moe_routing_is_not_collapsed() -> None:
@@ -82,7 +108,7 @@ def test_moe_routing_is_not_collapsed() -> None:
     assert model.config.num_experts >= 16 and model.config.num_experts_per_tok == 2
     routing = metrics.RoutingStats(model.config.num_hidden_layers, model.config.num_experts)
     for domain in corpus.DOMAINS:
-        metrics.bits_per_byte(model, held_out_slice(domain), routing=routing)
+        metrics.bits_per_byte(model, held_out_slice(domain)[0], tokenizer.byte_lengths(None), routing=routing)
     for layer in routing.summary():
         assert layer["top_expert_share"] < MAX_TOP_EXPERT_SHARE, layer
         assert layer["load_entropy_bits"] > MIN_LOAD_ENTROPY_BITS, layer
@@ -103,14 +129,14 @@ def test_moe_runs_with_batched_mm_experts() -> None:
 
 def test_training_data_and_schedule_are_deterministic() -> None:
     """Same seed, same batches, drawn from train text only; warmup then cosine down to min_lr_ratio."""
-    s = TRAIN["ref-llama"]
-    streams = {d: corpus.train_bytes(d) for d in corpus.DOMAINS}
+    s = TRAIN["ref-moe"]  # byte-level: a row is a byte string to look up in the train text
+    streams = {d: tokenizer.encode(corpus.train_bytes(d), None) for d in corpus.DOMAINS}
     a = sample_batch(np.random.default_rng(7), streams, s)
     b = sample_batch(np.random.default_rng(7), streams, s)
     assert a.shape == (s.batch_size, s.context + 1) and torch.equal(a, b)
     assert not torch.equal(a, sample_batch(np.random.default_rng(8), streams, s))
     row = bytes(a[0].tolist())
-    assert any(row in streams[d] for d in corpus.DOMAINS)
+    assert any(row in corpus.train_bytes(d) for d in corpus.DOMAINS)
     lrs = [lr_at(i, 1000, s) for i in range(1000)]
     assert lrs[0] < lrs[s.warmup_steps - 1] == pytest.approx(s.lr)
     assert lrs[-1] == pytest.approx(s.lr * s.min_lr_ratio, rel=1e-3)
