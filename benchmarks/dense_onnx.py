@@ -39,7 +39,7 @@ def _ppl(forward, ids) -> float:
     return math.exp(total / (ids.shape[0] * (ids.shape[1] - 1)))
 
 
-def torch_case(model: str, contexts: list[int], windows: int, repeats: int, decode_steps: int) -> dict:
+def torch_case(model: str, contexts: list[int], heldout, repeats: int, decode_steps: int) -> dict:
     import numpy as np
     import torch
     from transformers import AutoModelForCausalLM
@@ -70,11 +70,11 @@ def torch_case(model: str, contexts: list[int], windows: int, repeats: int, deco
         copy_s = median_seconds(lambda: copy.deepcopy(past), decode_steps)
         out["decode_ms"]["kv-cache"] = (median_seconds(step, decode_steps) - copy_s) * 1e3
     out["decode_ms"]["recompute"] = median_seconds(lambda: fwd(ids.numpy()), repeats) * 1e3
-    out["perplexity"] = _ppl(fwd, _heldout_windows(model, 1024, windows))
+    out["perplexity"] = _ppl(fwd, heldout)
     return out
 
 
-def onnx_case(artifact: str, model: str, contexts: list[int], windows: int, repeats: int) -> dict:
+def onnx_case(artifact: str, contexts: list[int], heldout, repeats: int) -> dict:
     import numpy as np
 
     from memc.targets.session import create_session
@@ -91,7 +91,7 @@ def onnx_case(artifact: str, model: str, contexts: list[int], windows: int, repe
         out["prefill_tok_s"][ctx] = ctx / median_seconds(lambda: fwd(ids), repeats)
     ids = rng.integers(0, 256, size=(1, contexts[-1]), dtype=np.int64)
     out["decode_ms"]["recompute"] = median_seconds(lambda: fwd(ids), repeats) * 1e3
-    out["perplexity"] = _ppl(fwd, _heldout_windows(model, 1024, windows))
+    out["perplexity"] = _ppl(fwd, heldout)
     out["artifact_bytes"] = (Path(artifact) / "model.onnx").stat().st_size
     return out
 
@@ -147,9 +147,11 @@ def main(argv: list[str] | None = None) -> None:
             check=True, stdout=subprocess.DEVNULL,
         )
         decode_built = run_case("benchmarks.dense_onnx:decode_build_case", model=args.model, out_dir=str(artifact))
-        common = {"contexts": CONTEXTS, "windows": args.windows, "repeats": args.repeats}
+        # tokenised here, so neither case pays the tokenizer's imports (transformers, torch) in its peak RSS
+        common = {"contexts": CONTEXTS, "heldout": _heldout_windows(args.model, 1024, args.windows),
+                  "repeats": args.repeats}
         eager = run_case("benchmarks.dense_onnx:torch_case", model=args.model, decode_steps=args.decode_steps, **common)
-        ort = run_case("benchmarks.dense_onnx:onnx_case", artifact=str(artifact), model=args.model, **common)
+        ort = run_case("benchmarks.dense_onnx:onnx_case", artifact=str(artifact), **common)
         dec = run_case("benchmarks.dense_onnx:decode_case", artifact=decode_built["path"], contexts=CONTEXTS,
                        decode_steps=args.decode_steps)
 
