@@ -17,14 +17,14 @@ BYTE_VOCAB = 256
 BYTE_MAX_POS = 256
 
 
-def save_byte_llama(directory: Path, seed: int = 0) -> Path:
-    """A 2-layer LlamaForCausalLM over raw bytes (vocab 256, 256 positions), ``save_pretrained`` (safetensors)."""
+def save_tiny_llama(directory: Path, seed: int = 0, vocab: int = BYTE_VOCAB) -> Path:
+    """A 2-layer LlamaForCausalLM (vocab 256 = raw bytes by default, 256 positions), ``save_pretrained``."""
     import transformers as T
 
     T.utils.logging.set_verbosity_error()
     T.utils.logging.disable_progress_bar()
     cfg = T.LlamaConfig(
-        vocab_size=BYTE_VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=BYTE_MAX_POS, initializer_range=0.2,
         bos_token_id=None, eos_token_id=None, pad_token_id=None,
     )
@@ -35,35 +35,34 @@ def save_byte_llama(directory: Path, seed: int = 0) -> Path:
     return directory
 
 
-def save_bpe_llama(directory: Path, vocab: int = 512, seed: int = 0) -> Path:
-    """A 2-layer Llama over a byte-level BPE of `vocab` ids trained on a slice of the reference corpus, saved with
-    its tokenizer.json / tokenizer_config.json as an HF directory."""
-    import transformers as T
+def train_bpe(texts: list[str], vocab: int):
+    """A byte-level BPE (tokenizers.Tokenizer) of `vocab` ids learned from `texts`."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    from memc.reference import corpus
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   show_progress=False)
-    tok.train_from_iterator([corpus.train_bytes("code")[:200_000].decode("utf-8", "ignore")], trainer)
-    T.PreTrainedTokenizerFast(tokenizer_object=tok).save_pretrained(directory)
-    cfg = T.LlamaConfig(
-        vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=BYTE_MAX_POS, initializer_range=0.2,
-        bos_token_id=None, eos_token_id=None, pad_token_id=None,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        T.LlamaForCausalLM(cfg).eval().save_pretrained(directory, safe_serialization=True)
-    return directory
+    tok.train_from_iterator(texts, trainer)
+    return tok
+
+
+def save_bpe_llama(directory: Path, vocab: int = 512, seed: int = 0) -> Path:
+    """The tiny Llama over a BPE of `vocab` ids trained on a slice of the reference code, saved with its
+    tokenizer.json / tokenizer_config.json as an HF directory."""
+    from transformers import PreTrainedTokenizerFast
+
+    from memc.reference import corpus
+
+    tok = train_bpe([corpus.train_bytes("code")[:200_000].decode("utf-8", "ignore")], vocab)
+    PreTrainedTokenizerFast(tokenizer_object=tok).save_pretrained(directory)
+    return save_tiny_llama(directory, seed, vocab)
 
 
 @pytest.fixture(scope="session")
 def byte_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return save_byte_llama(tmp_path_factory.mktemp("byte-llama"))
+    return save_tiny_llama(tmp_path_factory.mktemp("byte-llama"))
 
 
 @pytest.fixture(scope="session")

@@ -11,6 +11,7 @@ from memc.errors import MemcError
 from memc.eval.backends import Backend, ModelInfo
 from memc.eval.recall import VALUE_LEN, _trial, encode_bytes, recall_probe
 from memc.reference import corpus
+from tests.eval.conftest import train_bpe
 
 CONTEXT = 256
 # plant "\nk_xxxxx = 'vvvvvv'\n" (20) + query "\nk_xxxxx = '" (12) + value and quote (7): 39 bytes of structure
@@ -130,15 +131,9 @@ def test_trial_with_a_bpe_tokenizer_counts_distance_in_tokens() -> None:
 
 
 def bpe_tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
+    """Trained on letter triples as well as prose, so random lowercase values merge into multi-letter tokens."""
     letters = [" ".join("".join(chr(97 + (i * j) % 26) for j in range(3)) for i in range(400))]
-    trainer = trainers.BpeTrainer(vocab_size=600, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(letters + [corpus.held_out_bytes("prose")[:50000].decode()], trainer)
-    return tok
+    return train_bpe(letters + [corpus.held_out_bytes("prose")[:50000].decode()], 600)
 
 
 # -- scoring ---------------------------------------------------------------------------------------------------
