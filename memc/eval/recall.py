@@ -19,6 +19,7 @@ import numpy as np
 from memc.errors import MemcError
 from memc.eval.backends import Backend
 from memc.eval.perplexity import check_context
+from memc.eval.text import encode_bytes
 
 VALUE_LEN = 6
 KEY_LEN = 7  # "k_" + 5 letters
@@ -27,10 +28,6 @@ KEY_LEN = 7  # "k_" + 5 letters
 OVERHEAD = (1 + KEY_LEN + 4 + VALUE_LEN + 2) + (1 + KEY_LEN + 4) + (VALUE_LEN + 1)
 
 Encode = Callable[[bytes], np.ndarray]
-
-
-def encode_bytes(data: bytes) -> np.ndarray:
-    return np.frombuffer(data, dtype=np.uint8).astype(np.int64)
 
 
 def check_distances(distances: list[int], context: int) -> None:

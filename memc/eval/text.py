@@ -61,7 +61,8 @@ class TextCodec:
     lengths: np.ndarray
 
 
-def _encode_bytes(data: bytes) -> np.ndarray:
+def encode_bytes(data: bytes) -> np.ndarray:
+    """A byte-level model's ids: the byte values."""
     return np.frombuffer(data, dtype=np.uint8).astype(np.int64)
 
 
@@ -78,7 +79,7 @@ def text_codec(info: ModelInfo) -> TextCodec:
 
         return TextCodec("hf", encode, token_byte_lengths(tok))
     if vocab >= 256:
-        return TextCodec("bytes", _encode_bytes, np.ones(vocab, np.int64))
+        return TextCodec("bytes", encode_bytes, np.ones(vocab, np.int64))
     raise MemcError(
         f"cannot tokenise text for this model: no tokenizer files and a vocabulary of {vocab} (< 256 bytes)"
     )

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from memc.eval.text import token_byte_lengths
+from memc.eval.text import encode_bytes, token_byte_lengths
 from memc.reference import corpus
 from memc.tokenizer_files import has_tokenizer
 
@@ -46,7 +46,7 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase | None:
 def encode(data: bytes, tokenizer: PreTrainedTokenizerBase | None) -> np.ndarray:
     """int64 ids of `data`: its bytes for a byte-level model, else the tokenizer's ids (no special tokens)."""
     if tokenizer is None:
-        return np.frombuffer(data, np.uint8).astype(np.int64)
+        return encode_bytes(data)
     ids = tokenizer.backend_tokenizer.encode(data.decode("utf-8"), add_special_tokens=False).ids
     return np.asarray(ids, dtype=np.int64)
 

@@ -9,7 +9,8 @@ import pytest
 
 from memc.errors import MemcError
 from memc.eval.backends import Backend, ModelInfo
-from memc.eval.recall import VALUE_LEN, _trial, encode_bytes, recall_probe
+from memc.eval.recall import VALUE_LEN, _trial, recall_probe
+from memc.eval.text import encode_bytes
 from memc.reference import corpus
 from tests.eval.conftest import train_bpe
 
