@@ -14,7 +14,6 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from memc.atomic import check_output_dir, staged_output_dir, write_json
-from memc.tokenizer_files import copy_tokenizer
 from memc.calibration import calibration_samples
 from memc.capture import capture, resolve_kind
 from memc.capture.inputs import alternate_sizes, resized_inputs
@@ -26,6 +25,7 @@ from memc.passes.manager import PassManager, check_order
 from memc.program import Program
 from memc.report import build_report, print_summary, program_facts, render_summary
 from memc.targets.base import Target, get_target
+from memc.tokenizer_files import copy_tokenizer
 
 REPORT_FILE = "report.json"
 SUMMARY_FILE = "summary.txt"

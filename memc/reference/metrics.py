@@ -4,8 +4,9 @@
 
 Bits/byte use non-overlapping windows of `context` tokens: window k covers tokens [kC, (k+1)C] and predicts
 tokens kC+1 .. (k+1)C, so every held-out token but the first is scored exactly once, with 0..C-1 tokens of
-context (C/2 on average), and the bits are divided by the exact bytes the scored tokens span. Compressors are run on the same byte stream, whole (their dictionary spans
-every held-out file, which a 1024-byte context cannot) and per document (each file compressed alone).
+context (C/2 on average), and the bits are divided by the exact bytes the scored tokens span. Compressors
+are run on the same byte stream, whole (their dictionary spans every held-out file, which a 1024-token
+context cannot) and per document (each file compressed alone).
 """
 from __future__ import annotations
 
