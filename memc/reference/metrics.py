@@ -78,6 +78,11 @@ class RoutingStats:
         return rows
 
 
+def target_bytes(x: torch.Tensor, lengths: np.ndarray) -> int:
+    """Bytes spanned by the predicted tokens x[:, 1:] of a batch of windows."""
+    return int(lengths[x[:, 1:].numpy()].sum())
+
+
 @torch.inference_mode()
 def nll_bits(model: PreTrainedModel, x: torch.Tensor, routing: RoutingStats | None = None) -> float:
     """Summed next-byte negative log-likelihood (bits) of x[:, 1:] given the preceding bytes of each row."""
@@ -101,7 +106,7 @@ def bits_per_byte(
         for i in range(0, len(same), batch):
             x = torch.stack(same[i : i + batch])
             total += nll_bits(model, x, routing)
-            count += int(lengths[x[:, 1:].numpy()].sum())
+            count += target_bytes(x, lengths)
     return total / count, count
 
 
@@ -112,7 +117,7 @@ def quick_bits_per_byte(
     starts = np.linspace(0, len(tokens) - context - 1, n).astype(int)
     x = torch.from_numpy(np.stack([tokens[s : s + context + 1] for s in starts]))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        return round(nll_bits(model, x) / int(lengths[x[:, 1:].numpy()].sum()), 4)
+        return round(nll_bits(model, x) / target_bytes(x, lengths), 4)
 
 
 def compressor_bits_per_byte(docs: tuple[corpus.Document, ...]) -> dict[str, float]:

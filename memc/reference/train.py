@@ -91,7 +91,7 @@ def train(name: str, steps: int, seed: int, out: Path, minutes: float | None, co
             opt.step()
             opt.zero_grad(set_to_none=True)
             tok_s = (step + 1) * s.batch_size * s.context / (time.perf_counter() - t0)
-            train_bpb = ce * batch[:, 1:].numel() / math.log(2) / int(lengths[batch[:, 1:].numpy()].sum())
+            train_bpb = ce * batch[:, 1:].numel() / math.log(2) / metrics.target_bytes(batch, lengths)
             info = f"loss {train_bpb:.3f} bits/byte  {tok_s:,.0f} tok/s"
             if (step + 1) % s.eval_every == 0 or step + 1 == steps:
                 model.eval()
