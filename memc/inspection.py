@@ -5,12 +5,15 @@ import json
 from collections import defaultdict
 from typing import Any
 
+from rich import box
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
 from memc.capture import capture
 from memc.config import ToolchainConfig
+from memc.passes.attention.detect import detect_attention
+from memc.passes.attention.sites import site_rows
 from memc.passes.base import pass_origin, plugin_errors, registered_passes
 from memc.program import Program
 from memc.schema import describe_fields
@@ -43,11 +46,14 @@ def inspect_model(source: str, cfg: ToolchainConfig, *, trust_pickle: bool, dept
         "outputs": program.output_names,
         "modules": [{"module": m, "parameters": c, "bytes": b} for m, c, b in module_sizes(program, depth)],
         "op_histogram": program.op_histogram(),
+        "attention_sites": [s.as_dict() for s in detect_attention(program)],
     }
     if as_json:
         print(json.dumps(info, indent=2))
         return info
     console = Console()
+    if not console.is_terminal:  # logs and pipes: wide enough that no column is cut
+        console = Console(width=max(console.width, 120))
     console.print(f"[bold]{source}[/bold] ({program.source.kind}, {program.source.task}): "
                   f"{params:,} parameters, {nbytes:,} bytes", highlight=False)
     sizes = Table(title=f"parameters per module (depth {depth})", title_justify="left")
@@ -56,6 +62,7 @@ def inspect_model(source: str, cfg: ToolchainConfig, *, trust_pickle: bool, dept
     for m in info["modules"]:
         sizes.add_row(m["module"], f"{m['parameters']:,}", f"{m['bytes']:,}", f"{m['bytes'] / max(nbytes, 1):.1%}")
     console.print(sizes)
+    console.print(_attention_table(info["attention_sites"]))
     ops = Table(title=f"op histogram ({len(program.module.graph.nodes)} graph nodes)", title_justify="left")
     ops.add_column("op")
     ops.add_column("count", justify="right")
@@ -63,6 +70,19 @@ def inspect_model(source: str, cfg: ToolchainConfig, *, trust_pickle: bool, dept
         ops.add_row(op, str(n))
     console.print(ops)
     return info
+
+
+def _attention_table(sites: list[dict[str, Any]]) -> Table:
+    from memc.passes.attention.sites import AttentionSite
+
+    rows = site_rows([AttentionSite(**s) for s in sites])
+    table = Table(title=f"attention sites ({len(rows)})", title_justify="left", box=box.SIMPLE_HEAD)
+    for col in rows[0] if rows else ("module",):
+        table.add_column(col, justify="left" if col in ("module", "kind", "mask", "extras") else "right",
+                         no_wrap=col == "module")
+    for r in rows:
+        table.add_row(*(escape("-" if v is None else str(v)) for v in r.values()))
+    return table
 
 
 def print_passes() -> None:
