@@ -13,6 +13,7 @@ from memc.eval.backends import ModelInfo
 from memc.tokenizer_files import has_tokenizer
 
 HELD_OUT_PREFIX = "heldout:"
+TRAIN_PREFIX = "trainsplit:"
 
 
 def load_text(spec: str) -> bytes:
@@ -35,6 +36,27 @@ def load_text(spec: str) -> bytes:
     if not data.strip():
         raise MemcError(f"{spec} is empty")
     return data
+
+
+def load_train_text(spec: str, option: str) -> bytes:
+    """Text a pass may learn from: ``trainsplit:code`` / ``trainsplit:prose`` or a UTF-8 file, never held-out text.
+
+    ``option`` is the option's key path, named in every error (e.g. ``pipeline[2].text``).
+    """
+    from memc.reference import corpus
+
+    if spec.startswith(HELD_OUT_PREFIX):
+        raise MemcError(f"{option}: {spec!r} is held-out evaluation text; passes learn from the train split only "
+                        f"(use {TRAIN_PREFIX}{spec[len(HELD_OUT_PREFIX):]} or a file)")
+    if spec.startswith(TRAIN_PREFIX):
+        domain = spec[len(TRAIN_PREFIX):]
+        if domain not in corpus.DOMAINS:
+            raise MemcError(f"{option}: unknown corpus {spec!r}; choose {TRAIN_PREFIX}{f' or {TRAIN_PREFIX}'.join(corpus.DOMAINS)}")
+        return corpus.train_bytes(domain)
+    try:
+        return load_text(spec)
+    except MemcError as exc:
+        raise MemcError(f"{option}: {exc}") from None
 
 
 def token_byte_lengths(tokenizer: Any) -> np.ndarray:

@@ -73,8 +73,14 @@ class Pass:
     invalidates: ClassVar[frozenset[str]] = frozenset()
     tolerance: ClassVar[float | None] = 0.0
 
+    path: str = ""  # where the options came from (``pipeline[1]``); set by create_pass, named in errors
+
     def __init__(self, config: Any = None):
         self.config = config if config is not None else self.Config()
+
+    def option_path(self, option: str) -> str:
+        """``pipeline[1].window``: the key path a user fixes when an option's value is wrong for this program."""
+        return f"{self.path or self.name}.{option}"
 
     def run(self, program: Program, ctx: PassContext) -> PassResult:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -155,4 +161,6 @@ def create_pass(name: str, options: dict[str, Any], path: str) -> Pass:
         raise ConfigError(
             f"{path}.pass: unknown pass {name!r}. {hint}Valid passes: {', '.join(passes) or '(none)'} (see `memc passes`)"
         )
-    return cls(from_dict(cls.Config, options, path))
+    instance = cls(from_dict(cls.Config, options, path))
+    instance.path = path
+    return instance

@@ -8,11 +8,15 @@ from memc.program import Program
 
 
 def _drop_unused_attributes(gm: torch.fx.GraphModule) -> int:
-    """Delete parameters / buffers / constants no get_attr node reads; returns the number of bytes freed."""
+    """Delete parameters / buffers / constants no get_attr node reads; returns the number of bytes freed.
+
+    A submodule called by a call_module node (memc's own layers, inserted by rewrites) owns its weights.
+    """
     used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    called = tuple(f"{n.target}." for n in gm.graph.nodes if n.op == "call_module")
     freed = 0
     for name, tensor in list(gm.named_parameters()) + list(gm.named_buffers()):
-        if name in used:
+        if name in used or name.startswith(called):
             continue
         owner_path, _, attr = name.rpartition(".")
         owner = gm.get_submodule(owner_path) if owner_path else gm

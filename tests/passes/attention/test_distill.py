@@ -1,0 +1,73 @@
+"""distill-attention trains only the new layers, lowers their teacher-fed error, is deterministic from the seed,
+and refuses text it must not or cannot learn from."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from memc.capture import capture
+from memc.config import ToolchainConfig
+from memc.errors import MemcError, PassError
+from memc.passes.base import PassContext, create_pass
+from memc.passes.manager import PassManager
+from tests.eval.conftest import save_tiny_llama
+
+MC = {"window": 4, "segment": 4, "feature_dim": 8}
+
+
+def _distilled(source, seed: int = 0, **options):
+    program = capture(str(source), ToolchainConfig())
+    opts = {"text": "trainsplit:code", "steps": 6, "batch": 2, "seq_len": 48, "eval_windows": 1, "lr": 1e-2,
+            "log_every": 2, **options}
+    passes = [create_pass("detect-attention", {}, "pipeline[0]"), create_pass("memory-caching", MC, "pipeline[1]"),
+              create_pass("distill-attention", opts, "pipeline[2]")]
+    frozen = {n: p.detach().clone() for n, p in program.module.named_parameters() if ".memory_caching." not in n}
+    out = PassManager(passes).run(program, PassContext(seed=seed))
+    return out, frozen
+
+
+@pytest.fixture(scope="module")
+def byte_llama(tmp_path_factory):
+    """Byte-level (vocab 256), so the reference corpus tokenises without tokenizer files."""
+    return save_tiny_llama(tmp_path_factory.mktemp("distill-llama"))
+
+
+@pytest.fixture(scope="module")
+def distilled(byte_llama):
+    return _distilled(byte_llama)
+
+
+def test_only_new_parameters_train_and_errors_drop(distilled):
+    program, frozen = distilled
+    params = dict(program.module.named_parameters())
+    assert all(torch.equal(params[n], t) for n, t in frozen.items())
+    metrics = program.log[-1].metrics
+    before, after = metrics["layer_error_before"], metrics["layer_error_after"]
+    assert set(before) == {f"model.layers.{i}.self_attn.memory_caching" for i in range(2)}
+    assert sum(a["error"] for a in after.values()) < sum(b["error"] for b in before.values())
+    assert [p["step"] for p in metrics["loss_curve"]] == [0, 2, 4, 5]
+    assert not any(m.training for m in program.module.modules() if hasattr(m, "memory_enabled"))
+
+
+def test_deterministic_from_the_seed(byte_llama, distilled):
+    again, _ = _distilled(byte_llama)
+    first = {n: p for n, p in distilled[0].module.named_parameters() if ".memory_caching." in n}
+    second = {n: p for n, p in again.module.named_parameters() if ".memory_caching." in n}
+    assert first.keys() == second.keys() and all(torch.equal(first[n], second[n]) for n in first)
+
+
+def test_end_to_end_phase_records_kl(byte_llama):
+    program, _ = _distilled(byte_llama, steps=1, e2e_steps=3, log_every=1)
+    assert [p["step"] for p in program.log[-1].metrics["e2e_kl_curve"]] == [0, 1, 2]
+
+
+def test_held_out_text_is_refused(byte_llama):
+    with pytest.raises(MemcError, match=r"pipeline\[2\]\.text: .heldout:code. is held-out evaluation text"):
+        _distilled(byte_llama, text="heldout:code")
+
+
+def test_too_short_text_names_the_option(byte_llama, tmp_path):
+    short = tmp_path / "short.txt"
+    short.write_text("def f(x):\n    return x\n", encoding="utf-8")
+    with pytest.raises(PassError, match=r"pipeline\[2\]\.text: .* has \d+ tokens; distillation .* needs at least"):
+        _distilled(byte_llama, text=str(short))
