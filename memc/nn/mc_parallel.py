@@ -2,9 +2,10 @@
 
 Every segment read is linear in the token terms, so the whole output is one T x T weight matrix times V:
 ``y_t = sum_j (E_tj + a_{t, slot(t, j)} P_tj) v_j / (sum_j E_tj + mass_t)`` with ``E`` the window softmax terms,
-``P_tj = phi_q(q_t) . phi_k(k_j)`` on memory tokens and ``a`` the per-slot read weights. Per-slot sums (counts,
-``phi_q^T z``, ``u . keysum``) are masked T x T matrices reduced by a token -> segment one-hot; the merge cap's
-slot 0 is a cumulative sum over segments, picked by index arithmetic, so the same graph serves every length.
+``P_tj = phi_q(q_t) . phi_k(k_j)`` on memory tokens and ``a`` the per-slot read weights. The per-slot router
+inputs (``phi_q^T z_i``, ``u . keysum_i``) are dots with per-segment sums ([T, N], no T x T), the open segment's
+from within-segment prefix sums; the merge cap's slot 0 is a cumulative sum over segments, picked by index
+arithmetic, so one graph serves every length. Three T x T x D matmuls per layer: q k^T, phi_q phi_k^T, weights v.
 """
 from __future__ import annotations
 
@@ -32,44 +33,63 @@ def floor_div(a: torch.Tensor, c: int) -> torch.Tensor:
     return torch.div(a, c, rounding_mode="floor")
 
 
+def segments(a: torch.Tensor, c: int, n_seg: int) -> torch.Tensor:
+    """[B, H, T, X] -> [B, H, n_seg, c, X]: tokens grouped by segment j // c, zero-padded to n_seg * c."""
+    b, h, t, x = a.shape
+    return F.pad(a, (0, 0, 0, n_seg * c - t)).reshape(b, h, n_seg, c, x)
+
+
 def parallel_forward(
     mod: "MemoryCachingAttention", q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, x: torch.Tensor,
-    dropout: torch.Tensor | None = None,
+    window_dropout: float = 0.0,
 ) -> torch.Tensor:
-    """Output [B, Hq, T, D] for positions 0..T-1; ``dropout`` is a [B, Hq, T, T] keep mask for window keys."""
+    """Output [B, Hq, T, D] for positions 0..T-1. ``window_dropout`` > 0 drops each window key but the token itself
+    with that probability (one ``torch.rand`` draw, so it follows the torch seed)."""
     cfg = mod.cfg
-    w, c = cfg.window, cfg.segment
+    w, c, g = cfg.window, cfg.segment, mod.groups
     b, hq, t, _ = q.shape
     dt = q.dtype
+    # keys live on a grid of n_seg whole segments (zero-padded past T), so that per-segment weights are a reshape
+    n_seg = t // c + 2  # >= every segment index, and never 1 (a size-1 axis would specialise the export)
+    tp = n_seg * c
     pos = torch.arange(t, device=q.device)
-    tq, tk = pos[:, None], pos[None, :]
-    k_e, v_e = expand_kv(k, mod.groups), expand_kv(v, mod.groups)
+    tq, tk = pos[:, None], torch.arange(tp, device=q.device)[None, :]
+    k_p = F.pad(k, (0, 0, 0, tp - t))
+    v_p = expand_kv(F.pad(v, (0, 0, 0, tp - t)), g)
 
     window = (tk <= tq) & (tk > tq - w)
-    if dropout is not None:
-        window = window & (dropout | (tk == tq))
-    s = torch.matmul(q, k_e.transpose(-1, -2)) * mod.scale
+    if window_dropout > 0:
+        keep = torch.rand(b, hq, t, tp, device=q.device) >= window_dropout
+        window = window & (keep | (tk == tq))
+    s = torch.matmul(q, expand_kv(k_p, g).transpose(-1, -2)) * mod.scale
     s = s.masked_fill(~window, float("-inf"))
     if not mod.memory_enabled:
-        return torch.matmul(torch.softmax(s, dim=-1), v_e)
+        return torch.matmul(torch.softmax(s, dim=-1), v_p)
 
     # memory tokens j <= t - window, segment i = j // segment; slot quantities on a [T, N] (query, segment) grid
-    n_seg = t // c + 2  # >= every segment index, and never 1 (a size-1 axis would specialise the export)
     seg = torch.arange(n_seg, device=q.device)
-    seg_of = floor_div(pos, c)
-    onehot = (seg_of[:, None] == seg[None, :]).to(dt)
-    memf = (tk <= tq - w).to(dt)
-    open_q = floor_div(pos - w, c)  # the open segment of query t (negative: no memory yet)
+    last_mem = pos - w  # the newest memory token of query t (negative: no memory yet)
+    open_q = floor_div(last_mem, c)  # its open segment; the segments before it are closed (complete)
     closed = seg[None, :] < open_q[:, None]
     is_open = seg[None, :] == open_q[:, None]
-    count = torch.matmul(memf, onehot)
+    open_count = (last_mem - open_q * c + 1)[:, None]
+    count = torch.where(closed, c, torch.where(is_open, open_count, 0)).to(dt)
+    newest = last_mem.clamp(min=0)
 
-    pm = torch.matmul(mod.phi_q(q), expand_kv(mod.phi_k(k), mod.groups).transpose(-1, -2)) * memf
-    den = torch.matmul(pm, onehot)
-    keydot = None
-    if cfg.query_router:
-        u = mod.router_query(q, x)
-        keydot = torch.matmul(torch.matmul(u, k_e.transpose(-1, -2)) * memf, onehot)
+    def per_slot(query: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """query_t . (sum of keys_j over slot i's memory tokens): [B, Hq, T, X] x [B, Hkv, TP, X] -> [B, Hq, T, N];
+        closed segments use their full sums, the open one its within-segment prefix sum at t - window."""
+        parts = keys.reshape(keys.shape[0], keys.shape[1], n_seg, c, keys.shape[-1])
+        full = expand_kv(parts.sum(3), g)
+        prefix = expand_kv(parts.cumsum(3).reshape(keys.shape).index_select(2, newest), g)
+        opened = (query * prefix).sum(-1, keepdim=True)
+        return torch.where(is_open, opened, torch.matmul(query, full.transpose(-1, -2)))
+
+    phq = mod.phi_q(q)
+    phk_p = F.pad(mod.phi_k(k), (0, 0, 0, tp - t))
+    pm = torch.matmul(phq, expand_kv(phk_p, g).transpose(-1, -2)) * (tk <= tq - w).to(dt)
+    den = per_slot(phq, phk_p)
+    keydot = per_slot(mod.router_query(q, x), k_p) if cfg.query_router else None
 
     rep = None
     if cfg.max_segments:
@@ -89,11 +109,11 @@ def parallel_forward(
 
     m = torch.maximum(s.amax(-1), r.amax(-1)).detach()  # shared running max; the window always holds token t
     e_win = torch.exp(s - m.unsqueeze(-1))
-    a, mass = mod.read_weights(r, den.expand(b, hq, t, n_seg), m)
+    a, mass = mod.read_weights(r, den, m)
     if rep is not None:
         a = torch.gather(a, -1, rep.expand(b, hq, t, n_seg))
-    weights = e_win + a.index_select(-1, seg_of) * pm
-    return torch.matmul(weights, v_e) / (e_win.sum(-1) + mass).unsqueeze(-1)
+    mem = (pm.reshape(b, hq, t, n_seg, c) * a.unsqueeze(-1)).reshape(b, hq, t, tp)
+    return torch.matmul(e_win + mem, v_p) / (e_win.sum(-1) + mass).unsqueeze(-1)
 
 
 def parallel_state(mod: "MemoryCachingAttention", k: torch.Tensor, v: torch.Tensor) -> MemoryCachingState:
@@ -112,20 +132,16 @@ def parallel_state(mod: "MemoryCachingAttention", k: torch.Tensor, v: torch.Tens
     win_k = torch.where(ok, k.index_select(2, idx), torch.zeros((), dtype=dt, device=dev))
     win_v = torch.where(ok, v.index_select(2, idx), torch.zeros((), dtype=dt, device=dev))
 
-    n_seg = t // c + 1
-    pad = n_seg * c - t
+    n_seg = t // c + 2  # as in parallel_forward
     memtok = (pos <= last - w).to(dt)
     phk = mod.phi_k(k) * memtok[:, None]
     km = k * memtok[:, None]
 
-    def segments(a: torch.Tensor) -> torch.Tensor:  # [B, H, T, X] -> [B, H, N, C, X]
-        return F.pad(a, (0, 0, 0, pad)).reshape(b, h, n_seg, c, a.shape[-1])
-
-    phk_s, v_s = segments(phk), segments(v)
-    seg_s = torch.einsum("bhncf,bhncd->bhnfd", phk_s, v_s)
+    phk_s = segments(phk, c, n_seg)
+    seg_s = torch.einsum("bhncf,bhncd->bhnfd", phk_s, segments(v, c, n_seg))
     seg_z = phk_s.sum(3)
-    seg_ks = segments(km).sum(3)
-    seg_n = F.pad(memtok, (0, pad)).reshape(n_seg, c).sum(1)
+    seg_ks = segments(km, c, n_seg).sum(3)
+    seg_n = F.pad(memtok, (0, n_seg * c - t)).reshape(n_seg, c).sum(1)
 
     seg = torch.arange(n_seg, device=dev)
     open_i = floor_div(last - w, c)

@@ -205,14 +205,14 @@ class MemoryCachingAttention(nn.Module):
         """Chunked-parallel form over positions 0..T-1: q [B, Hq, T, D], k, v [B, Hkv, T, D], x [B, T, hidden]."""
         from memc.nn.mc_parallel import parallel_forward
 
-        return parallel_forward(self, q, k, v, x, dropout=self._dropout_keep(q))
+        return parallel_forward(self, q, k, v, x, window_dropout=self._window_dropout())
 
     def prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, x: torch.Tensor,
                 ) -> tuple[torch.Tensor, MemoryCachingState]:
         """``forward`` plus the decode state after these T tokens, both built in parallel."""
         from memc.nn.mc_parallel import parallel_forward, parallel_state
 
-        y = parallel_forward(self, q, k, v, x, dropout=self._dropout_keep(q))
+        y = parallel_forward(self, q, k, v, x, window_dropout=self._window_dropout())
         return y, parallel_state(self, k, v)
 
     def init_state(self, batch: int, dtype: torch.dtype = torch.float32,
@@ -232,9 +232,5 @@ class MemoryCachingAttention(nn.Module):
 
         return recurrent_step(self, q, k, v, x, state)
 
-    def _dropout_keep(self, q: torch.Tensor) -> torch.Tensor | None:
-        p = self.cfg.window_dropout
-        if not (self.training and p > 0):
-            return None
-        b, h, t, _ = q.shape
-        return torch.rand(b, h, t, t, device=q.device) >= p
+    def _window_dropout(self) -> float:
+        return float(self.cfg.window_dropout) if self.training else 0.0
