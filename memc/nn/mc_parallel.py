@@ -2,17 +2,16 @@
 
 Every segment read is linear in the token terms, so the whole output is one T x T weight matrix times V:
 ``y_t = sum_j (E_tj + a_{t, slot(t, j)} P_tj) v_j / (sum_j E_tj + mass_t)`` with ``E`` the window softmax terms,
-``P_tj = phi_q(q_t) . phi_k(k_j)`` on memory tokens and ``a`` the per-slot read weights. The per-slot router
-inputs (``phi_q^T z_i``, ``u . keysum_i``) are dots with per-segment sums ([T, N], no T x T), the open segment's
-from within-segment prefix sums; the merge cap's slot 0 is a cumulative sum over segments, picked by index
-arithmetic, so one graph serves every length. Three T x T x D matmuls per layer: q k^T, phi_q phi_k^T, weights v.
+``P_tj = phi_q(q_t) . phi_k(k_j)`` on memory tokens and ``a`` the per-slot read weights. Tokens map to segments
+through a [T, N] one-hot (no padding: padded lengths defeat torch.export's symbolic shapes), so per-slot sums are
+small matmuls; the merge cap's slot 0 is a cumulative sum over segments, picked by index arithmetic, so one graph
+serves every length. Three T x T x D matmuls per layer (q k^T, phi_q phi_k^T, weights v) plus T x T x N ones.
 """
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 
 from memc.nn.mc_state import MemoryCachingState
 
@@ -29,14 +28,17 @@ def expand_kv(t: torch.Tensor, groups: int) -> torch.Tensor:
     return t.unsqueeze(2).expand(b, h, groups, *rest).reshape(b, h * groups, *rest)
 
 
+def grouped_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """[B, Hq, T, X] @ [B, Hkv, X, Y] -> [B, Hq, T, Y]: query head h uses KV head h // groups (GQA), by a
+    broadcast over the group axis (splitting the head axis keeps the export free of length-dependent guards)."""
+    bsz, hq, t, x = a.shape
+    hkv = b.shape[1]
+    out = torch.matmul(a.reshape(bsz, hkv, hq // hkv, t, x), b.unsqueeze(2))
+    return out.reshape(bsz, hq, t, out.shape[-1])
+
+
 def floor_div(a: torch.Tensor, c: int) -> torch.Tensor:
     return torch.div(a, c, rounding_mode="floor")
-
-
-def segments(a: torch.Tensor, c: int, n_seg: int) -> torch.Tensor:
-    """[B, H, T, X] -> [B, H, n_seg, c, X]: tokens grouped by segment j // c, zero-padded to n_seg * c."""
-    b, h, t, x = a.shape
-    return F.pad(a, (0, 0, 0, n_seg * c - t)).reshape(b, h, n_seg, c, x)
 
 
 def parallel_forward(
@@ -49,47 +51,47 @@ def parallel_forward(
     w, c, g = cfg.window, cfg.segment, mod.groups
     b, hq, t, _ = q.shape
     dt = q.dtype
-    # keys live on a grid of n_seg whole segments (zero-padded past T), so that per-segment weights are a reshape
-    n_seg = t // c + 2  # >= every segment index, and never 1 (a size-1 axis would specialise the export)
-    tp = n_seg * c
     pos = torch.arange(t, device=q.device)
-    tq, tk = pos[:, None], torch.arange(tp, device=q.device)[None, :]
-    k_p = F.pad(k, (0, 0, 0, tp - t))
-    v_p = expand_kv(F.pad(v, (0, 0, 0, tp - t)), g)
+    tq, tk = pos[:, None], pos[None, :]
 
     window = (tk <= tq) & (tk > tq - w)
     if window_dropout > 0:
-        keep = torch.rand(b, hq, t, tp, device=q.device) >= window_dropout
+        keep = torch.rand(b, hq, t, t, device=q.device) >= window_dropout
         window = window & (keep | (tk == tq))
-    s = torch.matmul(q, expand_kv(k_p, g).transpose(-1, -2)) * mod.scale
+    s = grouped_matmul(q, k.transpose(-1, -2)) * mod.scale
     s = s.masked_fill(~window, float("-inf"))
     if not mod.memory_enabled:
-        return torch.matmul(torch.softmax(s, dim=-1), v_p)
+        return grouped_matmul(torch.softmax(s, dim=-1), v)
 
     # memory tokens j <= t - window, segment i = j // segment; slot quantities on a [T, N] (query, segment) grid
+    n_seg = t // c + 2  # >= every segment index, and never 1 (a size-1 axis would specialise the export)
     seg = torch.arange(n_seg, device=q.device)
+    seg_of = floor_div(pos, c)
+    onehot = (seg_of[:, None] == seg[None, :]).to(dt)  # [T, N]
     last_mem = pos - w  # the newest memory token of query t (negative: no memory yet)
     open_q = floor_div(last_mem, c)  # its open segment; the segments before it are closed (complete)
     closed = seg[None, :] < open_q[:, None]
     is_open = seg[None, :] == open_q[:, None]
     open_count = (last_mem - open_q * c + 1)[:, None]
     count = torch.where(closed, c, torch.where(is_open, open_count, 0)).to(dt)
-    newest = last_mem.clamp(min=0)
-
-    def per_slot(query: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-        """query_t . (sum of keys_j over slot i's memory tokens): [B, Hq, T, X] x [B, Hkv, TP, X] -> [B, Hq, T, N];
-        closed segments use their full sums, the open one its within-segment prefix sum at t - window."""
-        parts = keys.reshape(keys.shape[0], keys.shape[1], n_seg, c, keys.shape[-1])
-        full = expand_kv(parts.sum(3), g)
-        prefix = expand_kv(parts.cumsum(3).reshape(keys.shape).index_select(2, newest), g)
-        opened = (query * prefix).sum(-1, keepdim=True)
-        return torch.where(is_open, opened, torch.matmul(query, full.transpose(-1, -2)))
 
     phq = mod.phi_q(q)
-    phk_p = F.pad(mod.phi_k(k), (0, 0, 0, tp - t))
-    pm = torch.matmul(phq, expand_kv(phk_p, g).transpose(-1, -2)) * (tk <= tq - w).to(dt)
-    den = per_slot(phq, phk_p)
-    keydot = per_slot(mod.router_query(q, x), k_p) if cfg.query_router else None
+    pm = grouped_matmul(phq, mod.phi_k(k).transpose(-1, -2)) * (tk <= tq - w).to(dt)
+    den = torch.matmul(pm, onehot)  # phi_q(q_t) . z_i over the memory tokens of segment i
+    keydot = None
+    if cfg.query_router:
+        u = mod.router_query(q, x)
+        # closed segments: u . (segment key sum); the open one: u . (within-segment prefix sum at t - window),
+        # a difference of running sums (router logits tolerate its rounding; the reads above are exact sums)
+        seg_ks = torch.matmul(onehot.transpose(0, 1), k)  # [B, Hkv, N, D]
+        run = k.cumsum(2)
+        start = seg_of * c - 1  # the token before each segment's first
+        run_before = torch.where((start >= 0)[:, None], run.index_select(2, start.clamp(min=0)), 0.0)
+        newest = last_mem.clamp(min=0)
+        prefix = (run - run_before).index_select(2, newest)  # [B, Hkv, T, D]
+        opened = (u.reshape(b, k.shape[1], g, t, -1) * prefix.unsqueeze(2)).sum(-1, keepdim=True)
+        opened = opened.reshape(b, hq, t, 1)
+        keydot = torch.where(is_open, opened, grouped_matmul(u, seg_ks.transpose(-1, -2)))
 
     rep = None
     if cfg.max_segments:
@@ -112,8 +114,8 @@ def parallel_forward(
     a, mass = mod.read_weights(r, den, m)
     if rep is not None:
         a = torch.gather(a, -1, rep.expand(b, hq, t, n_seg))
-    mem = (pm.reshape(b, hq, t, n_seg, c) * a.unsqueeze(-1)).reshape(b, hq, t, tp)
-    return torch.matmul(e_win + mem, v_p) / (e_win.sum(-1) + mass).unsqueeze(-1)
+    weights = e_win + torch.matmul(a, onehot.transpose(0, 1)) * pm  # a_{t, segment of j} P_tj
+    return grouped_matmul(weights, v) / (e_win.sum(-1) + mass).unsqueeze(-1)
 
 
 def parallel_state(mod: "MemoryCachingAttention", k: torch.Tensor, v: torch.Tensor) -> MemoryCachingState:
@@ -133,17 +135,16 @@ def parallel_state(mod: "MemoryCachingAttention", k: torch.Tensor, v: torch.Tens
     win_v = torch.where(ok, v.index_select(2, idx), torch.zeros((), dtype=dt, device=dev))
 
     n_seg = t // c + 2  # as in parallel_forward
-    memtok = (pos <= last - w).to(dt)
-    phk = mod.phi_k(k) * memtok[:, None]
-    km = k * memtok[:, None]
-
-    phk_s = segments(phk, c, n_seg)
-    seg_s = torch.einsum("bhncf,bhncd->bhnfd", phk_s, segments(v, c, n_seg))
-    seg_z = phk_s.sum(3)
-    seg_ks = segments(km, c, n_seg).sum(3)
-    seg_n = F.pad(memtok, (0, n_seg * c - t)).reshape(n_seg, c).sum(1)
-
     seg = torch.arange(n_seg, device=dev)
+    memtok = pos <= last - w
+    onehot = ((floor_div(pos, c)[:, None] == seg[None, :]) & memtok[:, None]).to(dt)  # memory token -> segment
+    phk = mod.phi_k(k)
+    by_seg = phk.unsqueeze(2) * onehot.transpose(0, 1)[:, :, None]  # [B, H, N, T, F]
+    seg_s = torch.matmul(by_seg.transpose(-1, -2), v.unsqueeze(2))  # [B, H, N, F, D]
+    seg_z = torch.matmul(onehot.transpose(0, 1), phk)
+    seg_ks = torch.matmul(onehot.transpose(0, 1), k)
+    seg_n = onehot.sum(0)
+
     open_i = floor_div(last - w, c)
     open_hot = (seg == open_i).to(dt)
     closed = seg < open_i
