@@ -233,20 +233,52 @@ def test_parallel_form_exports_to_onnx_with_dynamic_length():
         assert np.abs(got - mod(*a).detach().numpy()).max() <= 1e-4, t
 
 
-def test_step_exports_with_state_as_tensors():
+def test_step_exports_with_state_as_tensors_and_runs_in_onnxruntime():
+    from memc.codegen.onnx import lower_exported
+    import onnxruntime as ort
+
     cfg = MemoryCachingConfig(window=5, segment=3, feature_dim=8, variant="gated", max_segments=2)
     mod = _float32(cfg)
     q, k, v, x = inputs(2, 20, dtype=torch.float32)
     state = mod.init_state(2)
-    ep = torch.export.export(Step(mod), (q[:, :, :1], k[:, :, :1], v[:, :, :1], x[:, :1], *state.tensors()),
-                             strict=False)
+    args = (q[:, :, :1], k[:, :, :1], v[:, :, :1], x[:, :1], *state.tensors())
+    ep = torch.export.export(Step(mod), args, strict=False)
+    names = ["q", "k", "v", "x", *MemoryCachingState.names()]
+    model = lower_exported(ep, args, names, ["y", *(f"new_{n}" for n in MemoryCachingState.names())], {}, opset=23)
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     run = ep.module()
     ref = mod(q, k, v, x)
-    flat = state.tensors()
+    flat, flat_ort = state.tensors(), [a.numpy() for a in state.tensors()]
     for t in range(20):
-        y, *flat = run(q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1], x[:, t:t + 1], *flat)
+        token = (q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1], x[:, t:t + 1])
+        y, *flat = run(*token, *flat)
         assert maxdiff(y, ref[:, :, t:t + 1]) <= 1e-5
         assert [tuple(a.shape) for a in flat] == [s for _, s, _ in state.spec()]
+        y_ort, *flat_ort = sess.run(None, dict(zip(names, [a.numpy() for a in token] + flat_ort)))
+        assert np.abs(y_ort - ref[:, :, t:t + 1].detach().numpy()).max() <= 1e-4, t
+
+
+class Prefill(torch.nn.Module):
+    def __init__(self, mod):
+        super().__init__()
+        self.mod = mod
+
+    def forward(self, q, k, v, x):
+        y, state = self.mod.prefill(q, k, v, x)
+        return (y, *state.tensors())
+
+
+def test_prefill_exports_with_dynamic_length():
+    mod = _float32(MemoryCachingConfig(window=5, segment=3, feature_dim=8, variant="soup", max_segments=3))
+    seq = torch.export.Dim("seq", min=1, max=4096)
+    dims = {"q": {2: seq}, "k": {2: seq}, "v": {2: seq}, "x": {1: seq}}
+    run = torch.export.export(Prefill(mod), inputs(2, 23, dtype=torch.float32), dynamic_shapes=dims,
+                              strict=False).module()
+    for t in (23, 1, 4, 40):
+        a = inputs(2, t, seed=t, dtype=torch.float32)
+        y, state = mod.prefill(*a)
+        for got, want in zip(run(*a), (y, *state.tensors())):
+            assert maxdiff(got.double(), want.double()) <= 1e-5
 
 
 # --- 6. training: gradients, window dropout -----------------------------------------------------------------------
