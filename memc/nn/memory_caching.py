@@ -28,8 +28,14 @@ segments and ``n_c > M``,
 * ``evict``: slots ``0 .. M-1`` are segments ``n_c - M .. n_c - 1``; older ones are dropped.
 
 A segment closes when the first token of the next segment leaves the window, so at most M + 1 memory reads per
-query and the decode state has a fixed size (see mc_state.py). The trainable parameters are only ``phi_q``,
-``phi_k``, the router's ``A`` and ``B``, ``log_tau`` and ``router_bias``; q, k, v come from the replaced site.
+query and the decode state has a fixed size (see mc_state.py).
+
+Trainable parameters (the only ones; q, k, v come from the replaced site): ``phi_q.weight`` [Hq, D, F/2] (one
+feature map per query head), ``phi_k.weight`` [Hkv, D, F/2] (per KV head: the memory is per KV head),
+``router_a.weight`` [rank, hidden], ``router_b.weight`` [Hq * D, rank] (zero at init), ``log_tau`` [Hq] and
+``router_bias`` [Hq] (both zero at init). Window dropout acts in ``forward`` / ``prefill`` in training mode only,
+never in ``step``. The sparse router ranks slots pairwise (O(T N^2) booleans for N segments), so keep
+``segment`` >> 1 with ``variant="sparse"``.
 """
 from __future__ import annotations
 
@@ -226,7 +232,8 @@ class MemoryCachingAttention(nn.Module):
              ) -> tuple[torch.Tensor, MemoryCachingState]:
         """One new token (q [B, Hq, 1, D], k, v [B, Hkv, 1, D], x [B, 1, hidden]) -> (y [B, Hq, 1, D], new state).
 
-        Window dropout never applies here. With a cap, this is torch.export-able with the state as plain tensors.
+        Window dropout never applies here. With a cap, this is torch.export-able with the state as plain tensors;
+        without one (``max_segments == 0``) the slot axis grows by one per closed segment (eager decode only).
         """
         from memc.nn.mc_step import recurrent_step
 
