@@ -1,0 +1,5 @@
+"""memc's own torch modules, which passes insert into programs and codegen lowers."""
+from memc.nn.mc_state import MemoryCachingState
+from memc.nn.memory_caching import MemoryCachingAttention, MemoryCachingConfig, MemoryCachingConfigError
+
+__all__ = ["MemoryCachingAttention", "MemoryCachingConfig", "MemoryCachingConfigError", "MemoryCachingState"]
