@@ -109,10 +109,23 @@ class Table:
         RESULTS.mkdir(parents=True, exist_ok=True)
         md = RESULTS / f"{self.name}.md"
         md.write_text(self.markdown(), encoding="utf-8")
-        env = {"python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count()}
+        env = {"python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count(),
+               "cpu": cpu_info()}
         payload = {"command": self.command, "columns": self.columns, "rows": self.rows, "raw": self.raw, "env": env}
         (RESULTS / f"{self.name}.json").write_text(json.dumps(payload, indent=2, default=str) + "\n", encoding="utf-8")
         return md
+
+
+def cpu_info() -> str:
+    """``model name (ISA: AVX2, AVX-512, AMX)``: ratios between runtimes depend on both, so every table says them."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or "unknown CPU"
+    model = next((ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("model name")), "unknown CPU")
+    flags = set(next((ln.split(":", 1)[1].split() for ln in text.splitlines() if ln.startswith("flags")), []))
+    isa = [name for name, flag in (("AVX2", "avx2"), ("AVX-512", "avx512f"), ("AMX", "amx_tile")) if flag in flags]
+    return f"{model} ({', '.join(isa) or 'no AVX2'})"
 
 
 def _fmt(v: Any) -> str:

@@ -38,6 +38,16 @@ def log_softmax_nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
     return logz - picked
 
 
+def window_nll(backend: Backend, windows: np.ndarray, batch: int = 1) -> np.ndarray:
+    """NLL (nats) of every scored token: [windows, context - 1]; token j+1 of a window is predicted from 0..j."""
+    rows = []
+    for start in range(0, len(windows), batch):
+        ids = windows[start : start + batch]
+        logits = backend.forward({"input_ids": ids})
+        rows.append(log_softmax_nll(logits[:, :-1], ids[:, 1:]))
+    return np.concatenate(rows, axis=0)
+
+
 def check_context(backend: Backend, context: int) -> None:
     limit = backend.info.max_seq_len
     if context < 2:
@@ -60,11 +70,7 @@ def perplexity(
     if n == 0:
         raise MemcError(f"the text has {len(tokens)} tokens; one window of context {context} needs at least {context}")
     windows = tokens[: n * context].reshape(n, context)
-    total = 0.0
-    for start in range(0, n, batch):
-        ids = windows[start : start + batch]
-        logits = backend.forward({"input_ids": ids})
-        total += float(log_softmax_nll(logits[:, :-1], ids[:, 1:]).sum())
+    total = float(window_nll(backend, windows, batch).sum())
     scored = n * (context - 1)
     spans = np.ones(n * context) if token_bytes is None else np.asarray(token_bytes[: n * context], np.float64)
     scored_bytes = float(spans.reshape(n, context)[:, 1:].sum())

@@ -10,7 +10,9 @@ mass); `distill-attention` trains it.
 from __future__ import annotations
 
 import fnmatch
-from dataclasses import dataclass, field
+import json
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -59,6 +61,12 @@ class MemoryCachingRewrite(Pass):
         max_segments: int = option(0, "cap on cached segments (0 = unbounded); a cap makes the state constant")
         cap_policy: Literal["merge", "evict"] = option("merge", "over the cap: merge the oldest or drop them")
         router_rank: int = option(8, "rank of the trainable delta on the router query (0 = none)")
+        router_bias_init: float = option(-4.0, "initial per-head router bias b_h: a segment's mass is scaled by "
+                                               "e^b, so a negative value starts the layer at window-only quality "
+                                               "(measured on ref-llama: b = 0 is worse than window-only before "
+                                               "distillation) and distillation raises it where the memory helps")
+        weights: str = option("", "safetensors file of trained layers (written by memc.reference.memory_caching) "
+                                  "to load instead of the initialisation; its layer options must match these")
 
         def validate(self) -> None:
             if not self.sites:
@@ -93,6 +101,8 @@ class MemoryCachingRewrite(Pass):
             _check_site(s, self)
         gm = program.module
         rewritten = [_rewrite(gm, s, self.config, ctx.seed * 1000 + i) for i, s in enumerate(chosen)]
+        if self.config.weights:
+            load_layer_weights(gm, rewritten, self.config, self.option_path("weights"))
         gm.graph.eliminate_dead_code()
         gm.recompile()
         annotations = {k: v for k, v in program.annotations.items() if k != SITES_KEY}
@@ -101,9 +111,48 @@ class MemoryCachingRewrite(Pass):
         metrics = {
             "rewritten": [r.target for r in rewritten], "untouched": untouched,
             "trainable_parameters": sum(p.numel() for r in rewritten for p in gm.get_submodule(r.target).parameters()),
-            "layer": {k: v for k, v in vars(self.config).items() if k != "sites"},
+            "layer": layer_options(self.config), "weights": self.config.weights or None,
         }
         return PassResult(program.replace(annotations=annotations), True, metrics)
+
+
+def layer_options(cfg: "MemoryCachingRewrite.Config") -> dict[str, Any]:
+    """The options that shape a layer's parameters and math (what saved weights must agree on)."""
+    return {k: v for k, v in vars(cfg).items() if k not in ("sites", "weights")}
+
+
+def save_layer_weights(path: Path, gm: torch.nn.Module, sites: list[MemoryCachingSite], layer: dict[str, Any]) -> None:
+    """Every rewritten layer's parameters in one safetensors file, with the layer options as metadata."""
+    from safetensors.torch import save_file
+
+    tensors = {f"{s.target}.{n}": p.detach().contiguous() for s in sites for n, p in gm.get_submodule(s.target).named_parameters()}
+    save_file(tensors, str(path), metadata={"memc.layer": json.dumps(layer, sort_keys=True)})
+
+
+def load_layer_weights(gm: torch.nn.Module, sites: list[MemoryCachingSite], cfg: Any, option: str) -> None:
+    from safetensors import safe_open
+
+    path = Path(cfg.weights)
+    if not path.is_file():
+        raise PassError(f"{option}: {path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            saved = json.loads((f.metadata() or {}).get("memc.layer", "{}"))
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as exc:
+        raise PassError(f"{option}: {path} is not a readable safetensors file: {exc}") from None
+    wanted = layer_options(cfg)
+    differ = {k: (saved.get(k), v) for k, v in wanted.items() if saved.get(k) != v}
+    if differ:
+        raise PassError(f"{option}: {path} was trained with other layer options: "
+                        + ", ".join(f"{k} = {a!r} there, {b!r} here" for k, (a, b) in sorted(differ.items())))
+    for s in sites:
+        layer = gm.get_submodule(s.target)
+        own = {n: tensors.get(f"{s.target}.{n}") for n, _ in layer.named_parameters()}
+        missing = [n for n, t in own.items() if t is None]
+        if missing:
+            raise PassError(f"{option}: {path} has no weights for {s.target} ({', '.join(missing)})")
+        layer.load_state_dict({**layer.state_dict(), **own})
 
 
 def _check_site(site: AttentionSite, p: Pass) -> None:
@@ -134,6 +183,8 @@ def _rewrite(gm: torch.fx.GraphModule, site: AttentionSite, cfg: "MemoryCachingR
             cfg.layer_config(), num_heads=site.num_heads, num_kv_heads=site.num_kv_heads, head_dim=site.head_dim,
             hidden_size=hidden_size, scale=site.scale,
         )
+        with torch.no_grad():
+            layer.router_bias.fill_(cfg.router_bias_init)
     ref = next(iter(gm.parameters()), None)
     if ref is not None:
         layer = layer.to(dtype=ref.dtype if ref.is_floating_point() else torch.float32)

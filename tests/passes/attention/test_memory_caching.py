@@ -55,7 +55,7 @@ def test_structure_before_and_expected(tiny_llama_dir):
 
 def test_segment_one_reproduces_the_original_model(tiny_llama_dir):
     """One-token segments read back v_j exactly and the initial router logit is q.k_j * scale: softmax attention."""
-    original, program = _rewritten(tiny_llama_dir, window=1, segment=1, feature_dim=8)
+    original, program = _rewritten(tiny_llama_dir, window=1, segment=1, feature_dim=8, router_bias_init=0.0)
     ids = token_batch(2, 23)["input_ids"]
     want, got = original(ids)[0], program(ids)[0]
     assert float((want - got).abs().max()) < 1e-4

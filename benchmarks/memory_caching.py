@@ -1,0 +1,229 @@
+"""Memory-caching attention on ref-llama: does the memory carry information, and what does the state cost?
+
+    python -m benchmarks.memory_caching [--variants gated,...] [--stride 1] [--recall]
+
+For context 1024 on the WHOLE held-out code set (or every --stride-th window, stated in the table):
+(a) the original model, (b) window-only attention at the same window (the memory branch removed; same weights),
+(c) memc after distillation (weights from ``models/ref-llama-mc/<variant>``, made by
+``python -m memc.reference.memory_caching``), (d) (c) with its memory ablated. Bits/byte overall and on positions
+>= 512, each Δ against (a) with the number of windows and the paired standard error, and the share of (b)'s gap
+that (c) closes. ``--recall`` adds token accuracy by distance on the recall-capable model
+(``models/ref-llama-recall`` with ``models/ref-llama-recall-mc/<variant>``). State bytes at 1k / 8k / 32k tokens
+against the original's fp32 KV cache.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.harness import Table, cpu_info
+
+ROOT = Path(__file__).resolve().parents[1]
+STATE_CONTEXTS = (1024, 8192, 32768)
+
+
+def _windows(model: str, context: int, stride: int) -> tuple[np.ndarray, np.ndarray]:
+    """Held-out code as non-overlapping windows (every `stride`-th) and the bytes each scored token spans."""
+    from memc.eval.backends import ModelInfo
+    from memc.eval.text import load_text, tokenize
+
+    info = ModelInfo("causal-lm", ["input_ids"], None, None, 0, Path(model))
+    ids, spans = tokenize(load_text("heldout:code"), info)
+    n = len(ids) // context
+    keep = np.arange(0, n, stride)
+    return ids[: n * context].reshape(n, context)[keep], spans[: n * context].reshape(n, context)[keep, 1:]
+
+
+def _program(model: str, layer: dict | None, weights: Path | None):
+    from memc.capture import capture
+    from memc.config import ToolchainConfig
+    from memc.passes.base import PassContext, create_pass
+    from memc.passes.manager import PassManager
+
+    program = capture(model, ToolchainConfig())
+    if layer is None:
+        return program
+    options = {**layer, **({"weights": str(weights)} if weights else {})}
+    passes = [create_pass("detect-attention", {}, "bench[0]"), create_pass("memory-caching", options, "bench[1]")]
+    return PassManager(passes).run(program, PassContext())
+
+
+def set_memory(program, enabled: bool) -> None:
+    for m in program.module.modules():
+        if hasattr(m, "memory_enabled"):
+            m.memory_enabled = enabled
+
+
+class _Chunked:
+    """A backend that feeds at most `batch` rows at a time (the recall probe sends all trials at once)."""
+
+    def __init__(self, backend, batch: int):
+        self.backend, self.batch, self.info = backend, batch, backend.info
+
+    def forward(self, feeds: dict) -> np.ndarray:
+        ids = feeds["input_ids"]
+        return np.concatenate([self.backend.forward({"input_ids": ids[i : i + self.batch]})
+                               for i in range(0, len(ids), self.batch)])
+
+
+def _nll(program, windows: np.ndarray, label: str) -> np.ndarray:
+    from memc.eval.backends import TorchBackend
+    from memc.eval.perplexity import window_nll
+
+    start = time.perf_counter()
+    out = window_nll(TorchBackend(program), windows, batch=2)
+    print(f"  {label}: {len(windows)} windows in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+    return out
+
+
+def state_bytes(layer: dict, layers: int, kv_heads: int, head_dim: int, context: int) -> int:
+    """Decode state of every memory-caching layer after `context` tokens (batch 1, fp32).
+
+    Closed segments after t tokens: those whose last token has left the window, (t - window) // segment; a cap
+    keeps at most max_segments of them.
+    """
+    from memc.nn.mc_state import MemoryCachingState
+
+    closed = max(context - layer["window"], 0) // layer["segment"]
+    slots = min(closed, layer["max_segments"]) if layer["max_segments"] else closed
+    state = MemoryCachingState.zeros(1, kv_heads, layer["window"], head_dim, layer["feature_dim"], slots)
+    return layers * state.nbytes()
+
+
+def kv_bytes(layers: int, kv_heads: int, head_dim: int, context: int) -> int:
+    return layers * 2 * kv_heads * context * head_dim * 4
+
+
+def _layer(variant_dir: Path) -> dict:
+    return json.loads((variant_dir / "metrics.json").read_text())["layer"]
+
+
+def quality(model: str, mc_dir: Path, variants: list[str], stride: int, context: int) -> tuple[list, dict]:
+    from memc.eval.paired import paired_delta
+
+    windows, spans = _windows(model, context, stride)
+    found = [v for v in variants if (mc_dir / v / "layers.safetensors").is_file()]
+    if not found:
+        raise SystemExit(f"no distilled weights under {mc_dir}/<variant>/: run python -m memc.reference.memory_caching")
+    print(f"quality: {len(windows)} windows of {context} tokens", file=sys.stderr)
+    nll = {"a": _nll(_program(model, None, None), windows, "(a) original")}
+    raw: dict = {"windows": len(windows), "stride": stride}
+    rows = []
+    first = _program(model, _layer(mc_dir / found[0]), None)
+    set_memory(first, False)
+    nll["b"] = _nll(first, windows, "(b) window only")
+    del first
+    gap = {pos: paired_delta(nll["a"], nll["b"], spans, pos) for pos in (0, 512)}
+
+    def row(label: str, key: str, variant: str) -> None:
+        d = {pos: paired_delta(nll["a"], nll[key], spans, pos) for pos in (0, 512)}
+        raw[key] = {str(p): v.as_dict() for p, v in d.items()}
+        closed = [1 - d[p].delta / gap[p].delta if key not in ("a", "b") and gap[p].delta else None for p in (0, 512)]
+        rows.append([label, variant, d[0].windows, d[0].bits_per_byte_b, f"{d[0].delta:+.4f} ± {d[0].se:.4f}",
+                     f"{100 * d[0].per_byte_ppl_change:+.2f}%", d[512].bits_per_byte_b,
+                     f"{d[512].delta:+.4f} ± {d[512].se:.4f}",
+                     " / ".join("-" if c is None else f"{100 * c:.0f}%" for c in closed)])
+
+    row("(a) original", "a", "-")
+    row("(b) window only", "b", "-")
+    for v in found:
+        layer = _layer(mc_dir / v)
+        program = _program(model, layer, mc_dir / v / "layers.safetensors")
+        nll[f"c-{v}"] = _nll(program, windows, f"(c) {v}")
+        set_memory(program, False)
+        nll[f"d-{v}"] = _nll(program, windows, f"(d) {v} memory ablated")
+        row("(c) memc distilled", f"c-{v}", v)
+        row("(d) memc, memory ablated", f"d-{v}", v)
+        raw[f"layer-{v}"] = layer
+    return rows, raw
+
+
+def recall(model: str, mc_dir: Path, variants: list[str], distances: list[int], trials: int) -> tuple[list, dict]:
+    from memc.eval.backends import TorchBackend
+    from memc.eval.recall import recall_probe
+    from memc.eval.text import load_text, text_codec
+
+    filler = load_text("heldout:code")
+    results: dict[str, list] = {}
+
+    def probe(label: str, program) -> None:
+        backend = _Chunked(TorchBackend(program), 4)
+        codec = text_codec(backend.info)
+        results[label] = [p.as_dict() for p in recall_probe(backend, filler, distances, 1024, trials, 0, codec.encode)]
+        print(f"  recall {label}: {[round(p['token_accuracy'], 2) for p in results[label]]}", file=sys.stderr)
+
+    probe("(a) original", _program(model, None, None))
+    found = [v for v in variants if (mc_dir / v / "layers.safetensors").is_file()]
+    for i, v in enumerate(found):
+        program = _program(model, _layer(mc_dir / v), mc_dir / v / "layers.safetensors")
+        if i == 0:
+            set_memory(program, False)
+            probe("(b) window only", program)
+            set_memory(program, True)
+        probe(f"(c) {v}", program)
+        set_memory(program, False)
+        probe(f"(d) {v} memory ablated", program)
+    rows = [[label, *[f"{p['token_accuracy']:.2f} ({p['control_token_accuracy']:.2f})" for p in points]]
+            for label, points in results.items()]
+    return rows, results
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="models/ref-llama")
+    ap.add_argument("--mc-dir", type=Path, default=ROOT / "models" / "ref-llama-mc")
+    ap.add_argument("--variants", default="gated,residual,soup,sparse")
+    ap.add_argument("--stride", type=int, default=1, help="evaluate every stride-th held-out window (1 = all)")
+    ap.add_argument("--recall", action="store_true")
+    ap.add_argument("--recall-model", default="models/ref-llama-recall")
+    ap.add_argument("--recall-mc-dir", type=Path, default=ROOT / "models" / "ref-llama-recall-mc")
+    ap.add_argument("--recall-distances", default="16,64,160,288,416,672,896")
+    ap.add_argument("--recall-trials", type=int, default=32)
+    args = ap.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(1)
+    variants = [v for v in args.variants.split(",") if v]
+    command = "python -m benchmarks.memory_caching " + " ".join(argv if argv is not None else sys.argv[1:])
+    rows, raw = quality(args.model, args.mc_dir, variants, args.stride, 1024)
+    sample = "all" if args.stride == 1 else f"every {args.stride}th"
+    table = Table("memory_caching", command, [
+        "model", "variant", "windows", "bits/byte", "Δ ± SE", "Δ per-byte ppl", "bits/byte pos ≥ 512",
+        "Δ ± SE pos ≥ 512", "gap to (a) closed (all / ≥ 512)"], rows, raw=raw)
+    table.notes.append(f"Held-out code, {sample} of the non-overlapping 1024-token windows ({raw['windows']} "
+                       f"windows); Δ against (a), paired standard error over windows. CPU: {cpu_info()}.")
+    layer = next(v for k, v in raw.items() if k.startswith("layer-"))
+    cfg = json.loads((Path(args.model) / "config.json").read_text())
+    dims = (cfg["num_hidden_layers"], cfg["num_key_value_heads"], cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"])
+    capped = {**layer, "max_segments": 8}
+    state_rows = []
+    for ctx in STATE_CONTEXTS:
+        kv, mc, mc_cap = kv_bytes(*dims, ctx), state_bytes(layer, *dims, ctx), state_bytes(capped, *dims, ctx)
+        state_rows.append([ctx, kv, mc, f"{kv / mc:.1f}x", mc_cap, f"{kv / mc_cap:.1f}x"])
+    state = Table("memory_caching_state", command, ["context", "(a) KV cache bytes", "memc state bytes",
+                  "smaller by", "memc state, max_segments = 8", "smaller by"], state_rows)
+    state.notes.append(f"batch 1, fp32, all {dims[0]} layers; layer options {layer}.")
+    print(table.markdown())
+    print(state.markdown())
+    table.write()
+    state.write()
+    if args.recall:
+        r_rows, r_raw = recall(args.recall_model, args.recall_mc_dir, variants,
+                               [int(d) for d in args.recall_distances.split(",")], args.recall_trials)
+        rec = Table("memory_caching_recall", command, ["model", *[f"d={d}" for d in args.recall_distances.split(",")]],
+                    r_rows, raw=r_raw)
+        rec.notes.append(f"Token accuracy of the recalled value (control in parentheses: a different key was "
+                         f"planted); {args.recall_trials} trials per distance, filler = held-out code; window "
+                         f"{layer['window']}, segment {layer['segment']}.")
+        print(rec.markdown())
+        rec.write()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
