@@ -17,11 +17,13 @@ HQ, HKV, D, HID = 4, 2, 8, 12
 TOL = 1e-5
 
 
-def make(cfg: MemoryCachingConfig, *, perturb: bool = True, seed: int = 0, hkv: int = HKV) -> MemoryCachingAttention:
+def make(cfg: MemoryCachingConfig, *, perturb: bool = True, seed: int = 0, hkv: int = HKV,
+         scale: float | None = None) -> MemoryCachingAttention:
     """A float64 layer; ``perturb`` moves every trainable parameter off its init so the router delta, tau, b and
     the feature maps all matter (at init B = 0, tau = 1, b = 0 would hide mistakes in their handling)."""
     torch.manual_seed(seed)
-    mod = MemoryCachingAttention(cfg, num_heads=HQ, num_kv_heads=hkv, head_dim=D, hidden_size=HID).double().eval()
+    mod = MemoryCachingAttention(cfg, num_heads=HQ, num_kv_heads=hkv, head_dim=D, hidden_size=HID, scale=scale)
+    mod = mod.double().eval()
     if perturb:
         with torch.no_grad():
             for p in mod.parameters():
@@ -110,6 +112,21 @@ def test_sparse_top_k_below_cap_and_wide_segments(variant):
     ref = naive_memory_caching(mod, q, k, v, x)
     assert maxdiff(mod(q, k, v, x), ref) <= TOL
     assert maxdiff(run_steps(mod, q, k, v, x)[0], ref) <= TOL
+
+
+@pytest.mark.parametrize("hkv,rank,scale,feature_dim", [(1, 8, None, 6), (4, 0, 0.3, 16), (2, 3, 0.5, 2 * D)])
+def test_head_layouts_router_rank_scale_agree(hkv, rank, scale, feature_dim):
+    """MQA / no GQA, no router delta, a custom scale, the identity-initialised feature map (F / 2 == D)."""
+    for variant in ("gated", "soup"):
+        cfg = MemoryCachingConfig(window=4, segment=3, feature_dim=feature_dim, variant=variant, router_rank=rank,
+                                  max_segments=2)
+        mod = make(cfg, hkv=hkv, scale=scale)
+        q, k, v, x = inputs(2, 29, hkv=hkv)
+        ref = naive_memory_caching(mod, q, k, v, x)
+        assert maxdiff(mod(q, k, v, x), ref) <= TOL
+        assert maxdiff(run_steps(mod, q, k, v, x)[0], ref) <= TOL
+        assert mod.scale == (scale if scale is not None else D**-0.5)
+        assert (mod.router_a is None) == (rank == 0)
 
 
 @pytest.mark.parametrize("variant", ["gated", "sparse"])
@@ -327,6 +344,18 @@ def test_window_dropout_only_in_training_and_seeded():
     assert maxdiff(a, b) == 0
     assert maxdiff(a, c) > 1e-3 and maxdiff(a, ref(q, k, v, x)) > 1e-3
     assert maxdiff(a[:, :, :1], ref(q, k, v, x)[:, :, :1]) == 0  # token 0 only sees itself, never dropped
+
+
+def test_hedgehog_feature_map_init_and_positivity():
+    from memc.nn.feature_maps import HedgehogFeatureMap
+
+    ident = HedgehogFeatureMap(3, D, 2 * D)
+    assert torch.equal(ident.weight, torch.eye(D).expand(3, D, D))
+    a, b = HedgehogFeatureMap(2, D, 6), HedgehogFeatureMap(2, D, 6)
+    assert torch.equal(a.weight, b.weight) and a.weight.shape == (2, D, 3)  # fixed seeded projection
+    phi = a(torch.randn(1, 2, 5, D, generator=torch.Generator().manual_seed(0)) * 10)
+    assert phi.shape == (1, 2, 5, 6) and (phi > 0).all()
+    assert torch.allclose(phi.sum(-1), torch.full((1, 2, 5), 2.0))
 
 
 # --- 7. bad options ------------------------------------------------------------------------------------------------
