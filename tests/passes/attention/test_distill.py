@@ -71,3 +71,34 @@ def test_too_short_text_names_the_option(byte_llama, tmp_path):
     short.write_text("def f(x):\n    return x\n", encoding="utf-8")
     with pytest.raises(PassError, match=r"pipeline\[2\]\.text: .* has \d+ tokens; distillation .* needs at least"):
         _distilled(byte_llama, text=str(short))
+
+
+def test_memory_caching_pipeline_compiles_to_onnx_and_verifies(byte_llama, tmp_path):
+    """detect -> rewrite -> distill -> ONNX: the chunked-parallel form lowers and matches the rewritten program."""
+    from tests.helpers import compile_model, write_toml
+
+    toml = write_toml(tmp_path / "mc.toml", """
+        [[pipeline]]
+        pass = "detect-attention"
+        [[pipeline]]
+        pass = "memory-caching"
+        window = 4
+        segment = 4
+        feature_dim = 8
+        router_bias_init = 0.0
+        [[pipeline]]
+        pass = "distill-attention"
+        steps = 2
+        batch = 1
+        seq_len = 48
+        eval_windows = 1
+        [target]
+        verify_shapes = [[1, 37]]
+    """)
+    result = compile_model(byte_llama, tmp_path / "out", "-c", toml)
+    assert result.rc == 0, result.explain()
+    report = result.report
+    assert report["verification"]["passed"]
+    names = [p["name"] for p in report["passes"]]
+    assert names == ["detect-attention", "memory-caching", "distill-attention"]
+    assert report["passes"][1]["metrics"]["rewritten"] == [f"model.layers.{i}.self_attn.memory_caching" for i in range(2)]
