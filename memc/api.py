@@ -6,11 +6,14 @@ written (outputs are atomic: a failure leaves nothing behind).
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
+import numpy as np
 import torch
 
 from memc.capture.memory import DynamicAxes, InMemorySource, exported_source, module_source
@@ -98,6 +101,18 @@ def _source(source: Any, cfg: ToolchainConfig, example_inputs: Any, dynamic_axes
     )
 
 
+@contextlib.contextmanager
+def _callers_rng_kept():
+    """A compile seeds random / numpy / torch for determinism; the calling script's generators continue unaffected."""
+    states = random.getstate(), np.random.get_state(), torch.random.get_rng_state()
+    try:
+        yield
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.random.set_rng_state(states[2])
+
+
 def prepare(
     source: Source,
     *,
@@ -134,11 +149,13 @@ def compile(  # noqa: A001  (memc.compile, like torch.compile)
     "batch"}}`` names the dynamic ones), or a ``torch.export.ExportedProgram``. ``config``: a toolchain.toml path, a
     dict of the same shape (its ``pipeline`` may hold Pass instances, registered or not), or a ToolchainConfig.
     ``output`` defaults to ``[output] dir``. ``progress`` shows a progress bar on a terminal; ``quiet`` prints
-    nothing (otherwise the stage lines and summary go to stderr, as with the CLI).
+    nothing (otherwise the stage lines and summary go to stderr, as with the CLI). The config's seed drives the
+    compile; the caller's random / numpy / torch generator states are restored afterwards.
     """
     plan = prepare(
         source, config=config, output=output, overrides=overrides, trust_pickle=trust_pickle,
         example_inputs=example_inputs, dynamic_axes=dynamic_axes,
     )
-    done = run_plan(plan, progress=progress, quiet=quiet)
+    with _callers_rng_kept():
+        done = run_plan(plan, progress=progress, quiet=quiet)
     return CompileResult(plan.out_dir, Report(done.report), done.verification, done.program)

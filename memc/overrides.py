@@ -94,7 +94,8 @@ def _optional_inner(tp: Any) -> Any:
 
 def _index(container: list, seg: str, path: str) -> int:
     if not seg.isdigit():
-        raise ConfigError(f"{_join(path, seg)}: {path} is a list; use an index 0..{len(container) - 1}")
+        indices = f"an index 0..{len(container) - 1}" if container else "an index (it has no entries yet)"
+        raise ConfigError(f"{_join(path, seg)}: {path} is a list; use {indices}")
     i = int(seg)
     if i >= len(container):
         have = f"entries 0..{len(container) - 1}" if container else "no entries"
@@ -206,9 +207,9 @@ def _apply(data: dict[str, Any], key: Any, value: Any, from_text: bool) -> None:
         path = _join(path, k)
         if i == len(segments) - 1:
             break
-        node, tp = node[k], child_tp
+        node, tp = (node.get(k) if isinstance(node, dict) else node[k]), child_tp
         if node is None:
-            raise ConfigError(f"{path}: is not set; set it as a whole first")
+            raise ConfigError(f"{path}: is not set; set {path} as a whole first")
     if from_text:
         if not isinstance(value, str):
             raise ConfigError(f"{path}: command-line values are text, got {type(value).__name__}")

@@ -24,7 +24,7 @@ from memc.program import Program
 from memc.report import Report
 from memc.schema import option
 from tests.fixtures.handwritten import TokenMLP, mha_model, mlp_module
-from tests.helpers import compile_model, run_cli
+from tests.helpers import run_cli
 
 MHA_FACTORY = "tests.fixtures.handwritten:mha_model"
 
@@ -102,9 +102,13 @@ def shifted(tmp_path_factory):
     x = torch.randn(2, 12, 32, generator=torch.Generator().manual_seed(3))
     config = {"seed": 3, "pipeline": [{"pass": "eliminate-dead-code"}, ShiftBias(ShiftOptions(delta=0.25))]}
     out = tmp_path_factory.mktemp("api-shift") / "out"
+    torch.manual_seed(123)
+    expected_draw = torch.rand(3)
+    torch.manual_seed(123)
     res = memc.compile(module, example_inputs=(x,), dynamic_axes={"x": {0: "batch"}}, config=config, output=out,
                        quiet=True)
-    after = {"training": module.training, "state": {k: v.clone() for k, v in module.state_dict().items()}}
+    after = {"training": module.training, "state": {k: v.clone() for k, v in module.state_dict().items()},
+             "rng_continues": torch.equal(torch.rand(3), expected_draw)}
     return module, before, after, x, res
 
 
@@ -135,6 +139,7 @@ def test_callers_module_is_left_as_it_was(shifted):
     _, before, after, _, _ = shifted
     assert all(torch.equal(before[k], after["state"][k]) for k in before), "a pass changed the caller's weights"
     assert after["training"], "the caller's train/eval mode is restored"
+    assert after["rng_continues"], "the caller's torch generator continues where it was"
 
 
 def test_dynamic_axes_keep_only_the_named_axes_dynamic(shifted):

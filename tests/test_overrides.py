@@ -220,6 +220,12 @@ def test_flags_still_win_over_set():
     assert cfg.seed == 9 and cfg.target.opset == 20
 
 
+def test_inspect_takes_set_too():
+    from memc.cli import _config, build_parser
+
+    assert _config(build_parser().parse_args(["inspect", "m:f", "--set", "inputs.seq_len=8"])).inputs.seq_len == 8
+
+
 def test_api_rejects_non_mapping_and_non_string_keys():
     with pytest.raises(ConfigError, match="expected a dict"):
         apply_overrides(ToolchainConfig(), ["target.opset=21"])  # type: ignore[arg-type]

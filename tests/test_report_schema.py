@@ -91,5 +91,17 @@ def test_readers_may_meet_added_keys(report):
     assert report_errors(extended) == []
 
 
+def test_typed_report_views(compiled, tiny_llama_dir):
+    from memc.report import Report
+
+    out = compiled(tiny_llama_dir).out_dir
+    report = Report.load(out)
+    assert Report.load(out / "report.json") == report
+    assert report.schema == REPORT_SCHEMA_ID and report.passed is report["verification"]["passed"] is True
+    assert report.verification.worst == report["verification"]["max_abs_diff"]
+    assert report.source.kind == "hf" and report.source.task == "causal-lm"
+    assert [a.path for a in report.artifacts] == ["model.onnx"] and report.passes == []
+
+
 def test_schema_text_is_the_file():
     assert schema_text("report") == Path(SCHEMA_FILE).read_text(encoding="utf-8")
