@@ -15,6 +15,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="model: .pt2 archive, Hugging Face model dir, package.module:function, or .pt pickle")
     p.add_argument("--config", "-c", help="toolchain.toml (default: memc's built-in defaults)")
     p.add_argument("--trust-pickle", action="store_true", help="allow loading a pickled .pt/.pth model (runs code!)")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+        help="override a config key, typed by the schema (repeatable): --set target.opset=21 --set pipeline.1.window=64",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true", help="print JSON instead of tables")
 
     sub.add_parser("passes", help="list registered passes (plugins included) with their options")
+
+    s = sub.add_parser("schema", help="print the JSON Schema of a machine-readable output (report: report.json)")
+    s.add_argument("name", choices=["report"], help="report: report.json, memc.report/1")
 
     e = sub.add_parser("eval", help="perplexity, recall, embedding cosine, bytes and speed of a model or ONNX artifact")
     e.add_argument("model", help="anything `memc compile` accepts, or a compiled artifact (output dir or .onnx)")
@@ -71,6 +78,10 @@ def _config(args: argparse.Namespace):
     from memc.config import load_config
 
     cfg = load_config(args.config)
+    if getattr(args, "overrides", None):
+        from memc.overrides import apply_overrides, parse_set_args
+
+        cfg = apply_overrides(cfg, parse_set_args(args.overrides), origin="--set", from_text=True)
     if getattr(args, "seed", None) is not None:
         cfg.seed = args.seed
     if getattr(args, "target", None):
@@ -81,17 +92,17 @@ def _config(args: argparse.Namespace):
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
-    from memc.compiler import make_plan, run_plan
+    from memc import api
 
     cfg = _config(args)
     source = args.model or cfg.model.source
     out_dir = Path(args.output or cfg.output.dir)
-    plan = make_plan(source, cfg, out_dir, trust_pickle=args.trust_pickle)
     if args.dry_run:
+        plan = api.prepare(source, config=cfg, output=out_dir, trust_pickle=args.trust_pickle)
         print("memc compile --dry-run: configuration is valid; this is the plan:")
         print("\n".join(plan.describe()))
         return 0
-    run_plan(plan, progress=not args.no_progress)
+    api.compile(source, config=cfg, output=out_dir, trust_pickle=args.trust_pickle, progress=not args.no_progress)
     return 0
 
 
@@ -106,6 +117,13 @@ def cmd_passes(args: argparse.Namespace) -> int:
     from memc.inspection import print_passes
 
     print_passes()
+    return 0
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    from memc.report_schema import schema_text
+
+    sys.stdout.write(schema_text(args.name))
     return 0
 
 
@@ -128,7 +146,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"compile": cmd_compile, "inspect": cmd_inspect, "passes": cmd_passes, "eval": cmd_eval}
+COMMANDS = {"compile": cmd_compile, "inspect": cmd_inspect, "passes": cmd_passes, "eval": cmd_eval, "schema": cmd_schema}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -17,14 +17,15 @@ from memc.atomic import check_output_dir, staged_output_dir, write_json
 from memc.calibration import calibration_samples
 from memc.capture import capture, resolve_kind
 from memc.capture.inputs import alternate_sizes, resized_inputs
+from memc.capture.memory import InMemorySource
 from memc.config import ToolchainConfig
-from memc.errors import VerificationError
+from memc.errors import CaptureError, ConfigError, VerificationError
 from memc.passes.base import Pass, PassContext, create_pass
 from memc.passes.instruments import IRDumpInstrument, ProgressInstrument, VerifyInstrument
 from memc.passes.manager import PassManager, check_order
 from memc.program import Program
 from memc.report import build_report, print_summary, program_facts, render_summary
-from memc.targets.base import Target, get_target
+from memc.targets.base import BuildResult, Target, Verification, get_target
 from memc.tokenizer_files import copy_tokenizer
 
 REPORT_FILE = "report.json"
@@ -48,6 +49,7 @@ class Plan:
     target: Target
     out_dir: Path
     trust_pickle: bool = False
+    in_memory: InMemorySource | None = None  # memc.compile(nn.Module / ExportedProgram); else ``source`` is loaded
 
     def describe(self) -> list[str]:
         lines = [
@@ -66,20 +68,43 @@ class Plan:
         return lines
 
 
-def make_plan(source: str, config: ToolchainConfig, out_dir: Path, trust_pickle: bool = False) -> Plan:
+def make_plan(
+    source: str | InMemorySource, config: ToolchainConfig, out_dir: Path, trust_pickle: bool = False
+) -> Plan:
     """Validate everything that can be validated without loading the model."""
-    passes = [create_pass(s.name, s.options, s.path) for s in config.pipeline]
+    passes = [s.instance if s.instance is not None else create_pass(s.name, s.options, s.path) for s in config.pipeline]
     check_order(passes, set())
-    kind = resolve_kind(source, config.model.kind)
+    if isinstance(source, InMemorySource):
+        if config.model.kind != "auto":
+            raise ConfigError(f"model.kind: {config.model.kind!r} does not apply to an in-memory {source.kind} source")
+        kind, in_memory, source = source.kind, source, source.description
+    else:
+        kind, in_memory = resolve_kind(source, config.model.kind), None
+    if kind == "pickle" and not trust_pickle:
+        raise CaptureError(
+            f"refusing to load {source}: it is a pickle, and unpickling can run arbitrary code",
+            hint="if you trust where it came from, rerun with --trust-pickle (memc.compile(..., trust_pickle=True)); "
+            "better, save the model with torch.export.save(...) as a .pt2 archive, which memc loads safely",
+        )
     check_output_dir(out_dir)
-    return Plan(source, kind, config, passes, get_target(config.target), out_dir, trust_pickle)
+    return Plan(source, kind, config, passes, get_target(config.target), out_dir, trust_pickle, in_memory)
+
+
+@dataclass
+class Compiled:
+    """What ``run_plan`` produced: the report written, the program before lowering, the checks and the build."""
+
+    report: dict[str, Any]
+    program: Program
+    verification: Verification
+    build: BuildResult
 
 
 class _Display:
     """Stage lines on stderr plus a progress bar for long loops (only on a terminal)."""
 
-    def __init__(self, enabled: bool):
-        self.console = Console(stderr=True)
+    def __init__(self, enabled: bool, quiet: bool = False):
+        self.console = Console(stderr=True, quiet=quiet)
         self.progress = Progress(
             TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
             console=self.console, transient=True, disable=not (enabled and self.console.is_terminal),
@@ -108,15 +133,18 @@ def _verification_samples(program: Program, calib: list[tuple], config: Toolchai
     return samples + calib
 
 
-def run_plan(plan: Plan, progress: bool = True) -> dict[str, Any]:
-    """Execute a plan; on any failure nothing is left in the output directory."""
+def run_plan(plan: Plan, progress: bool = True, quiet: bool = False) -> Compiled:
+    """Execute a plan; on any failure nothing is left in the output directory. ``quiet``: print nothing."""
     cfg = plan.config
-    display = _Display(progress and cfg.instruments.progress)
+    display = _Display(progress and cfg.instruments.progress, quiet)
     seed_everything(cfg.seed)
     with display.progress:
         t0 = time.perf_counter()
         display.stage(f"capturing {plan.source} ({plan.kind}) with torch.export")
-        program = capture(plan.source, cfg, trust_pickle=plan.trust_pickle)
+        if plan.in_memory is not None:
+            program = plan.in_memory.capture(cfg)
+        else:
+            program = capture(plan.source, cfg, trust_pickle=plan.trust_pickle)
         capture_seconds = time.perf_counter() - t0
         captured = {**program_facts(program), "op_histogram": program.op_histogram()}
         calib = calibration_samples(program, cfg.calibration, cfg.inputs, cfg.seed)
@@ -163,4 +191,4 @@ def run_plan(plan: Plan, progress: bool = True) -> dict[str, Any]:
     print_summary(display.console, report)
     written = [a.path for a in build.artifacts] + [REPORT_FILE, SUMMARY_FILE] + report["tokenizer_files"]
     display.stage(f"wrote {plan.out_dir}/ ({', '.join(written)})")
-    return report
+    return Compiled(report, program, verification, build)

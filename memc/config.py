@@ -11,13 +11,14 @@ pass names and option typos fail before anything is loaded or written.
 """
 from __future__ import annotations
 
+import dataclasses
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from memc.errors import ConfigError
-from memc.schema import from_dict, option
+from memc.schema import from_dict, option, to_dict
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -121,11 +122,13 @@ class OutputConfig:
 
 @dataclass
 class PassSpec:
-    """One pipeline entry: a pass name and its raw options (validated by ``resolve_pipeline``)."""
+    """One pipeline entry: a pass name and its raw options (validated by ``resolve_pipeline``), or, from the Python
+    API, a ready Pass instance (a build script's own pass, registered or not; ``options`` then mirror its config)."""
 
     name: str
     options: dict[str, Any]
     path: str  # key path in the config, for errors
+    instance: Any = None  # memc.passes.base.Pass
 
 
 @dataclass
@@ -149,7 +152,8 @@ def parse_config(data: dict[str, Any], origin: str = "toolchain.toml") -> Toolch
     for i, entry in enumerate(raw_pipeline):
         path = f"pipeline[{i}]"
         if not isinstance(entry, dict):
-            raise ConfigError(f"{path}: expected a table with a 'pass' key")
+            specs.append(_instance_spec(entry, path))
+            continue
         name = entry.get("pass")
         if not isinstance(name, str):
             raise ConfigError(f"{path}.pass: required string naming a registered pass (see `memc passes`)")
@@ -157,6 +161,37 @@ def parse_config(data: dict[str, Any], origin: str = "toolchain.toml") -> Toolch
     cfg = from_dict(ToolchainConfig, {k: v for k, v in data.items() if k != "pipeline"}, "")
     cfg.pipeline = specs
     return cfg
+
+
+def _instance_spec(entry: Any, path: str) -> PassSpec:
+    """A Pass object in a pipeline given from Python; anything else that is not a table is an error."""
+    base = sys.modules.get("memc.passes.base")  # no Pass object can exist unless that module was imported
+    Pass = base.Pass if base is not None else None
+    if Pass is not None and isinstance(entry, type) and issubclass(entry, Pass):
+        raise ConfigError(f"{path}: got the Pass class {entry.__qualname__}; give an instance, {entry.__qualname__}()")
+    if Pass is None or not isinstance(entry, Pass):
+        what = f"{type(entry).__name__} {entry!r}" if isinstance(entry, (str, int, float, bool)) else type(entry).__name__
+        raise ConfigError(
+            f"{path}: expected a table with a 'pass' key, or an instance of a memc.passes.Pass subclass, got {what}"
+        )
+    cls = type(entry)
+    name = getattr(entry, "name", None)
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"{path}: {cls.__qualname__} must define a non-empty class attribute 'name'")
+    if not dataclasses.is_dataclass(cls.Config) or not isinstance(entry.config, cls.Config):
+        raise ConfigError(
+            f"{path}: {cls.__qualname__}().config is a {type(entry.config).__name__}, expected a "
+            f"{cls.__qualname__}.Config dataclass instance"
+        )
+    return PassSpec(name, to_dict(entry.config), path, entry)
+
+
+def config_data(cfg: ToolchainConfig) -> dict[str, Any]:
+    """The plain-data form of a config (what ``parse_config`` reads back): pipeline entries as tables, Pass
+    instances as themselves."""
+    data = to_dict(cfg)
+    data["pipeline"] = [s.instance if s.instance is not None else {"pass": s.name, **s.options} for s in cfg.pipeline]
+    return data
 
 
 def load_config(path: str | Path | None) -> ToolchainConfig:

@@ -41,6 +41,10 @@ class UnsupportedError(MemcError):
     """The target cannot express part of the program; the message names the node and why."""
 
 
+class ArtifactError(MemcError):
+    """A compiled artifact is missing or unreadable, or was given inputs its graphs do not take."""
+
+
 class VerificationError(MemcError):
     """The compiled artifact does not match the original program within tolerance."""
 

@@ -3,15 +3,18 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import json
 import platform
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
-from memc.program import Program
+from memc.program import PassRecord, Program, SourceInfo
+from memc.report_schema import REPORT_SCHEMA_ID
 from memc.schema import to_dict
-from memc.targets.base import BuildResult, Verification
+from memc.targets.base import Artifact, BuildResult, SampleCheck, Verification
 
 
 def environment() -> dict[str, str]:
@@ -74,6 +77,7 @@ def build_report(
     cfg = to_dict(config)
     cfg["pipeline"] = [{"pass": s.name, **s.options} for s in config.pipeline]
     return {
+        "schema": REPORT_SCHEMA_ID,
         "source": dataclasses.asdict(program.source),
         "seed": config.seed,
         "config": cfg,
@@ -89,6 +93,48 @@ def build_report(
         "verification": verification_dict(verification),
         "environment": environment(),
     }
+
+
+def _typed(cls: type, data: dict[str, Any]) -> Any:
+    """``cls(**data)`` keeping only cls's fields (a report from a later memc may carry more keys)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in data.items() if k in names})
+
+
+class Report(dict):
+    """report.json: the dict (``report["verification"]["max_abs_diff"]``, ``json.dumps(report)``) with typed views
+    of what build scripts gate on (``report.verification.passed``, ``report.passes[0].metrics``)."""
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Report":
+        """Read ``<artifact>/report.json`` (or the file itself)."""
+        path = Path(path)
+        return cls(json.loads((path / "report.json" if path.is_dir() else path).read_text(encoding="utf-8")))
+
+    @property
+    def schema(self) -> str:
+        return self.get("schema", "")
+
+    @property
+    def source(self) -> SourceInfo:
+        return _typed(SourceInfo, self["source"])
+
+    @property
+    def passes(self) -> list[PassRecord]:
+        return [_typed(PassRecord, r) for r in self["passes"]]
+
+    @property
+    def artifacts(self) -> list[Artifact]:
+        return [_typed(Artifact, a) for a in self["target"]["artifacts"]]
+
+    @property
+    def verification(self) -> Verification:
+        v = self["verification"]
+        return Verification(v["atol"], [_typed(SampleCheck, s) for s in v["samples"]])
+
+    @property
+    def passed(self) -> bool:
+        return bool(self["verification"]["passed"])
 
 
 def _fmt_bytes(n: int) -> str:

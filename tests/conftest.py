@@ -13,9 +13,14 @@ Fixtures (all session-scoped; the plain functions behind them are in tests/helpe
   tiny family ``name``, built once per session. Read-only too.
 
 Tests that print measured max |Δ| through ``tests.helpers.record_diff`` get them listed in the terminal summary.
+
+Every report.json a compile writes during the session is validated against the shipped schema (memc.report/1):
+in this process as it is written (``_reports_match_the_schema`` wraps the compiler's writer), and, at the end of the
+session, every report.json in a memc output directory under pytest's temporary root (compiles run as subprocesses).
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any, Callable
@@ -25,6 +30,37 @@ import pytest
 from tests.helpers import RECORDED_DIFFS, TINY_FAMILIES, CompileResult, compile_model, save_tiny_hf
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+REPORTS_VALIDATED: dict[str, int] = {"written in-process": 0, "found on disk": 0}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _reports_match_the_schema(tmp_path_factory: pytest.TempPathFactory):
+    import memc.compiler
+    from memc.atomic import MARKER
+    from memc.report_schema import check_report
+
+    write_json = memc.compiler.write_json
+
+    def validating_write_json(path: Path, data: Any) -> None:
+        if Path(path).name == memc.compiler.REPORT_FILE:
+            check_report(json.loads(json.dumps(data, default=str)), f"the report.json written to {path.parent}")
+            REPORTS_VALIDATED["written in-process"] += 1
+        write_json(path, data)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(memc.compiler, "write_json", validating_write_json)
+        yield
+    failures = []
+    for path in sorted(tmp_path_factory.getbasetemp().rglob("report.json")):
+        if (path.parent / MARKER).is_file():  # a memc output directory (not a test's own JSON file)
+            REPORTS_VALIDATED["found on disk"] += 1
+            try:
+                check_report(json.loads(path.read_text(encoding="utf-8")), str(path))
+            except ValueError as exc:
+                failures.append(str(exc))
+    if failures:
+        pytest.fail("report.json files that do not match memc.report/1:\n" + "\n".join(failures), pytrace=False)
 
 
 @pytest.fixture(scope="session")
@@ -105,6 +141,11 @@ def decode_artifact(tiny_hf, tmp_path_factory: pytest.TempPathFactory) -> Callab
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
+    if any(REPORTS_VALIDATED.values()):
+        terminalreporter.write_line(
+            "memc: report.json validated against memc.report/1: "
+            + ", ".join(f"{n} {what}" for what, n in REPORTS_VALIDATED.items())
+        )
     if RECORDED_DIFFS:
         terminalreporter.section("memc: measured max |Δ| (artifact vs original)")
         for label, value in RECORDED_DIFFS.items():
