@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.fx import Interpreter
 
 from memc.errors import VerificationError
+from memc.graph_values import record
 from memc.program import Program, module_path
 
 
@@ -27,26 +27,11 @@ class Instrument:
     def after_pass(self, program: Program, pass_: Any, metrics: dict[str, Any]) -> None: ...
 
 
-class _Recorder(Interpreter):
-    """Runs a graph and keeps every node's tensor output (detached), keyed by node name."""
-
-    def __init__(self, gm: torch.fx.GraphModule):
-        super().__init__(gm)
-        self.values: dict[str, torch.Tensor] = {}
-
-    def run_node(self, n: torch.fx.Node) -> Any:
-        out = super().run_node(n)
-        if isinstance(out, torch.Tensor) and n.op != "placeholder":
-            self.values[n.name] = out.detach().clone()
-        return out
-
-
 def _record(program: Program, inputs: tuple[torch.Tensor, ...]) -> tuple[dict[str, torch.Tensor], list]:
-    rec = _Recorder(program.module)
-    with torch.no_grad():
-        out = rec.run(*inputs)
+    """Every non-input node's tensor value (detached) and the program's outputs."""
+    values, out = record(program.module, inputs, lambda n: n.op != "placeholder")
     outs = list(out) if isinstance(out, (tuple, list)) else [out]
-    return rec.values, outs
+    return values, outs
 
 
 def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
