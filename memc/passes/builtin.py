@@ -1,2 +1,3 @@
 """Importing this module registers memc's built-in passes."""
 from memc.passes import cleanup  # noqa: F401
+from memc.passes.quant import quantize  # noqa: F401

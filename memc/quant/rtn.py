@@ -37,7 +37,7 @@ class QuantTensor:
             "codes": pack_codes(self.codes, bits).view(rows, blocks, -1),
             "scales": self.scales.clone(),
         }
-        if not self.fmt.symmetric:
+        if not self.fmt.symmetric or bits != self.fmt.bits:  # a 3-bit code's offset 4 is not the container's 8
             out["zeros"] = pack_codes(self.zeros, bits)
         return out
 
