@@ -179,7 +179,9 @@ def compute_scores(program, weights, groups, candidates, calib, kind, seed, work
     with tempfile.TemporaryDirectory(prefix="memc-sensitivity-") as tmp:
         out = os.path.join(tmp, "scores.pt")
         args = (program, weights, groups, candidates, calib, kind, seed, jobs)
-        mp.spawn(_worker, args=(workers, _free_port(), args, out), nprocs=workers, join=True)
+        # fork: the workers inherit the program (an exported GraphModule does not pickle for spawn)
+        mp.start_processes(_worker, args=(workers, _free_port(), args, out), nprocs=workers, join=True,
+                           start_method="fork")
         return torch.load(out)
 
 
