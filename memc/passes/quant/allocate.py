@@ -5,6 +5,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from memc.errors import ConfigError
 from memc.passes.base import Pass, PassContext, PassResult, register_pass
 from memc.passes.quant.quantize import PLAN
 from memc.passes.quant.sensitivity import SENSITIVITY
@@ -21,7 +22,10 @@ class AllocateOptions:
 
     def validate(self) -> None:
         if self.budget:
-            parse_budget(self.budget, 1, 1, "budget")
+            try:
+                parse_budget(self.budget, 1, 1, "budget")
+            except ConfigError as exc:  # from_dict prefixes the pipeline entry's key path
+                raise ValueError(str(exc)) from None
 
 
 def _mb(n: float) -> str:
@@ -38,8 +42,6 @@ class AllocateBits(Pass):
     provides = frozenset({PLAN})
 
     def run(self, program: Program, ctx: PassContext) -> PassResult:
-        from memc.errors import ConfigError
-
         info = program.annotations[SENSITIVITY]
         table = info["table"]
         if not self.config.budget:

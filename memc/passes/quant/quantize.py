@@ -35,7 +35,10 @@ class QuantizeOptions:
 
     def validate(self) -> None:
         if self.format:
-            parse_format(self.format, "format")
+            try:
+                parse_format(self.format, "format")
+            except ConfigError as exc:  # from_dict prefixes the pipeline entry's key path
+                raise ValueError(str(exc)) from None
         if self.accuracy_level not in (0, 1, 2, 3, 4):
             raise ValueError(f"accuracy_level must be 0..4, got {self.accuracy_level}")
         if self.damp <= 0 or self.block_size < 1:

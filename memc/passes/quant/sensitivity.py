@@ -30,7 +30,10 @@ class SensitivityOptions:
         if not self.candidates:
             raise ValueError("candidates must list at least one format")
         for i, c in enumerate(self.candidates):
-            parse_format(c, f"candidates[{i}]")
+            try:
+                parse_format(c, f"candidates[{i}]")
+            except ConfigError as exc:  # from_dict prefixes the pipeline entry's key path
+                raise ValueError(str(exc)) from None
         if len(set(self.candidates)) != len(self.candidates):
             raise ValueError("candidates has duplicates")
         if self.workers < 1:

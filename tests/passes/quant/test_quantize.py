@@ -114,5 +114,5 @@ def test_target_refuses_unstorable_format(tiny_llama_program):
 def test_no_format_is_a_clear_error(tiny_llama_program):
     with pytest.raises(ConfigError, match="no format"):
         Quantize(QuantizeOptions()).run(tiny_llama_program, PassContext())
-    with pytest.raises(ConfigError, match="unknown format"):
+    with pytest.raises(ValueError, match="unknown format"):
         QuantizeOptions(format="int4g128").validate()

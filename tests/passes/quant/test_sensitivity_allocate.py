@@ -83,7 +83,7 @@ def test_allocation_errors(tiny_llama_program, tmp_path):
     AllocateBits(AllocateOptions(budget=str(smallest), overhead_bytes=500)).run(p, _ctx())  # exactly enough
     with pytest.raises(ConfigError, match="no budget"):
         AllocateBits(AllocateOptions()).run(p, _ctx())
-    with pytest.raises(ConfigError, match="cannot read budget"):
+    with pytest.raises(ValueError, match="cannot read budget"):
         AllocateOptions(budget="small").validate()
 
 
