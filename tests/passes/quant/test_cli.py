@@ -57,3 +57,35 @@ def test_calibration_text_sources(tmp_path):
     own.write_text("def mine():\n    return 42\n" * 20)
     assert calibration_text(str(own)).startswith("def mine")
     assert len(calibration_text("train:prose")) > 100_000
+
+
+def test_compile_with_budget_fits_and_predicts_the_file(tiny_llama_dir, tmp_path):
+    """End to end: sensitivity (graph bytes measured by a trial lowering) -> ILP -> GPTQ -> onnx, verified against the
+    torch program; model.onnx is within the budget and within 1% of the predicted bytes."""
+    cfg = write_toml(tmp_path / "t.toml", f"""
+        [inputs]
+        seq_len = 16
+        [calibration]
+        num_samples = 2
+        [[pipeline]]
+        pass = "quant-sensitivity"
+        candidates = ["int2-g16", "int4-g16", "int8-g32", "keep"]
+        cache_dir = "{tmp_path / 'cache'}"
+        [[pipeline]]
+        pass = "allocate-bits"
+        [[pipeline]]
+        pass = "quantize"
+        method = "gptq"
+    """)
+    budget = 104_000  # between all-int2 (~98 KB with the graph) and all-int4 (~107 KB): a real mix
+    rc, out, err = run_cli(["compile", tiny_llama_dir, "-c", cfg, "--budget", str(budget), "-o", tmp_path / "o",
+                            "--no-progress"])
+    assert rc == 0, err
+    import json
+
+    report = json.loads((tmp_path / "o" / "report.json").read_text())
+    alloc = next(p for p in report["passes"] if p["name"] == "allocate-bits")["metrics"]
+    size = (tmp_path / "o" / "model.onnx").stat().st_size
+    assert size <= budget
+    assert abs(size - alloc["predicted_bytes"]) <= 0.01 * alloc["predicted_bytes"], (size, alloc["predicted_bytes"])
+    assert len(alloc["formats"]) >= 2, alloc["formats"]
