@@ -8,6 +8,8 @@ Two scores, both against the original model's own predictions (no labels needed)
   modelopt's auto_quantize score). Y_q - Y = X (W_q - W)^T is exact for a linear, so no extra forwards.
 * ``kl``: the mean KL(original || quantized) of the output distribution with only that group quantized
   (one forward per group, candidate and batch; needs no backward).
+* ``mse``: forward-only too, the output's squared error relative to its mean square: for encoders, whose output
+  is a hidden state rather than a distribution.
 
 Scores are made non-increasing in bytes per group (more bytes never scores worse), as modelopt does.
 """
@@ -65,7 +67,7 @@ def cache_key(program: Program, calib: list[tuple], candidates: list[str], kind:
 
 
 def _kl_job(program: Program, weights: dict[str, WeightTensor], members: list[str], fmt: Format, calib: list[tuple],
-            reference: list[torch.Tensor]) -> float:
+            reference: list[torch.Tensor], kind: str = "kl") -> float:
     params = _params(program)
     saved = {m: params[weights[m].targets[0]].detach().clone() for m in members}
     try:
@@ -73,10 +75,15 @@ def _kl_job(program: Program, weights: dict[str, WeightTensor], members: list[st
             for m in members:
                 params[weights[m].targets[0]].copy_(rtn(saved[m], fmt).dequantize())
             total, count = 0.0, 0
-            for sample, ref_logp in zip(calib, reference):
-                logp = torch.log_softmax(first_output(program.module(*sample)).double(), -1)
-                total += float((ref_logp.exp() * (ref_logp - logp)).sum())
-                count += ref_logp[..., 0].numel()
+            for sample, ref in zip(calib, reference):
+                out = first_output(program.module(*sample)).double()
+                if kind == "kl":
+                    logp = torch.log_softmax(out, -1)
+                    total += float((ref.exp() * (ref - logp)).sum())
+                    count += ref[..., 0].numel()
+                else:
+                    total += float((out - ref).pow(2).sum() / ref.pow(2).mean())
+                    count += ref.numel()
         return total / max(count, 1)
     finally:
         with torch.no_grad():
@@ -84,10 +91,12 @@ def _kl_job(program: Program, weights: dict[str, WeightTensor], members: list[st
                 params[weights[m].targets[0]].copy_(saved[m])
 
 
-def _kl_scores(program, weights, jobs, groups, fmts, calib) -> dict[tuple[int, int], float]:
+def _forward_scores(program, weights, jobs, groups, fmts, calib, kind) -> dict[tuple[int, int], float]:
     with torch.no_grad():
-        reference = [torch.log_softmax(first_output(program.module(*s)).double(), -1) for s in calib]
-    return {(g, c): _kl_job(program, weights, groups[g], fmts[c], calib, reference) for g, c in jobs}
+        reference = [first_output(program.module(*s)).double() for s in calib]
+    if kind == "kl":
+        reference = [torch.log_softmax(r, -1) for r in reference]
+    return {(g, c): _kl_job(program, weights, groups[g], fmts[c], calib, reference, kind) for g, c in jobs}
 
 
 def _fisher_scores(program, weights, jobs, groups, fmts, calib, seed) -> dict[tuple[int, int], float]:
@@ -140,8 +149,8 @@ def score_jobs(program, weights, groups, candidates, calib, kind, seed, jobs) ->
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the same arithmetic in every process: 2 workers == 1 worker, bit for bit
     try:
-        if kind == "kl":
-            return _kl_scores(program, weights, jobs, groups, fmts, calib)
+        if kind in ("kl", "mse"):
+            return _forward_scores(program, weights, jobs, groups, fmts, calib, kind)
         return _fisher_scores(program, weights, jobs, groups, fmts, calib, seed)
     finally:
         torch.set_num_threads(threads)

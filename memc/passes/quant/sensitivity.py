@@ -21,7 +21,10 @@ DEFAULT_CANDIDATES = ["int2-g16", "int2-g32", "int2-g64", "int4-g32", "int4-g64"
 @dataclass
 class SensitivityOptions:
     candidates: list[str] = option(factory=lambda: list(DEFAULT_CANDIDATES), doc="formats to choose from (memc.quant.formats names)")
-    score: Literal["fisher", "kl"] = option("fisher", "fisher: gradient-weighted output error (one backward per batch); kl: forward-only")
+    score: Literal["fisher", "kl", "mse"] = option(
+        "fisher", "fisher: gradient-weighted output error (one backward per batch); kl: forward-only KL of the output "
+        "distribution; mse: forward-only relative squared error of the output (encoders)"
+    )
     workers: int = option(1, "processes that split the (tensor, candidate) grid (torch.distributed, gloo)")
     cache_dir: str = option("~/.cache/memc/sensitivity", "scores cached here by model + calibration + candidates; '' = off")
     measure_graph: bool = option(True, "lower the program once to measure the artifact's non-weight bytes (cached too)")

@@ -26,7 +26,7 @@ def _sensitivity(program, tmp_path, score="fisher", **kw):
     return QuantSensitivity(opts).run(program, _ctx())
 
 
-@pytest.mark.parametrize("score", ["fisher", "kl"])
+@pytest.mark.parametrize("score", ["fisher", "kl", "mse"])
 def test_scores_monotone_and_cached(tiny_llama_program, tmp_path, score):
     r = _sensitivity(tiny_llama_program, tmp_path, score)
     table = tiny_llama_program.annotations[SENSITIVITY]["table"]
