@@ -1,7 +1,7 @@
 """The ``quantize`` pass: quantize the program's weights with the allocation plan (or one uniform format)."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
