@@ -112,7 +112,7 @@ def main() -> None:
     print(f"{len(windows)} of {total_windows} windows; {params:,} parameters", flush=True)
 
     t0 = time.perf_counter()
-    candidates = DEFAULT_CANDIDATES[:-1] + ["int2-g128", "int2-g256", "keep"]
+    candidates = DEFAULT_CANDIDATES
     ctx = PassContext(seed=0, calibration=calib, config=cfg)
     sens = QuantSensitivity(SensitivityOptions(candidates=candidates, cache_dir=args.cache_dir)).run(program, ctx)
     graph = program.annotations[SENSITIVITY]["graph_bytes"]

@@ -15,7 +15,9 @@ from memc.quant.sites import find_weights, tie_groups
 from memc.schema import option
 
 SENSITIVITY = "quant.sensitivity"
-DEFAULT_CANDIDATES = ["int2-g16", "int2-g32", "int2-g64", "int4-g32", "int4-g64", "int4-g128", "int8-g64", "keep"]
+DEFAULT_CANDIDATES = [  # int2-g128 / -g256: what makes 2.5 bits per parameter reachable once the graph's bytes count
+    "int2-g16", "int2-g32", "int2-g64", "int4-g32", "int4-g64", "int4-g128", "int8-g64", "int2-g128", "int2-g256", "keep",
+]
 
 
 @dataclass
