@@ -71,8 +71,8 @@ def test_1000_tensors_6_candidates_under_a_second():
     nbytes = (sizes[:, None] * bits[None, :]) // 8
     scores = rng.random((g, 1)) * np.exp(-bits[None, :] * rng.uniform(0.5, 1.0, (g, 1)))
     cap = int(nbytes[:, 2].sum())
-    t0 = time.perf_counter()
+    t0 = time.process_time()  # CPU seconds: wall time on 2 cores shared by many jobs measures the neighbours
     a = allocate(scores, nbytes, cap)
-    seconds = time.perf_counter() - t0
+    seconds = time.process_time() - t0
     assert a.bytes <= cap and a.status == "optimal"
     assert seconds < 1.0, f"{seconds:.2f} s"
