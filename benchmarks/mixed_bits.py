@@ -91,6 +91,9 @@ def main() -> None:
     ap.add_argument("--artifacts", action="store_true", help="also build the ILP artifacts (bytes on disk, prefill speed)")
     ap.add_argument("--cache-dir", default="~/.cache/memc/sensitivity")
     ap.add_argument("--out", default="", help="keep the built artifacts here (default: a temporary directory)")
+    ap.add_argument("--gptq-samples", type=int, default=4, help="calibration batches for GPTQ's Hessians")
+    ap.add_argument("--fp32-artifact", default="", help="an fp32 model.onnx of the same model for the speed baseline")
+    ap.add_argument("--artifact-budgets", default="", help="comma-separated budget labels to build (default: all)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -121,27 +124,34 @@ def main() -> None:
     base = _bits_per_window(program, windows)
     fp_bpb = base.sum() / nbytes.sum()
     rows, raw = [], {"fp32_bits_per_byte": fp_bpb, "windows": len(windows), "total_windows": total_windows}
+    gptq_calib = calib[: args.gptq_samples]
+    command = "python -m benchmarks.mixed_bits " + " ".join(
+        a for a in (f"--stride {args.stride}", f"--gptq-samples {args.gptq_samples}",
+                    "--artifacts" if args.artifacts else "") if a)
+    notes = [f"ref-llama, held-out code, {len(windows)} of {total_windows} windows of {CONTEXT} tokens (every "
+             f"{args.stride}th), fp32 {fp_bpb:.4f} bits/byte; Δ = per-byte perplexity vs fp32 ± paired SE over windows; "
+             f"bytes = model.onnx as predicted: {graph:,} graph bytes (measured by a trial lowering) + exact container "
+             f"bytes of every tensor; sensitivity: fisher on {len(calib)} train-code batches of 2 x 512 tokens; GPTQ "
+             f"Hessians from the first {len(gptq_calib)} of them."]
+    table = Table("mixed_bits", command, ["point", "quantizer", "bytes", "bits/param", "bits/byte", "Δ ppl/byte"],
+                  rows, notes, raw)
 
-    def point(label: str, formats: dict, method: str, container_note: str = "") -> tuple[int, float, float]:
+    def point(label: str, formats: dict, method: str) -> tuple[int, float, float]:
         t = time.perf_counter()
-        p, stored = _fake_quant(program, formats, method, calib)
+        p, stored = _fake_quant(program, formats, method, gptq_calib)
         size = graph + stored
         bits = _bits_per_window(p, windows)
         d, se = _delta(bits, base, nbytes)
-        rows.append([label, method, f"{size / 1e6:.3f} MB" + container_note, f"{8 * size / params:.2f}",
+        rows.append([label, method, f"{size / 1e6:.3f} MB", f"{8 * size / params:.2f}",
                      f"{bits.sum() / nbytes.sum():.4f}", f"{d:+.2f}% ± {se:.2f}"])
         raw[label] = {"bytes": size, "delta_pct": d, "se_pct": se, "seconds": time.perf_counter() - t}
         print(rows[-1], f"{time.perf_counter() - t:.0f} s", flush=True)
+        table.write()  # partial results survive an interrupted run
         return size, d, se
 
     uniform = lambda name: {w.name: parse_format(name) for w in weights}  # noqa: E731
-    sizes = {}
-    for name in ("int8-g128", "int4-g128", "int2-g32", "int2-g64"):
-        sizes[name] = point(f"uniform {name}", uniform(name), "rtn")[0]
-    for name in ("int4-g128", "int2-g32", "int2-g128"):
-        point(f"uniform {name}", uniform(name), "gptq")
-    budgets = {"int4-g128 size": sizes["int4-g128"], "3 bits/param": int(3 * params / 8),
-               "2.5 bits/param": int(2.5 * params / 8)}
+    int4 = sum(parse_format("int4-g128").nbytes(w.shape) for w in weights) + graph
+    budgets = {"int4-g128 size": int4, "3 bits/param": int(3 * params / 8), "2.5 bits/param": int(2.5 * params / 8)}
     plans = {}
     for label, budget in budgets.items():
         program.annotations.pop(PLAN, None)
@@ -154,16 +164,15 @@ def main() -> None:
         print(label, budget, alloc.metrics["formats"], f"{alloc.metrics['solver_seconds']:.3f} s", flush=True)
         point(f"memc ILP @ {label} ({budget / 1e6:.3f} MB)", {w.name: plan.get(w.name, KEEP) for w in weights}, "gptq")
     raw["plans"] = plans
-    notes = [f"ref-llama, held-out code, {len(windows)} of {total_windows} windows of {CONTEXT} tokens (every "
-             f"{args.stride}th), fp32 {fp_bpb:.4f} bits/byte; Δ = per-byte perplexity vs fp32 ± paired SE over windows; "
-             f"bytes = model.onnx as predicted: {graph:,} graph bytes (measured) + exact container bytes."]
-    table = Table("mixed_bits", "python -m benchmarks.mixed_bits " + " ".join(
-        a for a in (f"--stride {args.stride}", "--artifacts" if args.artifacts else "") if a),
-        ["point", "quantizer", "bytes", "bits/param", "bits/byte", "Δ ppl/byte"], rows, notes, raw)
+    for name in ("int4-g128", "int2-g32", "int2-g128"):  # GPTQ at (or under) the ILP points' bytes
+        point(f"uniform {name}", uniform(name), "gptq")
+    for name in ("int4-g128", "int2-g32", "int2-g64", "int8-g128"):
+        point(f"uniform {name}", uniform(name), "rtn")
     print(table.markdown())
     print(f"wrote {table.write()}", flush=True)
     if args.artifacts:
-        notes += _artifacts(program, plans, budgets, raw, ctx, args.out)
+        gctx = PassContext(seed=0, calibration=gptq_calib, config=cfg)
+        notes += _artifacts(program, plans, budgets, raw, gctx, args.out, args.fp32_artifact, args.artifact_budgets)
         print(table.markdown())
         print(f"wrote {table.write()}")
 
@@ -182,7 +191,7 @@ def _with_accuracy_level(src: Path, dst: Path, level: int) -> Path:
     return dst
 
 
-def _artifacts(program, plans, budgets, raw, ctx, keep_dir: str = "") -> list[str]:
+def _artifacts(program, plans, budgets, raw, ctx, keep_dir: str = "", fp32: str = "", only: str = "") -> list[str]:
     """Build each ILP artifact with the onnx target; bytes on disk vs predicted; prefill speed vs fp32 (exact-check
     accuracy level 0 as built, and the same file with int8 activations, accuracy level 4)."""
     import contextlib
@@ -201,14 +210,18 @@ def _artifacts(program, plans, budgets, raw, ctx, keep_dir: str = "") -> list[st
         return CONTEXT / median_seconds(lambda: sess.run(None, {"input_ids": ids}), repeats=5)
 
     with (contextlib.nullcontext(keep_dir) if keep_dir else tempfile.TemporaryDirectory()) as tmp:
-        fp = Path(tmp) / "fp32"
-        fp.mkdir(parents=True, exist_ok=True)
-        OnnxRuntimeTarget(TargetConfig()).build(program, fp)
-        fp_speed = prefill(fp / MODEL_FILE)
-        raw["fp32_artifact"] = {"bytes": (fp / MODEL_FILE).stat().st_size, "prefill_tok_s": fp_speed}
+        if fp32:
+            fp_model = Path(fp32)
+        else:
+            fp = Path(tmp) / "fp32"
+            fp.mkdir(parents=True, exist_ok=True)
+            OnnxRuntimeTarget(TargetConfig()).build(program, fp)
+            fp_model = fp / MODEL_FILE
         for label, plan in plans.items():
+            if only and label not in only.split(","):
+                continue
             p = program.replace(module=copy.deepcopy(program.module), annotations={PLAN: plan}, log=[])
-            res = Quantize(QuantizeOptions(method="gptq")).run(p, ctx)
+            res = Quantize(QuantizeOptions(method="gptq")).run(p, ctx)  # ctx: the GPTQ calibration, as evaluated
             out = Path(tmp) / label.replace(" ", "_").replace("/", "_")
             out.mkdir(parents=True, exist_ok=True)
             target = OnnxRuntimeTarget(TargetConfig())
@@ -216,6 +229,8 @@ def _artifacts(program, plans, budgets, raw, ctx, keep_dir: str = "") -> list[st
             v = target.verify(res.program, out, ctx.calibration[:1])
             size = (out / MODEL_FILE).stat().st_size
             speed = prefill(out / MODEL_FILE)
+            fp_speed = prefill(fp_model)  # timed next to each artifact: neighbours' load drifts over the run
+            raw.setdefault("fp32_artifact", {"bytes": fp_model.stat().st_size, "prefill_tok_s": []})["prefill_tok_s"].append(fp_speed)
             speed4 = prefill(_with_accuracy_level(out / MODEL_FILE, out / "model-acc4.onnx", 4))
             predicted = raw[f"memc ILP @ {label} ({budgets[label] / 1e6:.3f} MB)"]["bytes"]
             raw[f"artifact {label}"] = {"bytes": size, "predicted": predicted, "budget": budgets[label],
