@@ -104,13 +104,15 @@ def store_half_scales(model: onnx.ModelProto) -> int:
 
 
 def share_reshaped_initializers(model: onnx.ModelProto, min_bytes: int = 1024) -> int:
-    """Initializers with the same dtype and bytes as an earlier one (the exporter folds ``Reshape(codes)`` of a
-    tied table into a second copy) become a Reshape of the first, so the file stores the table once.
-    Returns the bytes saved."""
+    """uint8 initializers (packed codes / zero points) with the same bytes as an earlier one (the exporter folds
+    ``Reshape(codes)`` of a tied table into a second copy) become a Reshape of the first, so the file stores the
+    table once. Float initializers are left alone. Returns the bytes saved."""
     first: dict[tuple[int, bytes], onnx.TensorProto] = {}
     saved = 0
     reshapes = []
     for t in list(model.graph.initializer):
+        if t.data_type != onnx.TensorProto.UINT8:
+            continue
         raw = numpy_helper.to_array(t)
         if raw.nbytes < min_bytes:
             continue
