@@ -170,6 +170,7 @@ def main() -> None:
         point(f"uniform {name}", uniform(name), "rtn")
     print(table.markdown())
     print(f"wrote {table.write()}", flush=True)
+    print(f"wrote {plot()}", flush=True)
     if args.artifacts:
         gctx = PassContext(seed=0, calibration=gptq_calib, config=cfg)
         notes += _artifacts(program, plans, budgets, raw, gctx, args.out, args.fp32_artifact, args.artifact_budgets)
@@ -245,3 +246,38 @@ def _artifacts(program, plans, budgets, raw, ctx, keep_dir: str = "", fp32: str 
 
 if __name__ == "__main__":
     main()
+
+
+def plot(json_path: Path = Path(__file__).parent / "results" / "mixed_bits.json") -> Path:
+    """Size vs quality: Δ per-byte perplexity (± SE) against model.onnx bytes, one series per quantizer."""
+    import json
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    raw = json.loads(json_path.read_text())["raw"]
+    series: dict[str, list] = {}
+    for label, v in raw.items():
+        if not isinstance(v, dict) or "delta_pct" not in v:
+            continue
+        kind = "memc ILP (GPTQ)" if label.startswith("memc") else None
+        series.setdefault(kind or label.split()[0], []).append((v["bytes"] / 1e6, v["delta_pct"], v["se_pct"], label))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, pts in series.items():
+        pts.sort()
+        ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", capsize=3,
+                    label=name, linestyle="-" if name.startswith("memc") else "none")
+        for x, y, _, label in pts:
+            ax.annotate(label.replace("uniform ", "").split(" (")[0].replace("memc ILP @ ", ""), (x, y), fontsize=7,
+                        xytext=(4, 4), textcoords="offset points")
+    ax.set_xlabel("model.onnx bytes (MB)")
+    ax.set_ylabel("Δ per-byte perplexity vs fp32 (%)")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    out = json_path.with_suffix(".png")
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    return out
