@@ -104,27 +104,35 @@ def store_half_scales(model: onnx.ModelProto) -> int:
 
 
 def share_reshaped_initializers(model: onnx.ModelProto, min_bytes: int = 1024) -> int:
-    """uint8 initializers (packed codes / zero points) with the same bytes as an earlier one (the exporter folds
-    ``Reshape(codes)`` of a tied table into a second copy) become a Reshape of the first, so the file stores the
-    table once. Float initializers are left alone. Returns the bytes saved."""
-    first: dict[tuple[int, bytes], onnx.TensorProto] = {}
+    """Packed codes / zero points (uint8) and float16 scales with the same bytes as an earlier initializer are stored
+    once: the exporter folds ``Reshape(codes)`` of a tied table into a second copy, and the table's scales reach its
+    two ops through two folded Casts. A same-shape duplicate is replaced by the first; another shape becomes a
+    Reshape of it. Float32 initializers (ordinary weights) are left alone. Returns the bytes saved."""
+    kinds = (onnx.TensorProto.UINT8, onnx.TensorProto.FLOAT16)
+    first: dict[tuple[int, bytes], tuple[onnx.TensorProto, tuple]] = {}
     saved = 0
-    reshapes = []
+    reshapes, alias = [], {}
     for t in list(model.graph.initializer):
-        if t.data_type != onnx.TensorProto.UINT8:
+        if t.data_type not in kinds:
             continue
         raw = numpy_helper.to_array(t)
         if raw.nbytes < min_bytes:
             continue
-        key = (t.data_type, raw.tobytes())
-        kept = first.setdefault(key, t)
+        kept, shape = first.setdefault((t.data_type, raw.tobytes()), (t, raw.shape))
         if kept is t:
             continue
         model.graph.initializer.remove(t)
+        saved += raw.nbytes
+        if shape == raw.shape:
+            alias[t.name] = kept.name
+            continue
         shape_name = f"{t.name}_shape"
         model.graph.initializer.append(numpy_helper.from_array(np.array(raw.shape, np.int64), shape_name))
         reshapes.append(onnx.helper.make_node("Reshape", [kept.name, shape_name], [t.name], name=f"{t.name}_shared"))
-        saved += raw.nbytes
+    for node in model.graph.node:
+        for i, name in enumerate(node.input):
+            if name in alias:
+                node.input[i] = alias[name]
     for r in reversed(reshapes):
         model.graph.node.insert(0, r)
     return saved
