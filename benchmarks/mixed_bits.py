@@ -144,7 +144,8 @@ def main() -> None:
         d, se = _delta(bits, base, nbytes)
         rows.append([label, method, f"{size / 1e6:.3f} MB", f"{8 * size / params:.2f}",
                      f"{bits.sum() / nbytes.sum():.4f}", f"{d:+.2f}% ± {se:.2f}"])
-        raw[label] = {"bytes": size, "delta_pct": d, "se_pct": se, "seconds": time.perf_counter() - t}
+        raw[f"{label} [{method}]"] = {"bytes": size, "delta_pct": d, "se_pct": se, "method": method,
+                                      "seconds": time.perf_counter() - t}
         print(rows[-1], f"{time.perf_counter() - t:.0f} s", flush=True)
         table.write()  # partial results survive an interrupted run
         return size, d, se
@@ -233,7 +234,7 @@ def _artifacts(program, plans, budgets, raw, ctx, keep_dir: str = "", fp32: str 
             fp_speed = prefill(fp_model)  # timed next to each artifact: neighbours' load drifts over the run
             raw.setdefault("fp32_artifact", {"bytes": fp_model.stat().st_size, "prefill_tok_s": []})["prefill_tok_s"].append(fp_speed)
             speed4 = prefill(_with_accuracy_level(out / MODEL_FILE, out / "model-acc4.onnx", 4))
-            predicted = raw[f"memc ILP @ {label} ({budgets[label] / 1e6:.3f} MB)"]["bytes"]
+            predicted = raw[f"memc ILP @ {label} ({budgets[label] / 1e6:.3f} MB) [gptq]"]["bytes"]
             raw[f"artifact {label}"] = {"bytes": size, "predicted": predicted, "budget": budgets[label],
                                         "max_abs_diff": v.worst, "prefill_tok_s": speed, "prefill_tok_s_acc4": speed4}
             notes.append(f"artifact @ {label}: model.onnx {size:,} B (predicted {predicted:,}, budget {budgets[label]:,}; "
@@ -262,8 +263,8 @@ def plot(json_path: Path = Path(__file__).parent / "results" / "mixed_bits.json"
     for label, v in raw.items():
         if not isinstance(v, dict) or "delta_pct" not in v:
             continue
-        kind = "memc ILP (GPTQ)" if label.startswith("memc") else None
-        series.setdefault(kind or label.split()[0], []).append((v["bytes"] / 1e6, v["delta_pct"], v["se_pct"], label))
+        kind = "memc ILP (GPTQ)" if label.startswith("memc") else f"uniform {v.get('method', '?').upper()}"
+        series.setdefault(kind, []).append((v["bytes"] / 1e6, v["delta_pct"], v["se_pct"], label.split(" [")[0]))
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, pts in series.items():
         pts.sort()
