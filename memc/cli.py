@@ -31,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--target", "-t", choices=["onnx"], help="deployment target (overrides [target] name)")
     c.add_argument("--output", "-o", help="output directory (overrides [output] dir)")
     c.add_argument("--seed", type=int, help="overrides the config's seed")
+    c.add_argument("--budget", help="artifact size for the pipeline's allocate-bits pass: 1.6MB, 1.5MiB, 3bits, 0.1x")
     c.add_argument("--dry-run", action="store_true", help="validate everything and print the plan; run nothing")
     c.add_argument("--dump-ir", action="store_true", help="write the graph after each pass to <output>/ir/")
     c.add_argument("--no-progress", action="store_true", help="no progress display")
@@ -88,7 +89,24 @@ def _config(args: argparse.Namespace):
         cfg.target.name = args.target
     if getattr(args, "dump_ir", False):
         cfg.instruments.dump_ir = True
+    if getattr(args, "budget", None) is not None:
+        set_budget(cfg, args.budget, args.config)
     return cfg
+
+
+def set_budget(cfg, budget: str, config_path: str | None) -> None:
+    """``--budget``: the budget of every allocate-bits pass in the pipeline (there must be one)."""
+    from memc.errors import ConfigError
+
+    entries = [s for s in cfg.pipeline if s.name == "allocate-bits"]
+    if not entries:
+        where = config_path or "the default pipeline"
+        raise ConfigError(
+            f"--budget: {where} has no allocate-bits pass to give the budget to",
+            hint="use -c toolchains/mixed-bits.toml, or add [[pipeline]] pass = \"allocate-bits\"",
+        )
+    for s in entries:
+        s.options["budget"] = budget
 
 
 def cmd_compile(args: argparse.Namespace) -> int:

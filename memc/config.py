@@ -70,7 +70,10 @@ class InputsConfig:
 
 @dataclass
 class CalibrationConfig:
-    source: str = option("random", '"random" token/tensor samples, or a path to a UTF-8 text file')
+    source: str = option(
+        "random", '"random" token/tensor samples, "train:code" / "train:prose" (the reference corpus\'s train split), '
+        "or a path to a UTF-8 text file (held-out text is refused)"
+    )
     tokenizer: Literal["auto", "bytes", "hf"] = option(
         "auto", "text -> tokens: the HF model directory's tokenizer, or raw bytes (byte-level models)"
     )

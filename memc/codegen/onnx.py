@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import onnx
 import torch
 
+from memc.codegen.quant import share_reshaped_initializers, store_half_scales
 from memc.errors import UnsupportedError
 from memc.program import Program, module_path
 
@@ -48,7 +49,17 @@ def quiet():
 def _registry(opset: int):
     from torch.onnx._internal.exporter import _registration
 
-    return _registration.ONNXRegistry.from_torchlib(opset)
+    registry = _registration.ONNXRegistry.from_torchlib(opset)
+    for target, fn in custom_translations().items():
+        registry.register_op(target, fn)
+    return registry
+
+
+def custom_translations() -> dict:
+    """Translations of memc's own torch ops (memc.nn) for the exporter."""
+    from memc.codegen.quant import translations
+
+    return translations()
 
 
 def find_unsupported(ep: torch.export.ExportedProgram, opset: int) -> list[UnsupportedNode]:
@@ -137,8 +148,11 @@ def lower_exported(
             output_names=output_names,
             optimize=optimize,
             verbose=False,
+            custom_translation_table=custom_translations(),
         )
     model = onnx_program.model_proto
+    store_half_scales(model)
+    share_reshaped_initializers(model)
     rename_dims(model, dim_names)
     if not debug_metadata:
         strip_debug_metadata(model)

@@ -1,5 +1,6 @@
 """Importing this module registers memc's built-in passes."""
 from memc.passes import cleanup  # noqa: F401
 from memc.passes.attention import detect  # noqa: F401
-from memc.passes.attention import memory_caching  # noqa: F401
 from memc.passes.attention import distill  # noqa: F401
+from memc.passes.attention import memory_caching  # noqa: F401
+from memc.passes.quant import allocate, quantize, sensitivity  # noqa: F401

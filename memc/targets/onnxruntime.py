@@ -16,6 +16,7 @@ import torch
 from memc.codegen.onnx import check_exportable, export_onnx
 from memc.errors import CaptureError, UnsupportedError, VerificationError, first_line
 from memc.program import Program
+from memc.quant.check import check_quant_formats
 from memc.runtime.engine import DECODE_FILE
 from memc.targets.session import create_session
 from memc.targets.base import Artifact, BuildResult, SampleCheck, Target, Verification, register_target
@@ -63,6 +64,7 @@ class OnnxRuntimeTarget(Target):
                 f"{program.source.kind} source ({program.source.task})",
                 hint="set target.decode_graph = false for this model",
             )
+        check_quant_formats(program, self.name)
         check_exportable(self._exported(program), self.config.opset)
 
     def build(self, program: Program, out_dir: Path) -> BuildResult:

@@ -1,0 +1,284 @@
+"""Mixed-precision weights on ref-llama: memc's ILP allocation vs uniform RTN / GPTQ at the same bytes.
+
+    python -m benchmarks.mixed_bits [--model models/ref-llama] [--stride 8] [--artifacts]
+
+Quality: held-out code bits/byte of the fake-quant program in torch (the ONNX artifact matches it within 1e-4 in
+exact-check mode, tests/passes/quant), on every ``stride``-th window of 1024 tokens (an unselected sample;
+``--stride 1`` is the whole set), as Δ per-byte perplexity vs fp32 with the paired standard error over windows.
+Bytes: model.onnx bytes predicted as the measured graph bytes (quant-sensitivity's trial lowering) plus each
+tensor's exact container bytes; ``--artifacts`` also builds the ILP artifacts and reports their bytes on disk and
+prefill tokens/s at 1024 tokens (one thread) against the fp32 artifact.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from benchmarks.harness import Table, median_seconds
+
+CONTEXT = 1024
+
+
+def _program(model: str):
+    from memc.capture import capture
+    from memc.config import ToolchainConfig
+
+    cfg = ToolchainConfig()
+    cfg.calibration.source = "train:code"
+    cfg.calibration.num_samples = 8
+    cfg.calibration.seq_len = 512
+    return capture(model, cfg), cfg
+
+
+def _windows(program, stride: int):
+    from memc.eval.backends import TorchBackend
+    from memc.eval.text import load_text, text_codec, tokenize
+
+    info = TorchBackend(program).info
+    ids, spans = tokenize(load_text("heldout:code"), info, text_codec(info))
+    n = len(ids) // CONTEXT
+    pick = np.arange(0, n, stride)
+    return ids[: n * CONTEXT].reshape(n, CONTEXT)[pick], spans[: n * CONTEXT].reshape(n, CONTEXT)[pick], n
+
+
+def _bits_per_window(program, windows) -> np.ndarray:
+    from memc.eval.perplexity import log_softmax_nll
+
+    out = []
+    for w in windows:
+        logits = program(torch.from_numpy(w[None]))[0].float().numpy()
+        out.append(float(log_softmax_nll(logits[:, :-1], w[None, 1:]).sum()) / math.log(2))
+    return np.array(out)
+
+
+def _fake_quant(program, formats: dict, method: str, calib) -> tuple:
+    """A copy of the program with the quantized tensors' dequantized weights, and their stored bytes."""
+    from memc.passes.quant.quantize import QuantizeOptions, gptq_all, rtn_all
+    from memc.quant.sites import find_weights
+
+    p = program.replace(module=copy.deepcopy(program.module), annotations={}, log=[])
+    weights, _ = find_weights(p)
+    fmts = {w.name: formats[w.name] for w in weights if not formats[w.name].keep}
+    q = gptq_all(p, weights, fmts, calib, QuantizeOptions()) if method == "gptq" else rtn_all(p, weights, fmts)
+    params = dict(p.module.named_parameters(remove_duplicate=False))
+    with torch.no_grad():
+        for w in weights:
+            if w.name in q:
+                params[w.targets[0]].copy_(q[w.name].dequantize())
+    stored = sum(t.nbytes() for t in q.values()) + sum(w.numel * 4 for w in weights if w.name not in q)
+    return p, stored
+
+
+def _delta(bits: np.ndarray, base: np.ndarray, nbytes: np.ndarray) -> tuple[float, float]:
+    """Δ per-byte perplexity (%) and its paired standard error (%), windows as the unit."""
+    bpb, bpb0 = bits.sum() / nbytes.sum(), base.sum() / nbytes.sum()
+    d = (bits - base) / nbytes  # per-window bits/byte difference
+    se = d.std(ddof=1) / math.sqrt(len(d)) * (nbytes.mean() * len(d) / nbytes.sum())
+    ratio = 2 ** (bpb - bpb0)
+    return 100 * (ratio - 1), 100 * ratio * math.log(2) * se
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="models/ref-llama")
+    ap.add_argument("--stride", type=int, default=8)
+    ap.add_argument("--artifacts", action="store_true", help="also build the ILP artifacts (bytes on disk, prefill speed)")
+    ap.add_argument("--cache-dir", default="~/.cache/memc/sensitivity")
+    ap.add_argument("--out", default="", help="keep the built artifacts here (default: a temporary directory)")
+    ap.add_argument("--gptq-samples", type=int, default=4, help="calibration batches for GPTQ's Hessians")
+    ap.add_argument("--fp32-artifact", default="", help="an fp32 model.onnx of the same model for the speed baseline")
+    ap.add_argument("--artifact-budgets", default="", help="comma-separated budget labels to build (default: all)")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+
+    from memc.calibration import calibration_samples
+    from memc.passes.base import PassContext
+    from memc.passes.quant.allocate import AllocateBits, AllocateOptions
+    from memc.passes.quant.quantize import PLAN
+    from memc.passes.quant.sensitivity import DEFAULT_CANDIDATES, SENSITIVITY, QuantSensitivity, SensitivityOptions
+    from memc.quant.formats import KEEP, parse_format
+    from memc.quant.sites import find_weights
+
+    program, cfg = _program(args.model)
+    calib = calibration_samples(program, cfg.calibration, cfg.inputs, cfg.seed)
+    windows, spans, total_windows = _windows(program, args.stride)
+    nbytes = spans[:, 1:].sum(1).astype(np.float64)
+    params, _ = program.parameter_stats()
+    weights, _ = find_weights(program)
+    print(f"{len(windows)} of {total_windows} windows; {params:,} parameters", flush=True)
+
+    t0 = time.perf_counter()
+    candidates = DEFAULT_CANDIDATES
+    ctx = PassContext(seed=0, calibration=calib, config=cfg)
+    sens = QuantSensitivity(SensitivityOptions(candidates=candidates, cache_dir=args.cache_dir)).run(program, ctx)
+    graph = program.annotations[SENSITIVITY]["graph_bytes"]
+    print(f"sensitivity {time.perf_counter() - t0:.0f} s (cached: {sens.metrics['cached']}); graph bytes {graph:,}", flush=True)
+
+    base = _bits_per_window(program, windows)
+    fp_bpb = base.sum() / nbytes.sum()
+    rows, raw = [], {"fp32_bits_per_byte": fp_bpb, "windows": len(windows), "total_windows": total_windows}
+    gptq_calib = calib[: args.gptq_samples]
+    command = "python -m benchmarks.mixed_bits " + " ".join(
+        a for a in (f"--stride {args.stride}", f"--gptq-samples {args.gptq_samples}",
+                    "--artifacts" if args.artifacts else "") if a)
+    notes = [f"ref-llama, held-out code, {len(windows)} of {total_windows} windows of {CONTEXT} tokens (every "
+             f"{args.stride}th), fp32 {fp_bpb:.4f} bits/byte; Δ = per-byte perplexity vs fp32 ± paired SE over windows; "
+             f"bytes = model.onnx as predicted: {graph:,} graph bytes (measured by a trial lowering) + exact container "
+             f"bytes of every tensor; sensitivity: fisher on {len(calib)} train-code batches of 2 x 512 tokens; GPTQ "
+             f"Hessians from the first {len(gptq_calib)} of them."]
+    table = Table("mixed_bits", command, ["point", "quantizer", "bytes", "bits/param", "bits/byte", "Δ ppl/byte"],
+                  rows, notes, raw)
+
+    def point(label: str, formats: dict, method: str) -> tuple[int, float, float]:
+        t = time.perf_counter()
+        p, stored = _fake_quant(program, formats, method, gptq_calib)
+        size = graph + stored
+        bits = _bits_per_window(p, windows)
+        d, se = _delta(bits, base, nbytes)
+        rows.append([label, method, f"{size / 1e6:.3f} MB", f"{8 * size / params:.2f}",
+                     f"{bits.sum() / nbytes.sum():.4f}", f"{d:+.2f}% ± {se:.2f}"])
+        raw[f"{label} [{method}]"] = {"bytes": size, "delta_pct": d, "se_pct": se, "method": method,
+                                      "seconds": time.perf_counter() - t}
+        print(rows[-1], f"{time.perf_counter() - t:.0f} s", flush=True)
+        table.write()  # partial results survive an interrupted run
+        return size, d, se
+
+    uniform = lambda name: {w.name: parse_format(name) for w in weights}  # noqa: E731
+    int4 = sum(parse_format("int4-g128").nbytes(w.shape) for w in weights) + graph
+    budgets = {"int4-g128 size": int4, "3 bits/param": int(3 * params / 8), "2.5 bits/param": int(2.5 * params / 8)}
+    plans = {}
+    for label, budget in budgets.items():
+        program.annotations.pop(PLAN, None)
+        alloc = AllocateBits(AllocateOptions(budget=str(budget))).run(program, ctx)
+        plan = {k: parse_format(v) for k, v in program.annotations[PLAN].items()}
+        plans[label] = dict(program.annotations[PLAN])
+        raw[f"ilp {label}"] = {"budget": budget, "solver": alloc.metrics["solver"],
+                               "solver_seconds": alloc.metrics["solver_seconds"], "formats": alloc.metrics["formats"],
+                               "table": alloc.metrics["table"]}
+        print(label, budget, alloc.metrics["formats"], f"{alloc.metrics['solver_seconds']:.3f} s", flush=True)
+        point(f"memc ILP @ {label} ({budget / 1e6:.3f} MB)", {w.name: plan.get(w.name, KEEP) for w in weights}, "gptq")
+    raw["plans"] = plans
+    for name in ("int4-g128", "int2-g32", "int2-g128"):  # GPTQ at (or under) the ILP points' bytes
+        point(f"uniform {name}", uniform(name), "gptq")
+    for name in ("int4-g128", "int2-g32", "int2-g64", "int8-g128"):
+        point(f"uniform {name}", uniform(name), "rtn")
+    print(table.markdown())
+    print(f"wrote {table.write()}", flush=True)
+    print(f"wrote {plot()}", flush=True)
+    if args.artifacts:
+        gctx = PassContext(seed=0, calibration=gptq_calib, config=cfg)
+        notes += _artifacts(program, plans, budgets, raw, gctx, args.out, args.fp32_artifact, args.artifact_budgets)
+        print(table.markdown())
+        print(f"wrote {table.write()}")
+
+
+def _with_accuracy_level(src: Path, dst: Path, level: int) -> Path:
+    """A copy of an artifact whose MatMulNBits nodes compute with ``accuracy_level`` (4: int8 activations)."""
+    import onnx
+
+    model = onnx.load(str(src))
+    for node in model.graph.node:
+        if node.op_type == "MatMulNBits":
+            for a in node.attribute:
+                if a.name == "accuracy_level":
+                    a.i = level
+    onnx.save_model(model, str(dst))
+    return dst
+
+
+def _artifacts(program, plans, budgets, raw, ctx, keep_dir: str = "", fp32: str = "", only: str = "") -> list[str]:
+    """Build each ILP artifact with the onnx target; bytes on disk vs predicted; prefill speed vs fp32 (exact-check
+    accuracy level 0 as built, and the same file with int8 activations, accuracy level 4)."""
+    import contextlib
+    import tempfile
+
+    from memc.config import TargetConfig
+    from memc.passes.quant.quantize import PLAN, Quantize, QuantizeOptions
+    from memc.targets.onnxruntime import MODEL_FILE, OnnxRuntimeTarget
+    from memc.targets.session import create_session
+
+    notes = []
+    ids = np.random.default_rng(0).integers(0, 4096, (1, CONTEXT)).astype(np.int64)
+
+    def prefill(path) -> float:
+        sess = create_session(path, threads=1)
+        return CONTEXT / median_seconds(lambda: sess.run(None, {"input_ids": ids}), repeats=5)
+
+    with (contextlib.nullcontext(keep_dir) if keep_dir else tempfile.TemporaryDirectory()) as tmp:
+        if fp32:
+            fp_model = Path(fp32)
+        else:
+            fp = Path(tmp) / "fp32"
+            fp.mkdir(parents=True, exist_ok=True)
+            OnnxRuntimeTarget(TargetConfig()).build(program, fp)
+            fp_model = fp / MODEL_FILE
+        for label, plan in plans.items():
+            if only and label not in only.split(","):
+                continue
+            p = program.replace(module=copy.deepcopy(program.module), annotations={PLAN: plan}, log=[])
+            res = Quantize(QuantizeOptions(method="gptq")).run(p, ctx)  # ctx: the GPTQ calibration, as evaluated
+            out = Path(tmp) / label.replace(" ", "_").replace("/", "_")
+            out.mkdir(parents=True, exist_ok=True)
+            target = OnnxRuntimeTarget(TargetConfig())
+            target.build(res.program, out)
+            v = target.verify(res.program, out, ctx.calibration[:1])
+            size = (out / MODEL_FILE).stat().st_size
+            speed = prefill(out / MODEL_FILE)
+            fp_speed = prefill(fp_model)  # timed next to each artifact: neighbours' load drifts over the run
+            raw.setdefault("fp32_artifact", {"bytes": fp_model.stat().st_size, "prefill_tok_s": []})["prefill_tok_s"].append(fp_speed)
+            speed4 = prefill(_with_accuracy_level(out / MODEL_FILE, out / "model-acc4.onnx", 4))
+            predicted = raw[f"memc ILP @ {label} ({budgets[label] / 1e6:.3f} MB) [gptq]"]["bytes"]
+            raw[f"artifact {label}"] = {"bytes": size, "predicted": predicted, "budget": budgets[label],
+                                        "max_abs_diff": v.worst, "prefill_tok_s": speed, "prefill_tok_s_acc4": speed4}
+            notes.append(f"artifact @ {label}: model.onnx {size:,} B (predicted {predicted:,}, budget {budgets[label]:,}; "
+                         f"{100 * (size - predicted) / predicted:+.2f}%), max |Δ| vs torch {max(v.worst.values()):.2g}, "
+                         f"prefill {speed:,.0f} tok/s (accuracy level 0; {speed4:,.0f} with int8 activations, level 4) vs fp32 "
+                         f"{fp_speed:,.0f} at {CONTEXT} tokens, 1 thread")
+            print(notes[-1], flush=True)
+    return notes
+
+
+if __name__ == "__main__":
+    main()
+
+
+def plot(json_path: Path = Path(__file__).parent / "results" / "mixed_bits.json") -> Path:
+    """Size vs quality: Δ per-byte perplexity (± SE) against model.onnx bytes, one series per quantizer."""
+    import json
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    raw = json.loads(json_path.read_text())["raw"]
+    series: dict[str, list] = {}
+    for label, v in raw.items():
+        if not isinstance(v, dict) or "delta_pct" not in v:
+            continue
+        kind = "memc ILP (GPTQ)" if label.startswith("memc") else f"uniform {v.get('method', '?').upper()}"
+        series.setdefault(kind, []).append((v["bytes"] / 1e6, v["delta_pct"], v["se_pct"], label.split(" [")[0]))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, pts in series.items():
+        pts.sort()
+        ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", capsize=3,
+                    label=name, linestyle="-" if name.startswith("memc") else "none")
+        for x, y, _, label in pts:
+            ax.annotate(label.replace("uniform ", "").split(" (")[0].replace("memc ILP @ ", ""), (x, y), fontsize=7,
+                        xytext=(4, 4), textcoords="offset points")
+    ax.set_xlabel("model.onnx bytes (MB)")
+    ax.set_ylabel("Δ per-byte perplexity vs fp32 (%)")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    out = json_path.with_suffix(".png")
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    return out

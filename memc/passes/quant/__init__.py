@@ -1,0 +1,1 @@
+"""Mixed-precision weight quantization passes: quant-sensitivity -> allocate-bits -> quantize."""
