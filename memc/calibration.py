@@ -33,42 +33,12 @@ def _tokenize(text: str, program: Program, how: str) -> list[int]:
     return list(text.encode("utf-8"))
 
 
-TRAIN_PREFIX = "train:"
-
-
 def calibration_text(source: str) -> str:
-    """``train:code`` / ``train:prose`` (the reference corpus's train split) or a UTF-8 file. Held-out text is
-    refused: calibrating on it would make every held-out measurement of the compiled model optimistic."""
-    from memc.reference import corpus
+    """``trainsplit:code`` / ``trainsplit:prose`` (the reference corpus's train split) or a UTF-8 file; held-out
+    text is refused (see memc.eval.text.load_train_text)."""
+    from memc.eval.text import load_train_text
 
-    if source.startswith("heldout:"):
-        raise ConfigError(
-            f"calibration.source: {source!r} is the held-out evaluation text; calibrate on the train split",
-            hint='use "train:code" or "train:prose", or a file of your own training text',
-        )
-    if source.startswith(TRAIN_PREFIX):
-        domain = source[len(TRAIN_PREFIX):]
-        if domain not in corpus.DOMAINS:
-            raise ConfigError(f"calibration.source: unknown corpus {source!r}; use train:{' or train:'.join(corpus.DOMAINS)}")
-        return corpus.train_bytes(domain).decode("utf-8")
-    path = Path(source)
-    try:
-        data = path.read_bytes()
-        text = data.decode("utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"calibration.source: cannot read {path} as UTF-8 text: {exc}") from None
-    if not text.strip():
-        raise ConfigError(f"calibration.source: {path} is empty")
-    for domain in corpus.DOMAINS:
-        held = corpus.held_out_bytes(domain)
-        overlap = (len(data.strip()) >= 256 and data.strip() in held) or any(len(d.data) >= 64 and d.data in data for d in corpus.split(domain, True))
-        if overlap:
-            raise ConfigError(
-                f"calibration.source: {path} contains held-out {domain} text of memc's reference corpus; "
-                "calibrate on the train split",
-                hint='use "train:code" / "train:prose" or text that is not in the evaluation set',
-            )
-    return text
+    return load_train_text(source, "calibration.source").decode("utf-8")
 
 
 def calibration_samples(

@@ -71,7 +71,7 @@ class InputsConfig:
 @dataclass
 class CalibrationConfig:
     source: str = option(
-        "random", '"random" token/tensor samples, "train:code" / "train:prose" (the reference corpus\'s train split), '
+        "random", '"random" token/tensor samples, "trainsplit:code" / "trainsplit:prose" (the reference corpus\'s train split), '
         "or a path to a UTF-8 text file (held-out text is refused)"
     )
     tokenizer: Literal["auto", "bytes", "hf"] = option(

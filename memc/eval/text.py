@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from memc.errors import MemcError
+from memc.errors import ConfigError, MemcError
 from memc.eval.backends import ModelInfo
 from memc.tokenizer_files import has_tokenizer
 
@@ -41,22 +41,33 @@ def load_text(spec: str) -> bytes:
 def load_train_text(spec: str, option: str) -> bytes:
     """Text a pass may learn from: ``trainsplit:code`` / ``trainsplit:prose`` or a UTF-8 file, never held-out text.
 
-    ``option`` is the option's key path, named in every error (e.g. ``pipeline[2].text``).
+    Learning from the evaluation text would make every held-out measurement of the compiled model optimistic, so a
+    file that contains held-out documents of the reference corpus is refused too. ``option`` is the option's key
+    path, named in every error (e.g. ``pipeline[2].text``).
     """
     from memc.reference import corpus
 
+    train = f"{TRAIN_PREFIX}{f' or {TRAIN_PREFIX}'.join(corpus.DOMAINS)}"
     if spec.startswith(HELD_OUT_PREFIX):
-        raise MemcError(f"{option}: {spec!r} is held-out evaluation text; passes learn from the train split only "
-                        f"(use {TRAIN_PREFIX}{spec[len(HELD_OUT_PREFIX):]} or a file)")
+        raise ConfigError(f"{option}: {spec!r} is held-out evaluation text; passes learn from the train split only "
+                          f"(use {train}, or a file of your own training text)")
     if spec.startswith(TRAIN_PREFIX):
         domain = spec[len(TRAIN_PREFIX):]
         if domain not in corpus.DOMAINS:
-            raise MemcError(f"{option}: unknown corpus {spec!r}; choose {TRAIN_PREFIX}{f' or {TRAIN_PREFIX}'.join(corpus.DOMAINS)}")
+            raise ConfigError(f"{option}: unknown corpus {spec!r}; use {train}")
         return corpus.train_bytes(domain)
     try:
-        return load_text(spec)
+        data = load_text(spec)
     except MemcError as exc:
-        raise MemcError(f"{option}: {exc}") from None
+        raise ConfigError(f"{option}: {exc}") from None
+    stripped = data.strip()
+    for domain in corpus.DOMAINS:
+        held = corpus.held_out_bytes(domain)
+        if (len(stripped) >= 256 and stripped in held) or any(
+                len(d.data) >= 64 and d.data in data for d in corpus.split(domain, True)):
+            raise ConfigError(f"{option}: {spec} contains held-out {domain} text of memc's reference corpus; "
+                              f"learn from the train split ({train})")
+    return data
 
 
 def token_byte_lengths(tokenizer: Any) -> np.ndarray:

@@ -41,7 +41,7 @@ def test_calibration_text_sources(tmp_path):
     with pytest.raises(ConfigError, match="held-out evaluation text"):
         calibration_text("heldout:code")
     with pytest.raises(ConfigError, match="unknown corpus"):
-        calibration_text("train:poetry")
+        calibration_text("trainsplit:poetry")
     empty = tmp_path / "empty.txt"
     empty.write_text("  \n")
     with pytest.raises(ConfigError, match="is empty"):
@@ -56,7 +56,7 @@ def test_calibration_text_sources(tmp_path):
     own = tmp_path / "own.txt"
     own.write_text("def mine():\n    return 42\n" * 20)
     assert calibration_text(str(own)).startswith("def mine")
-    assert len(calibration_text("train:prose")) > 100_000
+    assert len(calibration_text("trainsplit:prose")) > 100_000
 
 
 def test_compile_with_budget_fits_and_predicts_the_file(tiny_llama_dir, tmp_path):
