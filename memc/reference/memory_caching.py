@@ -29,8 +29,10 @@ TOOLCHAIN = Path(__file__).resolve().parents[2] / "toolchains" / "memory-caching
 WEIGHTS = "layers.safetensors"
 
 
-def distill(model: str, out: Path, overrides: dict[str, dict], toolchain: Path = TOOLCHAIN) -> dict:
+def distill(model: str, out: Path, overrides: dict[str, dict], toolchain: Path = TOOLCHAIN, seed: int | None = None) -> dict:
     cfg = load_config(str(toolchain))
+    if seed is not None:  # a continued run draws other training windows than the run it continues
+        cfg.seed = seed
     seed_everything(cfg.seed)
     torch.set_num_threads(1)
     specs = [s for s in cfg.pipeline if s.name in ("detect-attention", "memory-caching", "distill-attention")]
@@ -56,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default="models/ref-llama")
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--toolchain", type=Path, default=TOOLCHAIN)
+    ap.add_argument("--seed", type=int, help="overrides the toolchain's seed")
     ap.add_argument("--variant", choices=["residual", "gated", "soup", "sparse"])
     ap.add_argument("--set", action="append", default=[], metavar="PASS.OPTION=VALUE",
                     help="override a pass option, e.g. distill-attention.steps=300 (value parsed as JSON if it can be)")
@@ -71,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         except json.JSONDecodeError:
             value = raw
         overrides.setdefault(name, {})[opt] = value
-    report = distill(args.model, args.out, overrides, args.toolchain)
+    report = distill(args.model, args.out, overrides, args.toolchain, args.seed)
     distilled = report["passes"][-1]["metrics"]
     for target, after in distilled.get("layer_error_after", {}).items():
         before = distilled["layer_error_before"][target]
