@@ -134,7 +134,8 @@ def _fused_experts(gm: GraphModule, indices: Node, num_experts: int) -> list[str
 
 
 def _modulelist_experts(targets: list[str], block: str, num_experts: int) -> tuple[list[str], list[str]]:
-    """A ModuleList ``<block>.<name>.<i>`` with exactly E members: (module paths by id, their attributes)."""
+    """A ModuleList ``<block>.<name>.<i>`` with E members: (module paths in id order, their attributes). After
+    pruning the members keep their original names (experts.0, experts.2, ...), in the order of the new ids."""
     pattern = re.compile(re.escape(block) + r"\.([A-Za-z_]\w*)\.(\d+)\.")
     members: dict[str, dict[int, list[str]]] = {}
     for t in targets:
@@ -142,8 +143,8 @@ def _modulelist_experts(targets: list[str], block: str, num_experts: int) -> tup
         if m:
             members.setdefault(m.group(1), {}).setdefault(int(m.group(2)), []).append(t)
     for name, by_id in members.items():
-        if sorted(by_id) == list(range(num_experts)):
-            return [f"{block}.{name}.{i}" for i in range(num_experts)], [t for i in sorted(by_id) for t in by_id[i]]
+        if len(by_id) == num_experts:
+            return [f"{block}.{name}.{i}" for i in sorted(by_id)], [t for i in sorted(by_id) for t in by_id[i]]
     return [], []
 
 
