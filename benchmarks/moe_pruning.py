@@ -2,7 +2,7 @@
 pruned fraction, calibration domain, merge and router re-fit.
 
     python -m benchmarks.moe_pruning run --configs headline       # whole held-out code + prose
-    python -m benchmarks.moe_pruning run --configs grid --code-every 8
+    python -m benchmarks.moe_pruning run --configs grid          # every 16th held-out code window, whole prose
     python -m benchmarks.moe_pruning table
 
 Each configuration runs memc's own passes on the captured program (detect-moe, moe-calibrate on the TRAIN split,
@@ -148,18 +148,21 @@ def run_config(c: dict, program, calibs: dict) -> dict:
 
 
 def configs(which: str, every: int, best: str) -> list[dict]:
+    """headline: whole held-out code; baseline / grid / variants: every ``every``-th code window (prose: whole)."""
     base = {"calib": "code", "code_every": every}
     if which == "baseline":
-        return [{**base, "criterion": "unpruned", "pruned": 0.0, "calib": "-", "code_every": 1}]
-    if which == "headline":  # whole held-out sets
-        rows = [{**base, "criterion": best, "pruned": f, "code_every": 1} for f in FRACTIONS]
-        return rows + [{**base, "criterion": c, "pruned": 0.5, "code_every": 1} for c in ("frequency", "random")]
+        return [{**base, "criterion": "unpruned", "pruned": 0.0, "calib": "-"}]
+    if which == "headline":
+        return [{**base, "criterion": best, "pruned": f, "code_every": 1} for f in (0.5, 0.75)]
     if which == "grid":
-        rows = [{**base, "criterion": c, "pruned": f} for f in FRACTIONS for c in CRITERIA]
-        return rows + [{**base, "calib": "prose", "criterion": c, "pruned": 0.5} for c in CRITERIA if c != "random"]
+        rows = [{**base, "criterion": c, "pruned": f} for f in (0.5, 0.75) for c in CRITERIA]
+        rows += [{**base, "criterion": c, "pruned": 0.25} for c in (best, "frequency", "random")]
+        return rows + [{**base, "calib": "prose", "criterion": c, "pruned": 0.5} for c in (best, "frequency")]
     if which == "variants":
-        return [{**base, "criterion": best, "pruned": f, **v} for f in (0.5, 0.75)
-                for v in ({"merge": True}, {"refit": 16}, {"merge": True, "refit": 16})]
+        return [{**base, "criterion": best, "pruned": f, "merge": True} for f in (0.5, 0.75)] + [
+            {**base, "criterion": best, "pruned": 0.5, "refit": 8}]
+    if which == "calibrate-prose":
+        return []
     raise SystemExit(f"unknown --configs {which!r}")
 
 
@@ -169,6 +172,8 @@ def cmd_run(args) -> None:
     torch.set_num_threads(1)
     RAW.mkdir(parents=True, exist_ok=True)
     todo = [c for c in configs(args.configs, args.code_every, args.best) if not (RAW / f"{config_id(c)}.json").is_file()]
+    if args.configs == "calibrate-prose":
+        todo = [{"calib": "prose"}]
     if not todo:
         print("nothing to do")
         return
@@ -180,6 +185,8 @@ def cmd_run(args) -> None:
             calibs[c["calib"]] = _calibration(program, c["calib"])
             print(f"calibration {c['calib']}: {time.perf_counter() - t:.0f}s (pass: {calibs[c['calib']].seconds:.0f}s)", flush=True)
     for c in todo:
+        if args.configs == "calibrate-prose":
+            break
         r = run_config(c, program, calibs)
         r["calibration_seconds"] = calibs[c["calib"]].seconds if c["calib"] in calibs else 0.0
         (RAW / f"{r['id']}.json").write_text(json.dumps(r) + "\n")
@@ -200,7 +207,8 @@ def _bpb(nll: list[float]) -> float:
 
 def cmd_table(args) -> None:
     rows = [json.loads(p.read_text()) for p in sorted(RAW.glob("*.json"))]
-    base = next(r for r in rows if r["criterion"] == "unpruned")
+    bases = {r["code_every"]: r for r in rows if r["criterion"] == "unpruned"}
+    base = bases[min(bases)]
     every = {r["code_every"] for r in rows}
     t = Table("moe_pruning", "python -m benchmarks.moe_pruning run --configs ... && python -m benchmarks.moe_pruning table",
               ["pruned", "criterion", "calibration", "merge", "re-fit", "code windows", "code bits/byte",
@@ -209,7 +217,8 @@ def cmd_table(args) -> None:
     rows.sort(key=lambda r: (r["code_every"] != 1, r["pruned"], r["calib"] != "code", bool(r.get("merge")),
                              bool(r.get("refit")), order.get(r["criterion"], 99)))
     for r in rows:
-        code_base = base["code_nll"][:: r["code_every"]]
+        code_base = (bases[r["code_every"]] if r["code_every"] in bases else base)["code_nll"]
+        code_base = code_base if r["code_every"] in bases else code_base[:: r["code_every"]]
         dc, sc = _delta(r["code_nll"], code_base)
         dp, sp = _delta(r["prose_nll"], base["prose_nll"])
         t.rows.append([
@@ -219,11 +228,13 @@ def cmd_table(args) -> None:
             f"{r['parameter_bytes']:,}",
         ])
     calib = sorted({(r["calib"], round(r["calibration_seconds"], 1)) for r in rows if r["calib"] != "-"})
+    from memc.reference import corpus
+
     t.notes += [
         f"ref-moe (4.08M params, 16 experts top-2 x 4 layers), held-out split of the offline corpus: code "
-        f"{len(base['code_nll'])} windows, prose {len(base['prose_nll'])} windows of {CONTEXT} bytes (whole sets). "
-        "Rows marked 'every 8th' score an unselected sample of the code windows (window 0, 8, 16, ...), paired with "
-        "the unpruned model on the same windows; prose is always the whole set.",
+        f"{len(corpus.held_out_bytes('code')) // CONTEXT} windows, prose {len(base['prose_nll'])} windows of {CONTEXT} "
+        "bytes. Prose is always the whole held-out set. Rows marked 'every 16th' score an unselected sample of the "
+        "code windows (window 0, 16, 32, ...), paired with the unpruned model on the same windows.",
         f"Calibration: moe-calibrate on {CALIB_WINDOWS} train-split windows of {CONTEXT} bytes; pass time "
         + ", ".join(f"{d}: {s:.0f} s" for d, s in calib) + " (batched_mm graph, 1 thread, shared CPU). "
         "Re-fit: Adam lr 5e-3 on the kept router rows, KL to the unpruned model on the same calibration windows.",
@@ -239,8 +250,8 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run")
-    r.add_argument("--configs", choices=["baseline", "headline", "grid", "variants"], required=True)
-    r.add_argument("--code-every", type=int, default=8, help="grid / variants: score every Nth held-out code window")
+    r.add_argument("--configs", choices=["baseline", "headline", "grid", "variants", "calibrate-prose"], required=True)
+    r.add_argument("--code-every", type=int, default=16, help="grid / variants: score every Nth held-out code window")
     r.add_argument("--best", default="reap", help="criterion of the headline and variant rows")
     sub.add_parser("table")
     args = ap.parse_args(argv)
