@@ -129,7 +129,7 @@ def token_windows(program: Program, data: bytes, windows: int, context: int, whe
 
 # --- an instrumented copy of the graph ----------------------------------------------------------------------------
 @dataclass
-class _Probe:
+class Probe:
     """Graph nodes read for one site: logits [T, E], indices [T, k], and per routed (token, expert) pair the gate
     weight and the expert output (fused: [T*k] / [T*k, H] aligned with the flattened indices; modulelist: per
     expert e a [T, 1] gate and a [T, H] output)."""
@@ -140,16 +140,16 @@ class _Probe:
     outputs: list[Node]
 
 
-def _within(node: Node, prefix: str) -> bool:
+def within(node: Node, prefix: str) -> bool:
     path = module_path(node)
     return path == prefix or path.startswith(prefix + ".")
 
 
 def _from_outside(arg: object, prefix: str) -> bool:
     """``arg`` comes (through passthrough ops) from a node outside module ``prefix``."""
-    while isinstance(arg, Node) and arg.op == "call_function" and _within(arg, prefix) and arg.target in PASSTHROUGH:
+    while isinstance(arg, Node) and arg.op == "call_function" and within(arg, prefix) and arg.target in PASSTHROUGH:
         arg = arg.args[0]
-    return isinstance(arg, Node) and arg.op == "call_function" and not _within(arg, prefix)
+    return isinstance(arg, Node) and arg.op == "call_function" and not within(arg, prefix)
 
 
 def _weighting_mul(nodes: list[Node], prefix: str) -> Node | None:
@@ -162,7 +162,7 @@ def _weighting_mul(nodes: list[Node], prefix: str) -> Node | None:
     return None
 
 
-def _probe(gm: GraphModule, site: MoESite) -> _Probe:
+def probe(gm: GraphModule, site: MoESite) -> Probe:
     by_name = {n.name: n for n in gm.graph.nodes}
     logits, indices = by_name[site.router_node], by_name[site.indices_node]
     gates: list[Node] = []
@@ -170,7 +170,7 @@ def _probe(gm: GraphModule, site: MoESite) -> _Probe:
     if site.experts_form == "fused":
         gather = next(n for n in gm.graph.nodes if n.target is aten.index.Tensor and source_attr(n.args[0]) in site.expert_params)
         prefix = module_path(gather)
-        mul = _weighting_mul([n for n in gm.graph.nodes if _within(n, prefix)], prefix)
+        mul = _weighting_mul([n for n in gm.graph.nodes if within(n, prefix)], prefix)
         if mul is None:
             raise PassError(f"moe-calibrate: cannot find where {site.path}'s expert outputs are weighted by their gates")
         a, b = mul.args[:2]
@@ -178,8 +178,8 @@ def _probe(gm: GraphModule, site: MoESite) -> _Probe:
         gates, outputs = [gate], [out]
     else:
         for prefix in site.expert_modules:
-            inside = [n for n in gm.graph.nodes if _within(n, prefix)]
-            last = [n for n in inside if any(not _within(u, prefix) for u in n.users)]
+            inside = [n for n in gm.graph.nodes if within(n, prefix)]
+            last = [n for n in inside if any(not within(u, prefix) for u in n.users)]
             if len(last) != 1:
                 raise PassError(f"moe-calibrate: expert {prefix} has {len(last)} outputs; expected one")
             mul = next((u for u in last[0].users if u.target is aten.mul.Tensor), None)
@@ -187,10 +187,10 @@ def _probe(gm: GraphModule, site: MoESite) -> _Probe:
                 raise PassError(f"moe-calibrate: expert {prefix}'s output is not multiplied by a gate")
             gates.append(mul.args[0] if mul.args[1] is last[0] else mul.args[1])
             outputs.append(last[0])
-    return _Probe(logits, indices, gates, outputs)
+    return Probe(logits, indices, gates, outputs)
 
 
-def instrumented(gm: GraphModule, probes: list[_Probe]) -> GraphModule:
+def instrumented(gm: GraphModule, probes: list[Probe]) -> GraphModule:
     """A GraphModule sharing ``gm``'s weights whose forward returns the probed values (positional inputs)."""
     graph = Graph()
     env: dict[Node, Node] = {}
@@ -228,7 +228,7 @@ def window_inputs(program: Program, windows: torch.Tensor, batch: int) -> list[t
 
 
 def collect(program: Program, sites: list[MoESite], inputs: list[tuple[torch.Tensor, ...]]) -> list[LayerStats]:
-    gm = instrumented(program.module, [_probe(program.module, s) for s in sites])
+    gm = instrumented(program.module, [probe(program.module, s) for s in sites])
     acc = [{k: torch.zeros(s.num_experts, dtype=torch.float64) for k in ("count", "soft", "tcess", "ean", "g_norm")}
            for s in sites]
     traces: list[list[torch.Tensor]] = [[] for _ in sites]

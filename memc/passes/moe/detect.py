@@ -12,7 +12,6 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-import torch
 from torch.fx import GraphModule, Node
 
 from memc.passes.base import Pass, PassContext, PassResult, register_pass

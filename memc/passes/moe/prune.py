@@ -14,7 +14,7 @@ import torch
 
 from memc.errors import PassError
 from memc.passes.base import Pass, PassContext, PassResult, register_pass
-from memc.passes.moe.calibrate import CALIBRATION_KEY, LayerStats, MoECalibration
+from memc.passes.moe.calibrate import CALIBRATION_KEY, MoECalibration
 from memc.passes.moe.detect import SITES_KEY, find_moe_sites
 from memc.passes.moe.graph import get_attr_tensor, set_attr_tensor
 from memc.passes.moe.rewrite import keep_experts

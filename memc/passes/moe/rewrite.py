@@ -14,7 +14,7 @@ from torch.fx import GraphModule, Node
 
 from memc.errors import PassError
 from memc.passes.cleanup import _drop_unused_attributes
-from memc.passes.moe.calibrate import _probe, _within
+from memc.passes.moe.calibrate import probe, within
 from memc.passes.moe.graph import aten, get_attr_tensor, set_attr_tensor
 from memc.passes.moe.sites import MoESite
 
@@ -26,7 +26,7 @@ def _downstream(start: Node, site: MoESite) -> set[Node]:
     seen, stack = set(), [start]
     while stack:
         n = stack.pop()
-        if n in seen or not _within(n, site.path):
+        if n in seen or not within(n, site.path):
             continue
         seen.add(n)
         stack.extend(n.users)
@@ -83,7 +83,7 @@ def keep_experts(gm: GraphModule, site: MoESite, kept: list[int]) -> int:
         tests = _modulelist_tests(gm, site)
         if sorted(tests) != list(range(site.num_experts)):
             raise PassError(f"prune-experts: {site.path} does not pick experts by 'idx == e' for every e")
-        probe = _probe(gm, site)
+        probe = probe(gm, site)
         for e in range(site.num_experts):
             if e in kept:
                 for n in tests[e]:
