@@ -83,13 +83,13 @@ def keep_experts(gm: GraphModule, site: MoESite, kept: list[int]) -> int:
         tests = _modulelist_tests(gm, site)
         if sorted(tests) != list(range(site.num_experts)):
             raise PassError(f"prune-experts: {site.path} does not pick experts by 'idx == e' for every e")
-        probe = probe(gm, site)
+        found = probe(gm, site)
         for e in range(site.num_experts):
             if e in kept:
                 for n in tests[e]:
                     n.args = (n.args[0], kept.index(e))
                 continue
-            out = probe.outputs[e]
+            out = found.outputs[e]
             mul = next(u for u in out.users if u.target is aten.mul.Tensor)
             add = next((u for u in mul.users if u.target is aten.add.Tensor), None)
             if add is None:
