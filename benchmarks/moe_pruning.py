@@ -147,7 +147,7 @@ def run_config(c: dict, program, calibs: dict) -> dict:
     return result
 
 
-GROUPS = ("baseline", "grid50", "grid75", "grid25", "cross", "variants", "headline", "calibrate-prose")
+GROUPS = ("baseline", "grid50", "grid75", "grid25", "cross", "variants", "refit", "headline", "calibrate-prose")
 
 
 def configs(which: str, every: int, prose_every: int, best: str) -> list[dict]:
@@ -165,6 +165,8 @@ def configs(which: str, every: int, prose_every: int, best: str) -> list[dict]:
         return [{**base, "criterion": c, "pruned": 0.25} for c in (best, "frequency", "random")]
     if which == "cross":
         return [{**base, "calib": "prose", "criterion": c, "pruned": 0.5} for c in (best, "frequency")]
+    if which == "refit":
+        return [{**base, "criterion": best, "pruned": f, "refit": 8} for f in (0.5, 0.75)]
     if which == "variants":
         return [{**base, "criterion": best, "pruned": f, "merge": True} for f in (0.5, 0.75)] + [
             {**base, "criterion": best, "pruned": 0.5, "refit": 8}]
