@@ -18,6 +18,7 @@ from memc.calibration import calibration_samples
 from memc.capture import capture, resolve_kind
 from memc.capture.inputs import alternate_sizes, resized_inputs
 from memc.capture.memory import InMemorySource
+from memc.codegen.hf_checkpoint import HF_DIR, check_hf_checkpoint, write_hf_checkpoint
 from memc.config import ToolchainConfig
 from memc.errors import CaptureError, ConfigError, VerificationError
 from memc.passes.base import Pass, PassContext, create_pass
@@ -164,6 +165,8 @@ def run_plan(plan: Plan, progress: bool = True, quiet: bool = False) -> Compiled
                     instruments.append(ProgressInstrument(advance))
                     program = PassManager(plan.passes, instruments).run(program, ctx)
 
+            if cfg.output.hf_checkpoint:
+                check_hf_checkpoint(program)  # before the long lowering
             display.stage(f"lowering to {plan.target.name} (checking every op first)")
             t1 = time.perf_counter()
             plan.target.check(program)
@@ -184,11 +187,15 @@ def run_plan(plan: Plan, progress: bool = True, quiet: bool = False) -> Compiled
                     f"the {plan.target.name} artifact does not match the torch program: max |Δ| {worst} "
                     f"> atol {verification.atol:g}; nothing was written to {plan.out_dir}"
                 )
+            if cfg.output.hf_checkpoint:
+                display.stage("writing the Hugging Face checkpoint (hf/) and checking it against the program")
+                report["hf_checkpoint"] = write_hf_checkpoint(program, stage, cfg.target.atol)
             source_dir = Path(program.source.path) if program.source.kind == "hf" else None
             report["tokenizer_files"] = copy_tokenizer(source_dir, stage)  # the artifact reads text on its own
             write_json(stage / REPORT_FILE, report)
             (stage / SUMMARY_FILE).write_text(render_summary(report), encoding="utf-8")
     print_summary(display.console, report)
     written = [a.path for a in build.artifacts] + [REPORT_FILE, SUMMARY_FILE] + report["tokenizer_files"]
+    written += [f"{HF_DIR}/"] if "hf_checkpoint" in report else []
     display.stage(f"wrote {plan.out_dir}/ ({', '.join(written)})")
     return Compiled(report, program, verification, build)

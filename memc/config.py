@@ -121,6 +121,11 @@ class TargetConfig:
 @dataclass
 class OutputConfig:
     dir: str = option("memc-out", "output directory (replaced atomically; must not be a non-memc directory)")
+    hf_checkpoint: bool = option(
+        False,
+        "Hugging Face sources: also write hf/, a transformers-loadable checkpoint of the compiled weights (the expert "
+        "count updated after uniform expert pruning), verified against the program",
+    )
 
 
 @dataclass

@@ -48,6 +48,8 @@ def inspect_model(source: str, cfg: ToolchainConfig, *, trust_pickle: bool, dept
         "op_histogram": program.op_histogram(),
         "attention_sites": [s.as_dict() for s in detect_attention(program)],
     }
+    moe_rows = moe_layers(program)
+    info["moe_layers"] = moe_rows
     if as_json:
         print(json.dumps(info, indent=2))
         return info
@@ -69,6 +71,7 @@ def inspect_model(source: str, cfg: ToolchainConfig, *, trust_pickle: bool, dept
     for op, n in info["op_histogram"].items():
         ops.add_row(op, str(n))
     console.print(ops)
+    print_moe_layers(console, moe_rows)
     return info
 
 
@@ -83,6 +86,31 @@ def _attention_table(sites: list[dict[str, Any]]) -> Table:
     for r in rows:
         table.add_row(*(escape("-" if v is None else str(v)) for v in r.values()))
     return table
+
+
+def moe_layers(program: Program) -> list[dict[str, Any]]:
+    """One row per MoE layer detect-moe finds (router, score function, k, experts, shared experts)."""
+    from memc.passes.moe.detect import find_moe_sites
+
+    return [s.row() for s in find_moe_sites(program.module)]
+
+
+def print_moe_layers(console: Console, rows: list[dict[str, Any]]) -> None:
+    if not rows:
+        console.print("MoE layers: none found", highlight=False)
+        return
+    table = Table(title=f"MoE layers ({len(rows)})", title_justify="left")
+    cols = ("layer", "module", "experts", "top-k", "score", "renorm", "scale", "groups", "router bias",
+            "corr. bias", "experts form", "shared", "expert bytes")
+    for col in cols:
+        table.add_column(col, justify="left" if col in ("module", "score", "experts form", "shared") else "right")
+    for r in rows:
+        table.add_row(
+            str(r["layer"]), r["module"], str(r["experts"]), str(r["top_k"]), r["score"], "yes" if r["renormalize"] else "no",
+            f"{r['scaling']:g}", r["groups"], "yes" if r["router_bias"] else "no", "yes" if r["correction_bias"] else "no",
+            r["experts_form"], ", ".join(m.rpartition(".")[2] for m in r["shared"]) or "-", f"{r['expert_bytes']:,}",
+        )
+    console.print(table)
 
 
 def print_passes() -> None:

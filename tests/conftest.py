@@ -3,8 +3,8 @@
 Fixtures (all session-scoped; the plain functions behind them are in tests/helpers.py):
 
 * ``tiny_hf(name) -> Path``: a directory with a tiny ``save_pretrained`` model (safetensors) of family ``name``,
-  one of ``tests.helpers.TINY_FAMILIES``: llama, qwen2, gpt2, mixtral, qwen2-moe, olmoe (MoE: 4 experts, top-2)
-  and bert (``BertModel`` encoder). Hidden 32, 2 layers, vocab 128, seed 0. Built once per session, on first use.
+  one of ``tests.helpers.ALL_FAMILIES``: llama, qwen2, gpt2, mixtral, qwen2-moe, olmoe (MoE: 4 experts, top-2)
+  and bert (``BertModel`` encoder), plus the MoE-only qwen3-moe, deepseek-v3 (8 experts in 2 groups) and gpt-oss. Hidden 32, 2 layers, vocab 128, seed 0. Built once per session, on first use.
 * ``tiny_llama_dir``, ``tiny_qwen2_dir``, ``tiny_gpt2_dir``, ``tiny_mixtral_dir``, ``tiny_qwen2_moe_dir``,
   ``tiny_olmoe_dir``, ``tiny_bert_dir``: the same directories by name.
 * ``compiled(model, *extra_args) -> CompileResult``: ``memc compile`` run in-process once per distinct
@@ -27,7 +27,7 @@ from typing import Any, Callable
 
 import pytest
 
-from tests.helpers import RECORDED_DIFFS, TINY_FAMILIES, CompileResult, compile_model, save_tiny_hf
+from tests.helpers import ALL_FAMILIES, RECORDED_DIFFS, CompileResult, compile_model, save_tiny_hf
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -68,8 +68,8 @@ def tiny_hf(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
     built: dict[str, Path] = {}
 
     def get(name: str) -> Path:
-        if name not in TINY_FAMILIES:
-            raise KeyError(f"unknown tiny family {name!r}; expected one of {sorted(TINY_FAMILIES)}")
+        if name not in ALL_FAMILIES:
+            raise KeyError(f"unknown tiny family {name!r}; expected one of {sorted(ALL_FAMILIES)}")
         if name not in built:
             built[name] = save_tiny_hf(name, tmp_path_factory.mktemp(f"tiny-{name}"))
         return built[name]

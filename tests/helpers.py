@@ -253,6 +253,37 @@ def _olmoe():
     return T.OlmoeConfig(**_decoder_kwargs(), num_experts=4, num_experts_per_tok=2), T.OlmoeForCausalLM
 
 
+def _qwen3_moe():
+    import transformers as T
+
+    # norm_topk_prob=False: the non-renormalised router (Qwen3-MoE's default), which slicing must still keep exact
+    cfg = T.Qwen3MoeConfig(**_decoder_kwargs(), num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, head_dim=8)
+    return cfg, T.Qwen3MoeForCausalLM
+
+
+def _deepseek_v3():
+    import transformers as T
+
+    kw = {**_decoder_kwargs(), "num_key_value_heads": 4}
+    cfg = T.DeepseekV3Config(
+        **kw, n_routed_experts=8, n_group=2, topk_group=1, num_experts_per_tok=2, first_k_dense_replace=1,
+        n_shared_experts=1, moe_intermediate_size=16, q_lora_rank=None, kv_lora_rank=16, qk_rope_head_dim=8,
+        qk_nope_head_dim=8, v_head_dim=8, routed_scaling_factor=2.5,
+    )
+    return cfg, T.DeepseekV3ForCausalLM
+
+
+def _gpt_oss():
+    import transformers as T
+
+    kw = {**_decoder_kwargs(), "intermediate_size": 32}
+    cfg = T.GptOssConfig(
+        **kw, num_local_experts=4, num_experts_per_tok=2, head_dim=8, sliding_window=8,
+        layer_types=["sliding_attention", "full_attention"], rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+    )
+    return cfg, T.GptOssForCausalLM
+
+
 def _bert():
     import transformers as T
 
@@ -276,14 +307,27 @@ TINY_FAMILIES: dict[str, TinyFamily] = {
     )
 }
 
+# MoE families with their own routing quirks, used by the MoE pass tests only (tests/passes/moe): Qwen3-MoE without
+# renormalisation, DeepSeek-V3 (sigmoid + correction bias + groups + shared expert + a dense first layer) and GPT-OSS
+# (router bias, top-k before softmax, interleaved clamped SwiGLU, no sdpa: captured with eager attention).
+MOE_FAMILIES: dict[str, TinyFamily] = {
+    f.name: f
+    for f in (
+        TinyFamily("qwen3-moe", _qwen3_moe, "causal-lm", moe=True),
+        TinyFamily("deepseek-v3", _deepseek_v3, "causal-lm", moe=True),
+        TinyFamily("gpt-oss", _gpt_oss, "causal-lm", moe=True),
+    )
+}
+ALL_FAMILIES: dict[str, TinyFamily] = {**TINY_FAMILIES, **MOE_FAMILIES}
+
 
 def save_tiny_hf(name: str, directory: Path, seed: int = 0) -> Path:
-    """Build TINY_FAMILIES[name] with a fixed seed and ``save_pretrained`` it (safetensors) into ``directory``."""
+    """Build ALL_FAMILIES[name] with a fixed seed and ``save_pretrained`` it (safetensors) into ``directory``."""
     import transformers
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    config, cls = TINY_FAMILIES[name].make()
+    config, cls = ALL_FAMILIES[name].make()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = cls(config).eval()
@@ -292,7 +336,8 @@ def save_tiny_hf(name: str, directory: Path, seed: int = 0) -> Path:
 
 
 def load_hf_original(directory: Path, moe: bool | None = None) -> torch.nn.Module:
-    """The saved model as a user would load it with transformers, independently of memc: float32, sdpa attention,
+    """The saved model as a user would load it with transformers, independently of memc: float32, sdpa attention
+    (eager where the architecture has none),
     MoE experts with ``experts_implementation="batched_mm"`` (the implementation memc captures)."""
     import transformers
 
@@ -300,7 +345,8 @@ def load_hf_original(directory: Path, moe: bool | None = None) -> torch.nn.Modul
     cls = getattr(transformers, config.architectures[0])
     if moe is None:
         moe = any(getattr(config, k, None) for k in ("num_local_experts", "num_experts", "n_routed_experts"))
-    kwargs: dict[str, Any] = {"attn_implementation": "sdpa", "dtype": torch.float32, "local_files_only": True}
+    attention = "eager" if getattr(cls, "_supports_sdpa", True) is False else "sdpa"  # GPT-OSS has no sdpa
+    kwargs: dict[str, Any] = {"attn_implementation": attention, "dtype": torch.float32, "local_files_only": True}
     if moe:
         kwargs["experts_implementation"] = "batched_mm"
     return cls.from_pretrained(directory, **kwargs).eval()

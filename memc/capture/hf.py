@@ -56,6 +56,7 @@ class HFModel:
     max_seq_len: int | None
     architecture: str
     is_moe: bool
+    attention: str = "sdpa"
 
 
 def _task_of(architectures: list[str], requested: str) -> str:
@@ -82,6 +83,7 @@ class Pretrained:
     task: str
     architecture: str
     is_moe: bool
+    attention: str = "sdpa"  # the attention implementation loaded (eager where the architecture has no sdpa)
 
     @property
     def max_seq_len(self) -> int | None:
@@ -89,7 +91,8 @@ class Pretrained:
 
 
 def load_pretrained(directory: Path, task: str = "auto", dtype: str = "float32") -> Pretrained:
-    """Load an HF model directory offline: sdpa attention, ``dtype`` weights, MoE experts as ``batched_mm``."""
+    """Load an HF model directory offline: sdpa attention (eager where the architecture has none), ``dtype``
+    weights, MoE experts as ``batched_mm``."""
     directory = Path(directory)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the network
     try:
@@ -111,7 +114,8 @@ def load_pretrained(directory: Path, task: str = "auto", dtype: str = "float32")
     cls = getattr(transformers, archs[0], None) if archs else None
     cls = cls if cls is not None and hasattr(cls, "from_pretrained") else auto
     is_moe = any(getattr(config, k, None) for k in _MOE_KEYS)
-    kwargs = {"attn_implementation": "sdpa", "dtype": _DTYPES[dtype], "local_files_only": True}
+    attention = attention_implementation(cls)
+    kwargs = {"attn_implementation": attention, "dtype": _DTYPES[dtype], "local_files_only": True}
     if is_moe:
         kwargs["experts_implementation"] = "batched_mm"
     weights = [p for p in directory.iterdir() if p.suffix in (".safetensors", ".bin")]
@@ -121,7 +125,13 @@ def load_pretrained(directory: Path, task: str = "auto", dtype: str = "float32")
         model = cls.from_pretrained(directory, **kwargs).eval()
     except Exception as exc:
         raise CaptureError(f"cannot load the Hugging Face model in {directory}: {type(exc).__name__}: {exc}") from None
-    return Pretrained(model, config, task, archs[0] if archs else cls.__name__, is_moe)
+    return Pretrained(model, config, task, archs[0] if archs else cls.__name__, is_moe, attention)
+
+
+def attention_implementation(cls: type) -> str:
+    """``sdpa`` where the architecture has it, else ``eager`` (GPT-OSS has no sdpa path in transformers 5.x; its
+    eager attention, with sinks, exports as matmul -> softmax -> matmul)."""
+    return "eager" if getattr(cls, "_supports_sdpa", True) is False else "sdpa"
 
 
 def load_hf(directory: Path, task: str, dtype: str) -> HFModel:
@@ -132,5 +142,5 @@ def load_hf(directory: Path, task: str, dtype: str) -> HFModel:
         inputs, outputs = ["input_ids", "attention_mask"], ["last_hidden_state"]
     return HFModel(
         graph_forward(p.model, p.task), p.task, inputs, outputs, int(p.config.vocab_size), p.max_seq_len,
-        p.architecture, p.is_moe,
+        p.architecture, p.is_moe, p.attention,
     )

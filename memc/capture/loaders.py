@@ -185,7 +185,7 @@ def _load_hf_dir(path: Path, cfg: ToolchainConfig) -> Program:
     dims = {n: dict(axes) for n in hf.input_names}
     source = SourceInfo(
         str(path), "hf", _sha256(path), hf.task, hf.vocab_size, max_seq,
-        {"architecture": hf.architecture, "moe": hf.is_moe},
+        {"architecture": hf.architecture, "moe": hf.is_moe, "attention": hf.attention},
     )
     ep = _export(hf.module, inputs, export_dynamic_shapes(hf.input_names, dims))
     return _program(ep, inputs, hf.input_names, hf.output_names, dims, source)

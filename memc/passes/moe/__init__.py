@@ -1,0 +1,1 @@
+"""MoE passes: detect-moe (sites.moe), moe-calibrate (moe.calibration), prune-experts."""
