@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -31,7 +30,6 @@ from memc.schema import option
 
 CALIBRATION_KEY = "moe.calibration"
 STATS = ("count", "soft", "tcess", "ean", "reap")
-TRAIN_PREFIX = "trainsplit:"
 
 
 @dataclass
@@ -75,41 +73,11 @@ class MoECalibration:
 
 
 # --- calibration text ---------------------------------------------------------------------------------------------
-def _held_out_documents() -> list[bytes]:
-    from memc.reference import corpus
-
-    return [d.data for dom in corpus.DOMAINS for d in corpus.split(dom, held_out=True) if len(d.data) >= 512]
-
-
 def calibration_text(spec: str, where: str) -> bytes:
     """``trainsplit:code`` / ``trainsplit:prose`` or a UTF-8 file; held-out text is refused, never read."""
-    from memc.reference import corpus
+    from memc.eval.text import load_train_text
 
-    if spec.startswith("heldout:"):
-        raise ConfigError(
-            f"{where}: {spec!r} is held-out text; calibration may only read training text",
-            hint="use trainsplit:code, trainsplit:prose or a file of your own",
-        )
-    if spec.startswith(TRAIN_PREFIX):
-        domain = spec[len(TRAIN_PREFIX):]
-        if domain not in corpus.DOMAINS:
-            raise ConfigError(f"{where}: unknown split {spec!r}; choose {' or '.join(TRAIN_PREFIX + d for d in corpus.DOMAINS)}")
-        return corpus.train_bytes(domain)
-    path = Path(spec)
-    if not path.is_file():
-        raise ConfigError(f"{where}: calibration text file not found: {spec}", hint="or use trainsplit:code / trainsplit:prose")
-    data = path.read_bytes()
-    try:
-        data.decode("utf-8")
-    except UnicodeDecodeError:
-        raise ConfigError(f"{where}: {spec} is not UTF-8 text") from None
-    if not data.strip():
-        raise ConfigError(f"{where}: calibration text {spec} is empty")
-    for doc in _held_out_documents():
-        if doc in data:
-            raise ConfigError(f"{where}: {spec} contains a held-out document of the reference corpus; "
-                              "calibration may only read training text")
-    return data
+    return load_train_text(spec, where)
 
 
 def token_windows(program: Program, data: bytes, windows: int, context: int, where: str) -> torch.Tensor:

@@ -60,7 +60,7 @@ def test_train_split_text_and_refusals(tmp_path):
     leaked = tmp_path / "leak.txt"
     doc = next(d for d in corpus.split("code", held_out=True) if len(d.data) > 2000)
     leaked.write_bytes(b"my notes\n" + doc.data)
-    with pytest.raises(ConfigError, match="held-out document"):
+    with pytest.raises(ConfigError, match="contains held-out code text"):
         calibration_text(str(leaked), "moe-calibrate.text")
     empty = tmp_path / "empty.txt"
     empty.write_text("  \n")
