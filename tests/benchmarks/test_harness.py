@@ -99,5 +99,6 @@ def test_table_write(tmp_path, monkeypatch) -> None:
     assert payload["command"] == t.command and payload["columns"] == t.columns
     assert payload["rows"] == [["speed", 1.23456, 12345.6], ["memory", 7, "n/a"]]
     assert payload["raw"] == {"a": {"k": [1, 2]}}
-    assert set(payload["env"]) == {"python", "machine", "cpus"}
+    assert set(payload["env"]) == {"python", "machine", "cpus", "cpu"}
+    assert payload["env"]["cpu"] == harness.cpu_info() and "(" in payload["env"]["cpu"]  # model and ISA
     assert not (harness.Path(harness.__file__).parent / "results" / "unit_table.md").exists()
