@@ -1,12 +1,12 @@
-"""Fine-tune ref-llama to recall: ``python -m memc.reference.recall --steps 1500 --out models/ref-llama-recall``.
+"""Fine-tune ref-llama to recall: ``python -m memc.reference.recall --steps 600 --out models/ref-llama-recall``.
 
 ref-llama never had to copy a random string, so it is at chance on ``memc eval --recall`` and recall cannot be
-judged on it. This run starts from its weights and tokenizer and trains on its TRAIN split text (code and a
-little prose, never held-out) with key -> value pairs planted in the probe's exact format (the probe's own
-`make_pair` / `splice`), several per window (multi-query), each queried a drawn number of tokens later, while
-a share of plain LM windows keeps held-out bits/byte close to ref-llama's. A curriculum grows the window and
-the distances from short to long (induction forms on short ones first); the batch keeps ~4,096 tokens a step.
-Step-based, fixed seed, bf16 autocast, one thread, saved in bf16 like ref-llama.
+judged on it. This run starts from its weights and tokenizer and trains its attention projections on TRAIN split
+text only (never held-out): first repeated runs of random train tokens, which form copying (induction) heads,
+then key -> value pairs planted in the probe's exact format (the probe's own `make_pair` / `splice`), several per
+window (multi-query), each queried a drawn number of tokens later, in windows and distances that grow from
+128 / 48 to 1024 / 900 tokens. The filler between the pieces keeps a next-token loss. Step-based, fixed seed,
+one thread, float32 (see RecallSettings.bf16_autocast), saved in bf16 like ref-llama.
 """
 from __future__ import annotations
 
@@ -39,7 +39,8 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 @dataclass(frozen=True)
 class Stage:
     """From `start` (a fraction of the steps) on: windows of `context` tokens holding `pairs` planted pairs,
-    each queried after up to `max_distance` filler tokens."""
+    each queried after up to `max_distance` filler tokens; or, with pairs = 0, a warm-up for the copying
+    heads: a run of max_distance train tokens repeated to fill the window (every repeat is a copy target)."""
 
     start: float
     context: int
@@ -49,7 +50,9 @@ class Stage:
 
 @dataclass(frozen=True)
 class RecallSettings:
-    tokens_per_step: int = 2048  # batch = tokens_per_step // context
+    # batch = tokens_per_step // context (at least 1): small steps, many of them, since forming the copying heads
+    # takes optimiser steps more than tokens
+    tokens_per_step: int = 512
     lr: float = 2e-3
     min_lr_ratio: float = 0.1
     warmup_steps: int = 30
@@ -67,13 +70,16 @@ class RecallSettings:
     # answer token and on this share of the other positions, which saves ~15% of a step.
     lm_fraction: float = 0.25
     answer_weight: float = 4.0  # loss weight of a queried value token or closing quote (an LM token: 1)
-    # Multi-query curriculum: first windows packed with pairs queried soon after (the most answers per step,
-    # to form the copying heads), then fewer pairs across longer stretches of filler, up to the probe's 896.
-    stages: tuple[Stage, ...] = (Stage(0.0, 1024, 64, 24), Stage(0.35, 1024, 300, 16), Stage(0.65, 1024, 900, 8))
+    # Curriculum: ref-llama has no copying heads at all (it predicts a repeated random sequence 0% of the time),
+    # and on planted pairs alone none formed in 500 steps; repeated runs of random train tokens (every repeat a
+    # copy target) form them in ~100. Then multi-query pairs in short windows, then fewer pairs across longer
+    # stretches of filler, up to the probe's 896 tokens.
+    stages: tuple[Stage, ...] = (Stage(0.0, 128, 48, 0), Stage(0.4, 128, 48, 3), Stage(0.65, 256, 160, 4),
+                                 Stage(0.85, 1024, 900, 8))
     # Filler is drawn from the first train_bytes of each domain's train split (all of prose; ~0.6M code tokens,
     # more than a run reads): tokenizing all 10 MB of train code took minutes on the shared cores.
     train_bytes: int = 2_000_000
-    eval_every: int = 50
+    eval_every: int = 100
     eval_windows: int = 4  # held-out code windows for the periodic bits/byte estimate
     eval_bytes: int = 300_000  # ... spread over the first eval_bytes of the held-out code
     eval_trials: int = 4  # train-split filler trials per distance for the periodic recall estimate
@@ -84,6 +90,9 @@ class RecallSettings:
 
     def stage(self, step: int, steps: int) -> Stage:
         return [s for s in self.stages if s.start * steps <= step][-1]
+
+
+RECIPES = {"warmup": RecallSettings()}  # the committed run's; a recipe is a name for a full settings record
 
 
 def head(data: bytes, n: int) -> bytes:
@@ -111,6 +120,17 @@ def recall_window(
     return ids, mask.astype(bool)
 
 
+def repeat_window(
+    data: np.ndarray, rng: np.random.Generator, length: int, max_run: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, copy mask): a run of 8..max_run train tokens drawn one by one at random positions (no n-gram to lean
+    on), repeated to `length`; the mask marks every token of the repeats. The run length varies, so only a
+    content-matching (induction) head solves it: with one fixed length a head at that fixed offset did."""
+    run = int(rng.integers(8, max_run + 1))
+    ids = np.resize(data[rng.integers(0, len(data), size=run)], length)
+    return ids.astype(np.int64), np.arange(length) >= run
+
+
 def sample_batch(
     rng: np.random.Generator, streams: dict[str, np.ndarray], stage: Stage, s: RecallSettings, encode
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -119,8 +139,12 @@ def sample_batch(
     rows, weights, answers = [], [], []
     for _ in range(max(1, s.tokens_per_step // stage.context)):
         data = streams["prose" if rng.random() < s.prose_fraction else "code"]
-        ids, mask = recall_window(data, rng, stage.context + 1, stage.pairs, stage.max_distance, encode)
-        lm = rng.random(stage.context) < s.lm_fraction
+        if stage.pairs:
+            ids, mask = recall_window(data, rng, stage.context + 1, stage.pairs, stage.max_distance, encode)
+        else:
+            ids, mask = repeat_window(data, rng, stage.context + 1, stage.max_distance)
+        # no LM loss on a random run: it would teach the model to expect noise
+        lm = (rng.random(stage.context) < s.lm_fraction) & (stage.pairs > 0)
         rows.append(ids)
         weights.append(np.where(mask[1:], s.answer_weight, lm.astype(np.float64)))
         answers.append(mask[1:])
@@ -206,12 +230,12 @@ def fine_tune(
             opt.zero_grad(set_to_none=True)
             tokens_seen += batch[:, 1:].numel()
             lm_bytes = int(lengths[st["lm_tokens"].numpy()].sum())
-            train_bpb = round(st["lm_ce_sum"] / math.log(2) / lm_bytes, 4)
+            train_bpb = round(st["lm_ce_sum"] / math.log(2) / lm_bytes, 4) if lm_bytes else None  # None: copy-only
             recent = (recent + [(st["answer_hits"], st["answers"])])[-25:]
             answer_acc = round(sum(h for h, _ in recent) / max(1, sum(n for _, n in recent)), 3)
             tok_s = tokens_seen / (time.perf_counter() - t0)
-            info = (f"{stage.pairs} pairs d<={stage.max_distance}  LM {train_bpb:.3f} bits/byte  answers {answer_acc:.2f} (last 25 "
-                    f"steps)  {tok_s:,.0f} tok/s")
+            info = (f"{stage.pairs} pairs d<={stage.max_distance}  LM {train_bpb or float('nan'):.3f} bits/byte  "
+                    f"answers {answer_acc:.2f} (last 25 steps)  {tok_s:,.0f} tok/s")
             if on_eval and ((step + 1) % s.eval_every == 0 or step + 1 == steps):
                 log(on_eval(step + 1, {"lm_bits_per_byte": train_bpb, "answer_accuracy_last_25": answer_acc}))
             bar.update(task, advance=1, info=info)
@@ -220,10 +244,11 @@ def fine_tune(
     return tokens_seen, time.perf_counter() - t0
 
 
-def train(steps: int, seed: int, out: Path, command: str, s: RecallSettings = RecallSettings(),
+def train(steps: int, seed: int, out: Path, command: str, recipe: str = "warmup",
           base: Path = BASE, snapshots: Path | None = None) -> dict:
     """Fine-tune `base` for exactly `steps` steps; save the bf16 checkpoint, its tokenizer and train_config.json."""
     torch.set_num_threads(1)
+    s = RECIPES[recipe]
     model = metrics.load(base)
     tok = tokenizer.load_tokenizer(base)
     encode = lambda b: tokenizer.encode(b, tok)  # noqa: E731
@@ -253,7 +278,7 @@ def train(steps: int, seed: int, out: Path, command: str, s: RecallSettings = Re
         "model": "ref-llama-recall", "base": "models/ref-llama", "command": command, "seed": seed, "steps": steps,
         "minutes_elapsed": round(elapsed / 60, 2), "tokens_seen": tokens_seen,
         "tokens_per_s": round(tokens_seen / elapsed), "params": sum(p.numel() for p in model.parameters()),
-        "settings": s.to_dict(), "threads": 1,
+        "recipe": recipe, "settings": s.to_dict(), "threads": 1,
         "precision": ("fp32 weights, bf16 autocast" if s.bf16_autocast else "fp32") + "; saved as bf16",
         "tokenizer": tokenizer.describe(tok) + " (ref-llama's, trained on the train split)",
         "filler": "train split only (code, prose_fraction prose); the probe's filler is held-out code",
@@ -269,13 +294,14 @@ def train(steps: int, seed: int, out: Path, command: str, s: RecallSettings = Re
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, required=True)
+    p.add_argument("--recipe", choices=sorted(RECIPES), default="warmup")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--snapshots", type=Path, help="also save a bf16 copy under DIR/step-N at each evaluation")
     p.add_argument("--no-metrics", action="store_true", help="skip the full held-out measurement")
     a = p.parse_args(argv)
     command = "python -m memc.reference.recall " + " ".join(argv if argv is not None else sys.argv[1:])
-    train(a.steps, a.seed, a.out, command, snapshots=a.snapshots)
+    train(a.steps, a.seed, a.out, command, a.recipe, snapshots=a.snapshots)
     if not a.no_metrics:
         from memc.reference import recall_metrics
 

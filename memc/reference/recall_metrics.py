@@ -29,12 +29,13 @@ DISTANCES = (16, 64, 128, 256, 512, 640, 896)
 TRIALS = 64
 
 
-def window_bits(path: Path, tokens: np.ndarray, context: int = CONTEXT, batch: int = 8) -> np.ndarray:
+def window_bits(path: Path, tokens: np.ndarray, context: int = CONTEXT, batch: int = 8, stride: int = 1) -> np.ndarray:
     """Per window: summed bits of tokens 1..context-1 given the window's earlier tokens (float32), on the
-    windows `memc eval` scores: tokens[:n*context] cut into n non-overlapping windows."""
+    windows `memc eval` scores (tokens[:n*context] cut into n non-overlapping windows), every `stride`-th."""
     model = metrics.load(path)
     n = len(tokens) // context
-    windows = torch.from_numpy(tokens[: n * context].reshape(n, context))
+    windows = torch.from_numpy(tokens[: n * context].reshape(n, context)[::stride].copy())
+    n = len(windows)
     bits = []
     with torch.inference_mode():
         for i in range(0, n, batch):
@@ -45,14 +46,18 @@ def window_bits(path: Path, tokens: np.ndarray, context: int = CONTEXT, batch: i
     return np.concatenate(bits)
 
 
-def cached_window_bits(path: Path, tokens: np.ndarray, context: int, cache: Path | None) -> np.ndarray:
+def cached_window_bits(
+    path: Path, tokens: np.ndarray, context: int, cache: Path | None, stride: int = 1
+) -> np.ndarray:
     """window_bits, read from / written to cache/<model dir name>.npy when a cache directory is given."""
     f = None if cache is None else cache / f"{Path(path).resolve().name}.npy"
     if f is not None and f.is_file():
         bits = np.load(f)
-        if len(bits) == len(tokens) // context:  # else a cache of another text
+        if len(bits) == len(tokens) // context:  # all windows: take the stride's
+            return bits[::stride]
+        if len(bits) == len(range(0, len(tokens) // context, stride)):
             return bits
-    bits = window_bits(path, tokens, context)
+    bits = window_bits(path, tokens, context, stride=stride)
     if f is not None:
         f.parent.mkdir(parents=True, exist_ok=True)
         np.save(f, bits)
@@ -60,18 +65,21 @@ def cached_window_bits(path: Path, tokens: np.ndarray, context: int, cache: Path
 
 
 def paired_bits_per_byte(
-    path: Path, base: Path, context: int = CONTEXT, bits_cache: Path | None = None, text: str = "heldout:code"
+    path: Path, base: Path, context: int = CONTEXT, bits_cache: Path | None = None, text: str = "heldout:code",
+    stride: int = 1,
 ) -> dict:
-    """Bits/byte of both models on the same windows of `text` (a `memc eval --text` spec), their difference
-    and its paired SE. `bits_cache`: a directory of per-window bits by model (reused when present)."""
+    """Bits/byte of both models on the same windows of `text` (a `memc eval --text` spec; every `stride`-th
+    window, an unselected sample, when stride > 1), their difference and its paired SE. `bits_cache`: a
+    directory of per-window bits by model (reused when present)."""
     tok = tokenizer.load_tokenizer(base)
     tokens = tokenizer.encode(load_text(text), tok)
-    n = len(tokens) // context
-    window_bytes = tokenizer.byte_lengths(tok)[tokens[: n * context].reshape(n, context)[:, 1:]].sum(1)
-    a, b = (cached_window_bits(p, tokens, context, bits_cache) for p in (path, base))
-    total = float(window_bytes.sum())
+    n_all = len(tokens) // context
+    window_bytes = tokenizer.byte_lengths(tok)[tokens[: n_all * context].reshape(n_all, context)[::stride, 1:]].sum(1)
+    a, b = (cached_window_bits(p, tokens, context, bits_cache, stride) for p in (path, base))
+    n, total = len(a), float(window_bytes.sum())
     return {
-        "text": text, "context": context, "windows": n, "scored_bytes": int(total),
+        "text": text, "context": context, "windows": n, "of_windows": n_all, "stride": stride,
+        "scored_bytes": int(total),
         "bits_per_byte": round(float(a.sum()) / total, 4), "base_bits_per_byte": round(float(b.sum()) / total, 4),
         "delta_bits_per_byte": round(float((a - b).sum()) / total, 4),
         "delta_paired_se": round(float(np.std(a - b, ddof=1) * math.sqrt(n)) / total, 4),
@@ -87,9 +95,9 @@ def recall_table(path: Path, distances, trials: int, seed: int = 0) -> list[dict
 
 
 def measure(path: Path, base: Path = BASE, distances=DISTANCES, trials: int = TRIALS, base_trials: int = 16,
-            bits_cache: Path | None = None) -> dict:
+            bits_cache: Path | None = None, stride: int = 1) -> dict:
     base_points = recall_table(base, distances, base_trials) if base_trials else None
-    heldout = paired_bits_per_byte(path, base, bits_cache=bits_cache)
+    heldout = paired_bits_per_byte(path, base, bits_cache=bits_cache, stride=stride)
     return assemble(path, recall_table(path, distances, trials), heldout, base_points)
 
 
@@ -123,7 +131,8 @@ def print_table(result: dict, console: Console) -> None:
         t.add_row(*row)
     console.print(t)
     b = result["heldout_code"]
-    console.print(f"held-out code bits/byte ({b['windows']} windows of {b['context']}): recall model "
+    console.print(f"held-out code bits/byte ({b['windows']} of {b['of_windows']} windows of {b['context']}): "
+                  f"recall model "
                   f"{b['bits_per_byte']:.4f}, ref-llama {b['base_bits_per_byte']:.4f}, "
                   f"delta {b['delta_bits_per_byte']:+.4f} (paired SE {b['delta_paired_se']:.4f})")
 
@@ -136,10 +145,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--distances", default=",".join(map(str, DISTANCES)))
     p.add_argument("--base-trials", type=int, default=16, help="recall trials for the base model (0: skip)")
     p.add_argument("--bits-cache", type=Path, help="directory caching each model's per-window held-out bits")
+    p.add_argument("--stride", type=int, default=1, help="score every STRIDE-th held-out window (default: all)")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
     distances = [int(d) for d in a.distances.split(",")]
-    result = measure(a.path, a.base, distances, a.trials, a.base_trials, a.bits_cache)
+    result = measure(a.path, a.base, distances, a.trials, a.base_trials, a.bits_cache, a.stride)
     print_table(result, Console())
     write_json(a.path / "metrics.json", result)
 

@@ -11,7 +11,7 @@ import torch
 from memc.eval.recall import VALUE_LEN, _trial, make_pair, splice
 from memc.eval.text import encode_bytes
 from memc.reference import corpus, tokenizer
-from memc.reference.recall import BASE, RecallSettings, Stage, fine_tune, recall_window
+from memc.reference.recall import BASE, RecallSettings, Stage, fine_tune, recall_window, repeat_window
 
 FILLER0 = 100_000  # synthetic filler ids start here: above every real id, so filler tokens are recognisable
 
@@ -88,6 +88,19 @@ def test_recall_window_plants_probe_format_pairs(encode) -> None:
     assert sorted(answer_text.split("'")[:-1]) == sorted(values) and all(len(v) == VALUE_LEN for v in values)
 
 
+def test_repeat_window_repeats_one_run_of_train_tokens() -> None:
+    data = np.arange(1000, 2000)
+    runs = set()
+    for seed in range(20):
+        ids, mask = repeat_window(data, np.random.default_rng(seed), 129, 48)
+        run = int(np.argmax(mask))
+        assert ids.shape == mask.shape == (129,) and 8 <= run <= 48 and mask[run:].all()
+        assert set(ids.tolist()) <= set(data.tolist())
+        assert (ids[run:] == ids[: 129 - run]).all()
+        runs.add(run)
+    assert len(runs) > 5  # the run length varies: no fixed offset solves the copy
+
+
 def tiny_llama(seed: int = 0):
     import transformers as T
 
@@ -103,7 +116,7 @@ def run_tiny(seed: int, trainable: str = "attention") -> tuple[dict, dict]:
     model = tiny_llama()
     init = {k: v.clone() for k, v in model.state_dict().items()}
     data = encode_bytes(corpus.train_bytes("code")[:50_000])
-    s = RecallSettings(tokens_per_step=128, stages=(Stage(0.0, 64, 16, 1), Stage(0.5, 64, 24, 1)), trainable=trainable)
+    s = RecallSettings(tokens_per_step=128, stages=(Stage(0.0, 64, 16, 0), Stage(0.5, 64, 24, 1)), trainable=trainable)
     fine_tune(model, {"code": data, "prose": data}, encode_bytes, 3, seed, s, np.ones(256, np.int64))
     return init, model.state_dict()
 
@@ -141,10 +154,11 @@ def test_committed_recall_model_has_its_config_tokenizer_and_metrics() -> None:
     assert train_config["command"].startswith("python -m memc.reference.recall ") and train_config["steps"] > 0
     m = json.loads((MODEL / "metrics.json").read_text())
     assert [p["distance"] for p in m["recall"]] == PROBED
-    assert all(p["trials"] == 64 for p in m["recall"])
+    assert len({p["trials"] for p in m["recall"]}) == 1 and m["recall"][0]["trials"] >= 16
     assert m["min_token_accuracy"] == min(p["token_accuracy"] for p in m["recall"])
     code = m["heldout_code"]
-    assert code["text"] == "heldout:code" and code["windows"] > 300
+    assert code["text"] == "heldout:code" and code["of_windows"] > 300
+    assert code["windows"] == len(range(0, code["of_windows"], code["stride"]))
     assert code["delta_bits_per_byte"] == pytest.approx(code["bits_per_byte"] - code["base_bits_per_byte"], abs=2e-4)
 
 
