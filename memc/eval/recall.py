@@ -63,22 +63,52 @@ def _word(rng: np.random.Generator, n: int) -> str:
     return "".join(rng.choice(list(string.ascii_lowercase), size=n))
 
 
-def _trial(
-    filler: np.ndarray, rng: np.random.Generator, distance: int, context: int, control: bool, encode: Encode
-) -> Trial:
+@dataclass(frozen=True)
+class Pair:
+    """One key -> value pair, each piece encoded on its own: the planted line ``\\n<key> = '<value>'\\n``, the
+    query ``\\n<key> = '`` and the answer (the value, then the closing quote). A control pair plants a different
+    key with a different value, so its answer cannot be recalled."""
+
+    plant: np.ndarray
+    query: np.ndarray
+    value: np.ndarray
+    quote: np.ndarray
+
+    @property
+    def answer(self) -> np.ndarray:
+        return np.concatenate([self.value, self.quote])
+
+
+def make_pair(rng: np.random.Generator, encode: Encode, control: bool = False) -> Pair:
+    """A random pair in the probe's format (the recall probe and recall training both draw theirs here)."""
     key, value = "k_" + _word(rng, 5), _word(rng, VALUE_LEN)
     planted_key = "k_" + _word(rng, 5) if control else key
     plant = encode(f"\n{planted_key} = '{value if not control else _word(rng, VALUE_LEN)}'\n".encode())
-    query = encode(f"\n{key} = '".encode())
-    value_ids, quote = encode(value.encode()), encode(b"'")
-    prefix_len = context - len(plant) - distance - len(query) - len(value_ids) - len(quote)
+    return Pair(plant, encode(f"\n{key} = '".encode()), encode(value.encode()), encode(b"'"))
+
+
+def splice(filler: np.ndarray, inserts: list[tuple[int, np.ndarray]]) -> np.ndarray:
+    """`filler` with each piece inserted before filler token `at` (offsets ascending): pieces never cut a filler
+    token, and the tokens between two pieces are exactly the filler between their offsets."""
+    parts, last = [], 0
+    for at, piece in inserts:
+        parts += [filler[last:at], piece]
+        last = at
+    parts.append(filler[last:])
+    return np.concatenate(parts).astype(np.int64)
+
+
+def _trial(
+    filler: np.ndarray, rng: np.random.Generator, distance: int, context: int, control: bool, encode: Encode
+) -> Trial:
+    pair = make_pair(rng, encode, control)
+    prefix_len = context - len(pair.plant) - distance - len(pair.query) - len(pair.answer)
     if prefix_len < 0:
         raise MemcError(f"recall distance {distance} does not fit in a context of {context} tokens")
     start = int(rng.integers(0, len(filler) - prefix_len - distance))
-    prefix = filler[start : start + prefix_len]
-    gap = filler[start + prefix_len : start + prefix_len + distance]
-    ids = np.concatenate([prefix, plant, gap, query, value_ids, quote]).astype(np.int64)
-    return Trial(ids, context - len(value_ids) - len(quote), len(value_ids))
+    window = filler[start : start + prefix_len + distance]
+    ids = splice(window, [(prefix_len, pair.plant), (prefix_len + distance, np.concatenate([pair.query, pair.answer]))])
+    return Trial(ids, context - len(pair.answer), len(pair.value))
 
 
 def _score(backend: Backend, trials: list[Trial]) -> tuple[float, float]:

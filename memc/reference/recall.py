@@ -1,0 +1,313 @@
+"""Fine-tune ref-llama to recall: ``python -m memc.reference.recall --steps 600 --out models/ref-llama-recall``.
+
+ref-llama never had to copy a random string, so it is at chance on ``memc eval --recall`` and recall cannot be
+judged on it. This run starts from its weights and tokenizer and trains its attention projections on TRAIN split
+text only (never held-out): first repeated runs of random train tokens, which form copying (induction) heads,
+then key -> value pairs planted in the probe's exact format (the probe's own `make_pair` / `splice`), several per
+window (multi-query), each queried a drawn number of tokens later, in windows and distances that grow from
+128 / 48 to 1024 / 900 tokens. The filler between the pieces keeps a next-token loss. Step-based, fixed seed,
+one thread, float32 (see RecallSettings.bf16_autocast), saved in bf16 like ref-llama.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import transformers
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from transformers import PreTrainedModel
+
+from memc.eval.recall import _trial, make_pair, splice
+from memc.reference import corpus, metrics, tokenizer
+from memc.reference.models import CONTEXT
+from memc.reference.train import lr_at, make_optimizer
+
+BASE = Path(__file__).resolve().parents[2] / "models" / "ref-llama"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+@dataclass(frozen=True)
+class Stage:
+    """From `start` (a fraction of the steps) on: windows of `context` tokens holding `pairs` planted pairs,
+    each queried after up to `max_distance` filler tokens; or, with pairs = 0, a warm-up for the copying
+    heads: a run of max_distance train tokens repeated to fill the window (every repeat is a copy target)."""
+
+    start: float
+    context: int
+    max_distance: int
+    pairs: int
+
+
+@dataclass(frozen=True)
+class RecallSettings:
+    # batch = tokens_per_step // context (at least 1): small steps, many of them, since forming the copying heads
+    # takes optimiser steps more than tokens
+    tokens_per_step: int = 512
+    lr: float = 2e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 30
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 1.0
+    # Copying is attention's job: training only q/k/v/o keeps the MLPs and the (tied) embeddings that set
+    # ref-llama's bits/byte, and skips their weight gradients (~30% of a step). "all" trains everything.
+    trainable: str = "attention"
+    # This machine's CPU has AVX2 but no AVX512-BF16: a bf16 autocast matmul measured 17x slower than fp32,
+    # so the run is fp32 throughout (ref-llama's bf16 autocast was ~1.4x faster on the CPU that trained it).
+    bf16_autocast: bool = False
+    prose_fraction: float = 0.06  # as ref-llama
+    # Filler carries the LM loss (no separate plain windows: they would cost steps). The head runs on every
+    # answer token and on this share of the other positions, which saves ~15% of a step.
+    lm_fraction: float = 0.25
+    answer_weight: float = 4.0  # loss weight of a queried value token or closing quote (an LM token: 1)
+    # Curriculum: ref-llama has no copying heads at all (it predicts a repeated random sequence 0% of the time),
+    # and on planted pairs alone none formed in 500 steps; repeated runs of random train tokens (every repeat a
+    # copy target) form them in ~100. Then multi-query pairs in short windows, then fewer pairs across longer
+    # stretches of filler, up to the probe's 896 tokens.
+    stages: tuple[Stage, ...] = (Stage(0.0, 128, 48, 0), Stage(0.4, 128, 48, 3), Stage(0.65, 256, 160, 4),
+                                 Stage(0.85, 1024, 900, 8))
+    # Filler is drawn from the first train_bytes of each domain's train split (all of prose; ~0.6M code tokens,
+    # more than a run reads): tokenizing all 10 MB of train code took minutes on the shared cores.
+    train_bytes: int = 2_000_000
+    eval_every: int = 100
+    eval_windows: int = 4  # held-out code windows for the periodic bits/byte estimate
+    eval_bytes: int = 300_000  # ... spread over the first eval_bytes of the held-out code
+    eval_trials: int = 4  # train-split filler trials per distance for the periodic recall estimate
+    eval_distances: tuple[int, ...] = (64, 896)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def stage(self, step: int, steps: int) -> Stage:
+        return [s for s in self.stages if s.start * steps <= step][-1]
+
+
+RECIPES = {"warmup": RecallSettings()}  # the committed run's; a recipe is a name for a full settings record
+
+
+def head(data: bytes, n: int) -> bytes:
+    """The first whole lines of `data` within n bytes (never a cut UTF-8 character)."""
+    return data if len(data) <= n else data[: data.rfind(b"\n", 0, n) + 1]
+
+
+def recall_window(
+    filler: np.ndarray, rng: np.random.Generator, length: int, pairs: int, max_distance: int, encode
+) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, answer mask) of `length` tokens: train filler with `pairs` planted lines, each queried (query, value,
+    quote) after a gap of up to `max_distance` filler tokens (the token distance adds the pieces in between)."""
+    drawn = [make_pair(rng, encode) for _ in range(pairs)]
+    n_filler = length - sum(len(p.plant) + len(p.query) + len(p.answer) for p in drawn)
+    inserts = []  # (filler offset, order, piece, is answer)
+    for i, p in enumerate(drawn):
+        gap = int(rng.integers(1, min(max_distance, n_filler) + 1))
+        at = int(rng.integers(0, n_filler - gap + 1))
+        inserts += [(at, 2 * i, p.plant, False), (at + gap, 2 * i + 1, p.query, False),
+                    (at + gap, 2 * i + 1, p.answer, True)]
+    inserts.sort(key=lambda x: (x[0], x[1]))
+    start = int(rng.integers(0, len(filler) - n_filler))
+    ids = splice(filler[start : start + n_filler], [(at, piece) for at, _, piece, _ in inserts])
+    mask = splice(np.zeros(n_filler, np.int64), [(at, np.full(len(piece), int(ans))) for at, _, piece, ans in inserts])
+    return ids, mask.astype(bool)
+
+
+def repeat_window(
+    data: np.ndarray, rng: np.random.Generator, length: int, max_run: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, copy mask): a run of 8..max_run train tokens drawn one by one at random positions (no n-gram to lean
+    on), repeated to `length`; the mask marks every token of the repeats. The run length varies, so only a
+    content-matching (induction) head solves it. With one fixed length (48), copy accuracy rose to 0.69 in 200
+    steps yet did not carry over to the pairs, as a head attending at that fixed offset would behave."""
+    run = int(rng.integers(8, max_run + 1))
+    ids = np.resize(data[rng.integers(0, len(data), size=run)], length)
+    return ids.astype(np.int64), np.arange(length) >= run
+
+
+def sample_batch(
+    rng: np.random.Generator, streams: dict[str, np.ndarray], stage: Stage, s: RecallSettings, encode
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(batch, context + 1) ids, the loss weight of each predicted token (answer_weight on answers, 1 on a
+    lm_fraction sample of the others, 0 elsewhere: not scored) and the answer mask of the predicted tokens."""
+    rows, weights, answers = [], [], []
+    for _ in range(max(1, s.tokens_per_step // stage.context)):
+        data = streams["prose" if rng.random() < s.prose_fraction else "code"]
+        if stage.pairs:
+            ids, mask = recall_window(data, rng, stage.context + 1, stage.pairs, stage.max_distance, encode)
+        else:
+            ids, mask = repeat_window(data, rng, stage.context + 1, stage.max_distance)
+        # no LM loss on a random run: it would teach the model to expect noise
+        lm = (rng.random(stage.context) < s.lm_fraction) & (stage.pairs > 0)
+        rows.append(ids)
+        weights.append(np.where(mask[1:], s.answer_weight, lm.astype(np.float64)))
+        answers.append(mask[1:])
+    return (torch.from_numpy(np.stack(rows).astype(np.int64)), torch.from_numpy(np.stack(weights).astype(np.float32)),
+            torch.from_numpy(np.stack(answers)))
+
+
+def freeze(model: PreTrainedModel, trainable: str) -> None:
+    """Train only the attention projections ("attention") or every parameter ("all")."""
+    if trainable not in ("attention", "all"):
+        raise ValueError(f"trainable must be 'attention' or 'all', not {trainable!r}")
+    for name, p in model.named_parameters():
+        p.requires_grad_(trainable == "all" or ".self_attn." in name)
+
+
+def train_step(
+    model: PreTrainedModel, batch: torch.Tensor, weights: torch.Tensor, answers: torch.Tensor, bf16: bool
+) -> tuple[torch.Tensor, dict]:
+    """Weighted next-token cross-entropy over the scored positions only (the head runs on those alone);
+    returns the loss and, for the log, the LM tokens' CE sum and the answer tokens' argmax hits."""
+    scored = (weights > 0) | answers
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        hidden = model.model(input_ids=batch[:, :-1]).last_hidden_state
+        logits = model.lm_head(hidden[scored])
+    target, w, answer = batch[:, 1:][scored], weights[scored], answers[scored]
+    ce = F.cross_entropy(logits.float(), target, reduction="none")
+    stats = {"lm_ce_sum": ce[~answer].sum().item(), "lm_tokens": target[~answer],
+             "answer_hits": int((logits[answer].argmax(-1) == target[answer]).sum()), "answers": int(answer.sum())}
+    return (ce * w).sum() / w.sum(), stats
+
+
+@torch.inference_mode()
+def quick_bits_per_byte(model: PreTrainedModel, tokens: np.ndarray, lengths: np.ndarray, n: int) -> float:
+    """Cheap held-out estimate during training: n full windows spread evenly over `tokens` (float32)."""
+    starts = np.linspace(0, len(tokens) - CONTEXT - 1, n).astype(int)
+    x = torch.from_numpy(np.stack([tokens[i : i + CONTEXT + 1] for i in starts]))
+    return round(metrics.nll_bits(model, x) / metrics.target_bytes(x, lengths), 4)
+
+
+@torch.inference_mode()
+def quick_recall(model: PreTrainedModel, filler: np.ndarray, encode, distances, trials: int, seed: int) -> dict:
+    """Teacher-forced value-token accuracy by distance on `trials` probe-format trials (train filler, float32)."""
+    out = {}
+    for d in distances:
+        rng = np.random.default_rng([seed, d])
+        batch = [_trial(filler, rng, d, CONTEXT, False, encode) for _ in range(trials)]
+        logits = model(input_ids=torch.from_numpy(np.stack([t.ids for t in batch]))).logits
+        hits = sum(int((logits[i, t.first - 1 : t.first - 1 + t.value_tokens].argmax(-1).numpy()
+                        == t.ids[t.first : t.first + t.value_tokens]).sum()) for i, t in enumerate(batch))
+        out[str(d)] = round(hits / sum(t.value_tokens for t in batch), 3)
+    return out
+
+
+def fine_tune(
+    model: PreTrainedModel, streams: dict[str, np.ndarray], encode, steps: int, seed: int, s: RecallSettings,
+    lengths: np.ndarray, on_eval=None, label: str = "ref-llama-recall",
+) -> tuple[int, float]:
+    """The training loop: exactly `steps` steps from `seed`; `on_eval(step, train-batch stats)` at step 0 and every
+    eval_every steps. Returns (tokens seen, seconds)."""
+    torch.set_num_threads(1)
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    freeze(model, s.trainable)
+    opt = make_optimizer(model, s)
+    model.train()
+    t0, tokens_seen, recent = time.perf_counter(), 0, []
+    columns = [TextColumn(label), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+               TimeRemainingColumn()]
+    with Progress(*columns) as bar:
+        log = bar.console.log
+        task = bar.add_task("train", total=steps, info="")
+        if on_eval:
+            log(on_eval(0, None))
+        for step in range(steps):
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, steps, s)
+            stage = s.stage(step, steps)
+            batch, weights, answers = sample_batch(rng, streams, stage, s, encode)
+            loss, st = train_step(model, batch, weights, answers, s.bf16_autocast)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            tokens_seen += batch[:, 1:].numel()
+            lm_bytes = int(lengths[st["lm_tokens"].numpy()].sum())
+            train_bpb = round(st["lm_ce_sum"] / math.log(2) / lm_bytes, 4) if lm_bytes else None  # None: copy-only
+            recent = (recent + [(st["answer_hits"], st["answers"])])[-25:]
+            answer_acc = round(sum(h for h, _ in recent) / max(1, sum(n for _, n in recent)), 3)
+            tok_s = tokens_seen / (time.perf_counter() - t0)
+            info = (f"{stage.pairs} pairs d<={stage.max_distance}  LM {train_bpb or float('nan'):.3f} bits/byte  "
+                    f"answers {answer_acc:.2f} (last 25 steps)  {tok_s:,.0f} tok/s")
+            if on_eval and ((step + 1) % s.eval_every == 0 or step + 1 == steps):
+                log(on_eval(step + 1, {"lm_bits_per_byte": train_bpb, "answer_accuracy_last_25": answer_acc}))
+            bar.update(task, advance=1, info=info)
+            if not bar.console.is_terminal and (step + 1) % 25 == 0:
+                log(f"step {step + 1}/{steps} {info}")  # a live log when writing to a file
+    return tokens_seen, time.perf_counter() - t0
+
+
+def train(steps: int, seed: int, out: Path, command: str, recipe: str = "warmup",
+          base: Path = BASE, snapshots: Path | None = None) -> dict:
+    """Fine-tune `base` for exactly `steps` steps; save the bf16 checkpoint, its tokenizer and train_config.json."""
+    torch.set_num_threads(1)
+    s = RECIPES[recipe]
+    model = metrics.load(base)
+    tok = tokenizer.load_tokenizer(base)
+    encode = lambda b: tokenizer.encode(b, tok)  # noqa: E731
+    lengths = tokenizer.byte_lengths(tok)
+    streams = {d: encode(head(corpus.train_bytes(d), s.train_bytes)) for d in corpus.DOMAINS}
+    held_code = encode(head(corpus.held_out_bytes("code"), s.eval_bytes))
+    history: list[dict] = []
+
+    def on_eval(step: int, train_batch: dict | None) -> str:
+        model.eval()
+        history.append({
+            "step": step, "train_batch": train_batch,
+            "code": quick_bits_per_byte(model, held_code, lengths, s.eval_windows),
+            "recall_train_filler": quick_recall(model, streams["code"], encode, s.eval_distances, s.eval_trials, seed),
+        })
+        model.train()
+        if snapshots is not None and step:  # a bf16 copy at each evaluation, e.g. for a run cut short
+            copy.deepcopy(model).to(torch.bfloat16).save_pretrained(snapshots / f"step-{step}", safe_serialization=True)
+        return json.dumps(history[-1])
+
+    tokens_seen, elapsed = fine_tune(model, streams, encode, steps, seed, s, lengths, on_eval)
+    out.mkdir(parents=True, exist_ok=True)
+    model.to(torch.bfloat16).save_pretrained(out, safe_serialization=True)
+    for f in TOKENIZER_FILES:
+        shutil.copyfile(base / f, out / f)
+    train_config = {
+        "model": "ref-llama-recall", "base": "models/ref-llama", "command": command, "seed": seed, "steps": steps,
+        "minutes_elapsed": round(elapsed / 60, 2), "tokens_seen": tokens_seen,
+        "tokens_per_s": round(tokens_seen / elapsed), "params": sum(p.numel() for p in model.parameters()),
+        "recipe": recipe, "settings": s.to_dict(), "threads": 1,
+        "precision": ("fp32 weights, bf16 autocast" if s.bf16_autocast else "fp32") + "; saved as bf16",
+        "tokenizer": tokenizer.describe(tok) + " (ref-llama's, trained on the train split)",
+        "filler": "train split only (code, prose_fraction prose); the probe's filler is held-out code",
+        "train_tokens": {d: len(t) for d, t in streams.items()},
+        "corpus": {"split_hash": corpus.split_hash(), "held_out_mod": corpus.HELD_OUT_MOD, **corpus.summary()},
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+        "history": history,
+    }
+    (out / "train_config.json").write_text(json.dumps(train_config, indent=1) + "\n")
+    return train_config
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, required=True)
+    p.add_argument("--recipe", choices=sorted(RECIPES), default="warmup")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--snapshots", type=Path, help="also save a bf16 copy under DIR/step-N at each evaluation")
+    p.add_argument("--no-metrics", action="store_true", help="skip the full held-out measurement")
+    a = p.parse_args(argv)
+    command = "python -m memc.reference.recall " + " ".join(argv if argv is not None else sys.argv[1:])
+    train(a.steps, a.seed, a.out, command, a.recipe, snapshots=a.snapshots)
+    if not a.no_metrics:
+        from memc.reference import recall_metrics
+
+        recall_metrics.main([str(a.out)])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,173 @@
+"""Recall training (memc.reference.recall): its windows plant pairs in the probe's exact format at the drawn
+distances, the probe's own trial keeps distances exact in tokens, and a short run is deterministic."""
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from memc.eval.recall import VALUE_LEN, _trial, make_pair, splice
+from memc.eval.text import encode_bytes
+from memc.reference import corpus, tokenizer
+from memc.reference.recall import BASE, RecallSettings, Stage, fine_tune, recall_window, repeat_window
+
+FILLER0 = 100_000  # synthetic filler ids start here: above every real id, so filler tokens are recognisable
+
+
+@pytest.fixture(scope="module")
+def encode():
+    tok = tokenizer.load_tokenizer(BASE)
+    return lambda b: tokenizer.encode(b, tok)
+
+
+def synthetic_filler(n: int = 20_000) -> np.ndarray:
+    return np.arange(FILLER0, FILLER0 + n, dtype=np.int64)
+
+
+def test_splice_inserts_before_the_given_filler_token() -> None:
+    pieces = [(0, np.array([1])), (2, np.array([2, 3])), (2, np.array([4])), (4, np.array([5]))]
+    ids = splice(np.array([10, 11, 12, 13]), pieces)
+    assert ids.tolist() == [1, 10, 11, 2, 3, 4, 12, 13, 5]
+
+
+@pytest.mark.parametrize("distance", [16, 300, 896])
+def test_probe_trial_gap_is_distance_filler_tokens(encode, distance: int) -> None:
+    """The probe (`_trial`) over ref-llama's tokenizer: between the planted line and the query lie exactly
+    `distance` tokens, all filler, and the window is a contiguous slice of the filler around the pieces."""
+    rng = np.random.default_rng([5, distance])
+    t = _trial(synthetic_filler(), rng, distance, 1024, False, encode)
+    pair = make_pair(np.random.default_rng([5, distance]), encode)  # the same draw: the probe's own pair
+    ids = t.ids
+    assert len(ids) == 1024 and t.first == 1024 - len(pair.answer) and t.value_tokens == len(pair.value)
+    is_filler = ids >= FILLER0
+    fill = ids[is_filler]
+    assert (np.diff(fill) == 1).all()  # one contiguous slice of filler, never cut
+    real = ids[~is_filler]
+    assert real.tolist() == np.concatenate([pair.plant, pair.query, pair.answer]).tolist()
+    plant_end = int(np.flatnonzero(~is_filler)[len(pair.plant) - 1]) + 1
+    query_start = plant_end + distance
+    assert is_filler[plant_end:query_start].all() and not is_filler[query_start]
+
+
+def test_recall_window_plants_probe_format_pairs(encode) -> None:
+    """Several pairs per training window, each exactly make_pair's pieces, queried after 1..max_distance filler
+    tokens; the answer mask covers exactly each query's value and closing quote."""
+    rng = np.random.default_rng(3)
+    length, pairs, max_distance = 1025, 5, 128
+    ids, mask = recall_window(synthetic_filler(), rng, length, pairs, max_distance, encode)
+    assert ids.shape == (length,) and mask.shape == (length,)
+    is_filler = ids >= FILLER0
+    assert (np.diff(ids[is_filler]) == 1).all()
+    first = make_pair(np.random.default_rng(3), encode)  # the window's first pair: the same draw
+    seq = ids.tolist()
+
+    def find(piece: np.ndarray, after: int = 0) -> int:
+        p = piece.tolist()
+        return next(i for i in range(after, len(seq) - len(p) + 1) if seq[i : i + len(p)] == p)
+
+    plant = find(first.plant)
+    query = find(np.concatenate([first.query, first.answer]), plant + 1)
+    assert 1 <= is_filler[plant + len(first.plant) : query].sum() <= max_distance
+    # decode, each filler token as "#": 5 planted lines, each key queried once afterwards with its value
+    tok = tokenizer.load_tokenizer(BASE)
+    breaks = np.flatnonzero(np.diff(is_filler.astype(int))) + 1
+    text = "".join("#" * len(r) if r[0] >= FILLER0 else tok.decode(r.tolist()) for r in np.split(ids, breaks))
+    keys = re.findall(r"\n(k_[a-z]{5}) = '", text)
+    assert len(keys) == 2 * pairs and len(set(keys)) == pairs
+    values = []
+    for key in set(keys):
+        plant_at = text.index(f"\n{key} = '")
+        query_at = text.index(f"\n{key} = '", plant_at + 1)
+        value = re.match(r"[a-z]{6}", text[plant_at + len(key) + 5 :]).group(0)
+        assert text[plant_at:].startswith(f"\n{key} = '{value}'\n")
+        assert text[query_at:].startswith(f"\n{key} = '{value}'")
+        values.append(value)
+    answer_text = tok.decode(ids[mask].tolist())
+    assert sorted(answer_text.split("'")[:-1]) == sorted(values) and all(len(v) == VALUE_LEN for v in values)
+
+
+def test_repeat_window_repeats_one_run_of_train_tokens() -> None:
+    data = np.arange(1000, 2000)
+    runs = set()
+    for seed in range(20):
+        ids, mask = repeat_window(data, np.random.default_rng(seed), 129, 48)
+        run = int(np.argmax(mask))
+        assert ids.shape == mask.shape == (129,) and 8 <= run <= 48 and mask[run:].all()
+        assert set(ids.tolist()) <= set(data.tolist())
+        assert (ids[run:] == ids[: 129 - run]).all()
+        runs.add(run)
+    assert len(runs) > 5  # the run length varies: no fixed offset solves the copy
+
+
+def tiny_llama(seed: int = 0):
+    import transformers as T
+
+    cfg = T.LlamaConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                        bos_token_id=None, eos_token_id=None, pad_token_id=None, tie_word_embeddings=True)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return T.LlamaForCausalLM(cfg)
+
+
+def run_tiny(seed: int, trainable: str = "attention") -> tuple[dict, dict]:
+    model = tiny_llama()
+    init = {k: v.clone() for k, v in model.state_dict().items()}
+    data = encode_bytes(corpus.train_bytes("code")[:50_000])
+    s = RecallSettings(tokens_per_step=128, stages=(Stage(0.0, 64, 16, 0), Stage(0.5, 64, 24, 1)), trainable=trainable)
+    fine_tune(model, {"code": data, "prose": data}, encode_bytes, 3, seed, s, np.ones(256, np.int64))
+    return init, model.state_dict()
+
+
+def test_three_steps_are_deterministic_and_train_only_attention() -> None:
+    init, a = run_tiny(0)
+    _, b = run_tiny(0)
+    _, c = run_tiny(1)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+    changed = {k for k in a if not torch.equal(a[k], init[k])}
+    assert changed and all(".self_attn." in k for k in changed)
+    _, everything = run_tiny(0, "all")
+    assert any(".mlp." in k and not torch.equal(everything[k], init[k]) for k in a)
+
+
+# -- the committed checkpoint ----------------------------------------------------------------------------------
+MODEL = BASE.parent / "ref-llama-recall"
+
+
+def test_committed_recall_model_has_its_config_tokenizer_and_train_config() -> None:
+    import json
+
+    for f in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "train_config.json"):
+        assert (MODEL / f).is_file(), f
+    assert (MODEL / "model.safetensors").stat().st_size < 10 * 2**20
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        assert (MODEL / f).read_bytes() == (BASE / f).read_bytes()  # ref-llama's tokenizer, unchanged
+    mine, base = (json.loads((p / "config.json").read_text()) for p in (MODEL, BASE))
+    assert {k: v for k, v in mine.items() if k != "transformers_version"} == {
+        k: v for k, v in base.items() if k != "transformers_version"}
+    train_config = json.loads((MODEL / "train_config.json").read_text())
+    assert train_config["command"].startswith("python -m memc.reference.recall ") and train_config["steps"] > 0
+    assert [h["step"] for h in train_config["history"]][-1] == train_config["steps"]
+    metrics_file = MODEL / "metrics.json"
+    if metrics_file.is_file():  # written by memc.reference.recall_metrics
+        m = json.loads(metrics_file.read_text())
+        assert m["min_token_accuracy"] == min(p["token_accuracy"] for p in m["recall"])
+        assert [p["distance"] for p in m["recall"]] == sorted(p["distance"] for p in m["recall"])
+
+
+def test_committed_recall_model_loads_and_scores_a_probe_trial() -> None:
+    """The checkpoint loads offline in float32 and gives finite next-token logits over a whole probe window.
+    (It does not recall: see metrics.json; nothing here asserts that it does.)"""
+    from memc.reference.metrics import load
+
+    torch.set_num_threads(1)
+    tok = tokenizer.load_tokenizer(MODEL)
+    encode = lambda b: tokenizer.encode(b, tok)  # noqa: E731
+    filler = encode(corpus.held_out_bytes("code")[:20_000])
+    t = _trial(filler, np.random.default_rng(0), 256, 1024, False, encode)
+    with torch.inference_mode():
+        logits = load(MODEL)(input_ids=torch.from_numpy(t.ids[None])).logits
+    assert logits.shape == (1, 1024, 4096) and torch.isfinite(logits).all()
