@@ -67,7 +67,7 @@ class DecodeEngine:
         meta = self.session.get_modelmeta().custom_metadata_map
         specs = self._specs(meta.get("memc.state"), inputs[1:])
         if not specs:
-            raise DecodeStateError(f"{self.path}: the graph has no state inputs after input_ids")
+            raise DecodeStateError(f"{self.path} is not a memc decode graph: it has no state inputs after input_ids")
         self.state_specs: list[StateSpec] = specs
         self.output_names = ["logits", *(s.output for s in specs)]
         found = [o.name for o in self.session.get_outputs()]
@@ -142,8 +142,9 @@ class DecodeEngine:
                 past = int(array.shape[spec.shape.index("past")])
             want = tuple(batch if d == "batch" else past if d == "past" else d for d in spec.shape)
             if array.shape != want:
-                names = ", ".join(str(d) if isinstance(d, int) else f"{d}={batch if d == 'batch' else past}"
-                                  for d in spec.shape)
+                labels = ("batch", "heads", "past", "head_dim") if spec.kind == "kv" and len(want) == 4 else spec.shape
+                names = ", ".join(f"{label}={size}" if isinstance(label, str) else str(size)
+                                  for label, size in zip(labels, want))
                 raise DecodeStateError(
                     f"state[{i}] ({spec.name}) has shape {tuple(array.shape)}; expected ({names}): every state "
                     "array must match the token batch and share one past length"

@@ -111,10 +111,10 @@ class OnnxRuntimeTarget(Target):
         from memc.codegen.decode import greedy_check, program_reference
 
         prompt = ids[:1].numpy().astype(np.int64)
-        limit = program.source.max_seq_len
-        steps = self.config.decode_steps if limit is None else min(self.config.decode_steps, limit - prompt.shape[1])
-        if steps < 1:
-            prompt, steps = prompt[:, : max(1, limit // 2)], min(self.config.decode_steps, limit - max(1, limit // 2))
+        steps, limit = self.config.decode_steps, program.source.max_seq_len
+        if limit is not None:  # keep prompt + steps inside the model's context (the prompt shrinks first)
+            prompt = prompt[:, : max(1, min(prompt.shape[1], limit - steps))]
+            steps = min(steps, limit - prompt.shape[1])
         return greedy_check(out_dir / DECODE_FILE, program_reference(program), prompt, steps).as_dict()
 
     def _verify_decode(
