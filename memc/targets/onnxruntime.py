@@ -15,7 +15,7 @@ import onnxruntime as ort
 import torch
 
 from memc.codegen.onnx import check_exportable, export_onnx
-from memc.errors import CaptureError, UnsupportedError, VerificationError, first_line
+from memc.errors import CaptureError, VerificationError, first_line
 from memc.program import Program
 from memc.runtime.engine import DECODE_FILE
 from memc.targets.session import create_session
