@@ -183,6 +183,12 @@ def run_plan(plan: Plan, progress: bool = True, quiet: bool = False) -> Compiled
             if not verification.passed:
                 print_summary(display.console, report)
                 worst = {k: f"{v:.3g}" for k, v in verification.worst.items() if v > verification.atol}
+                greedy = (verification.decode or {}).get("greedy")
+                if not worst and greedy and not greedy["equal"]:
+                    raise VerificationError(
+                        f"the decode graph's greedy tokens differ from the torch program's at new token "
+                        f"{greedy['first_mismatch']} of {greedy['steps']}; nothing was written to {plan.out_dir}"
+                    )
                 raise VerificationError(
                     f"the {plan.target.name} artifact does not match the torch program: max |Δ| {worst} "
                     f"> atol {verification.atol:g}; nothing was written to {plan.out_dir}"

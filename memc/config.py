@@ -105,12 +105,15 @@ class TargetConfig:
     debug_metadata: bool = option(False, "keep the exporter's per-node stack traces (machine paths; larger file)")
     decode_graph: bool = option(
         False,
-        "HF causal LMs: also write decode.onnx, the stateful decode graph (input_ids + past KV -> logits + present "
-        "KV; memc.runtime.DecodeEngine runs it), built from the source model (pass rewrites are not applied to it) "
-        "and verified as prefill + one-token steps against the compiled program's full-sequence logits",
+        "causal LMs: also write decode.onnx, the stateful decode graph of the program after its passes (input_ids + "
+        "past state -> logits + present state: KV caches, memory-caching states; memc.runtime.DecodeEngine runs it), "
+        "verified as prefill + one-token steps against the program's full-sequence logits and by greedy tokens",
     )
+    decode_steps: int = option(64, "decode_graph: greedy tokens compared with the torch program's (capped by context)")
 
     def validate(self) -> None:
+        if self.decode_steps < 1:
+            raise ValueError(f"decode_steps must be >= 1, got {self.decode_steps}")
         if not 18 <= self.opset <= 23:
             raise ValueError(f"opset {self.opset} is outside the supported range 18..23")
         for shape in self.verify_shapes:

@@ -60,6 +60,7 @@ def verification_dict(v: Verification) -> dict[str, Any]:
         "passed": v.passed,
         "max_abs_diff": v.worst,
         "samples": [dataclasses.asdict(s) for s in v.samples],
+        **({"decode": v.decode} if v.decode is not None else {}),
     }
 
 

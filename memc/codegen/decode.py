@@ -1,24 +1,19 @@
-"""The stateful decode form of a Hugging Face causal LM: one ONNX graph with explicit KV state inputs and outputs.
+"""The stateful decode form of a compiled Program: one ONNX graph with explicit state inputs and outputs.
 
-    (input_ids [batch, seq], past_key_0, past_value_0, ..., past_key_{L-1}, past_value_{L-1} [batch, heads, past, dim])
-        -> (logits [batch, seq, vocab], present_key_0, present_value_0, ... [batch, heads, past + seq, dim])
+    (input_ids [batch, seq], past state...) -> (logits [batch, seq, vocab], present state...)
 
-One graph serves both phases: prefill feeds past arrays of length 0 (ONNX and onnxruntime accept a zero-length
-axis), a decode step feeds one token and the previous call's presents. Positions come from the past length
-(``past + arange(seq)``, passed to the model as explicit ``position_ids`` of shape [batch, seq]), so RoPE and learned
-position embeddings are right in both phases. The cache the model sees is a transformers ``DynamicCache`` whose
-layers are pre-filled with the past tensors; ``memc.runtime.engine.DecodeEngine`` drives the graph. One graph
-instead of a prefill/step pair halves the artifact's weight bytes and keeps a single lowering to verify; a prefill
-simply costs one Concat with an empty tensor per state.
-
-Only full-attention KV caches are supported (every cache layer a plain ``DynamicLayer``); sliding-window, linear
-attention and KV-sharing caches are refused with the layer types found.
+The graph is a lowering of the Program *after its passes* (memc.codegen.decode_rewrite builds the step form of
+its fx graph: KV caches for plain attention sites, the fixed-layout MemoryCachingState for memory-caching sites),
+so every rewrite deploys in its decode form. One graph serves both phases: prefill feeds the empty state (past
+arrays of length 0; ONNX and onnxruntime accept a zero-length axis), a step feeds one token and the previous
+call's presents. A graph with a memory-caching site takes one token per call (static seq 1); the engine feeds a
+prompt token by token. The state layout (names, shapes with the symbolic dims ``batch`` / ``past``, dtypes) is
+written into the graph's metadata (``memc.state``, JSON) and into report.json; memc.runtime.DecodeEngine reads it.
 """
 from __future__ import annotations
 
-import functools
-import types
-from dataclasses import dataclass, field
+import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -27,157 +22,28 @@ import onnx
 import torch
 
 from memc.atomic import atomic_file
-from memc.capture.hf import load_pretrained
+from memc.codegen.decode_rewrite import DecodeGraph, decode_graph, export_decode
 from memc.codegen.onnx import check_exportable, lower_exported
-from memc.errors import CaptureError, UnsupportedError
-from memc.program import DimSpec
+from memc.errors import CaptureError, UnsupportedError, first_line
+from memc.program import Program
 from memc.runtime.engine import DECODE_FILE, DecodeEngine, decode_logits
 
-# Example sizes for torch.export: distinct, and >= 2 on every dynamic axis (torch.export specialises 0 and 1).
-_EXAMPLE_BATCH, _EXAMPLE_SEQ, _EXAMPLE_PAST = 2, 5, 3
-
-
-def state_names(layers: int, prefix: str) -> list[str]:
-    """``past`` -> past_key_0, past_value_0, past_key_1, ...; ``present`` likewise."""
-    return [f"{prefix}_{kind}_{i}" for i in range(layers) for kind in ("key", "value")]
-
-
-@functools.cache
-def _state_cache_class() -> type:
-    """A DynamicCache pre-filled with past tensors (built lazily: transformers is an optional dependency)."""
-    from transformers.cache_utils import DynamicCache, DynamicLayer
-
-    class StateLayer(DynamicLayer):
-        def __init__(self, keys: torch.Tensor, values: torch.Tensor):
-            super().__init__()
-            self.keys, self.values, self.device, self.is_initialized = keys, values, keys.device, True
-
-        def get_seq_length(self) -> int:
-            # DynamicLayer answers 0 when ``keys.numel() == 0``, a data-dependent guard under torch.export; the past
-            # axis is the length whether or not it is zero.
-            return self.keys.shape[-2]
-
-    class StateCache(DynamicCache):
-        def __init__(self, past: tuple[torch.Tensor, ...]):
-            layers = [StateLayer(past[i], past[i + 1]) for i in range(0, len(past), 2)]
-            super(DynamicCache, self).__init__(layers=layers)
-
-    return StateCache
-
-
-def _decode_forward(self: torch.nn.Module, input_ids: torch.Tensor, *past: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """input_ids [b, t] and 2L past tensors [b, h, p, d] -> logits [b, t, V] and 2L presents [b, h, p + t, d]."""
-    batch, seq = input_ids.shape
-    # [batch, seq] rather than [1, seq]: at opset 23 the exporter emits ONNX RotaryEmbedding, whose cos/sin caches
-    # must have the batch of the activations (a [1, seq] position tensor fails for batch >= 2 in onnxruntime).
-    positions = (torch.arange(seq, device=input_ids.device) + past[0].shape[2]).unsqueeze(0).expand(batch, seq)
-    out = type(self).forward(
-        self, input_ids=input_ids, position_ids=positions, cache=_state_cache_class()(past), use_cache=True
-    )
-    present: list[torch.Tensor] = []
-    for layer in out.cache.layers:
-        present += [layer.keys, layer.values]
-    return (out.logits, *present)
-
-
-@dataclass
-class DecodeGraph:
-    """An HF causal LM whose forward is the decode form, with what torch.export and the exporter need."""
-
-    module: torch.nn.Module
-    layers: int
-    key_shapes: list[tuple[int, int]]  # (heads, head_dim) of each layer's keys
-    value_shapes: list[tuple[int, int]]
-    dtype: torch.dtype
-    vocab_size: int
-    max_seq_len: int | None
-    architecture: str
-    source: str
-    dims: dict[str, dict[int, DimSpec]] = field(default_factory=dict)
-
-    @property
-    def input_names(self) -> list[str]:
-        return ["input_ids", *state_names(self.layers, "past")]
-
-    @property
-    def output_names(self) -> list[str]:
-        return ["logits", *state_names(self.layers, "present")]
-
-    def example_inputs(self, batch: int = _EXAMPLE_BATCH, seq: int = _EXAMPLE_SEQ, past: int = _EXAMPLE_PAST) -> tuple:
-        gen = torch.Generator().manual_seed(0)
-        ids = torch.randint(0, self.vocab_size, (batch, seq), generator=gen)
-        state = []
-        for (kh, kd), (vh, vd) in zip(self.key_shapes, self.value_shapes):
-            state += [torch.randn(batch, kh, past, kd, generator=gen).to(self.dtype),
-                      torch.randn(batch, vh, past, vd, generator=gen).to(self.dtype)]
-        return (ids, *state)
-
-    def dynamic_shapes(self) -> dict[str, Any]:
-        made: dict[str, Any] = {}
-
-        def dims(name: str) -> dict[int, Any]:
-            return {a: made.setdefault(s.name, s.to_torch()) for a, s in self.dims[name].items()}
-
-        return {"input_ids": dims("input_ids"), "past": tuple(dims(n) for n in self.input_names[1:])}
-
-    def export(self) -> torch.export.ExportedProgram:
-        try:
-            return torch.export.export(
-                self.module, self.example_inputs(), dynamic_shapes=self.dynamic_shapes(), strict=False
-            )
-        except Exception as exc:
-            first = (str(exc).strip().splitlines() or [""])[0]
-            raise CaptureError(
-                f"torch.export of the decode form of {self.source} failed: {type(exc).__name__}: {first}"
-            ) from None
-
-
-def decode_graph(model_dir: str | Path, dtype: str = "float32") -> DecodeGraph:
-    """Load an HF causal LM directory (as memc's capture does) and give it the decode forward.
-
-    The KV layout (layer count, heads and head size of keys and values) is read from the model's own cache after a
-    2-token forward, so architectures that size their caches differently need no special case.
-    """
-    pre = load_pretrained(Path(model_dir), "causal-lm", dtype)
-    model = pre.model
-    with torch.no_grad():
-        probe = type(model).forward(model, input_ids=torch.zeros(1, 2, dtype=torch.int64), use_cache=True)
-    cache = getattr(probe, "cache", None)
-    layers = list(getattr(cache, "layers", None) or [])
-    if not layers:
-        raise UnsupportedError(f"{model_dir}: {pre.architecture} returned no KV cache; it has no decode form")
-    from transformers.cache_utils import DynamicLayer
-
-    odd = sorted({type(layer).__name__ for layer in layers if type(layer) is not DynamicLayer})
-    if odd:
-        raise UnsupportedError(
-            f"{model_dir}: {pre.architecture} uses cache layers {odd}; the decode graph supports full-attention "
-            "KV caches (DynamicLayer) only",
-            hint="sliding-window, linear-attention and KV-sharing caches need their own state layout",
-        )
-    key_shapes = [(int(layer.keys.shape[1]), int(layer.keys.shape[3])) for layer in layers]
-    value_shapes = [(int(layer.values.shape[1]), int(layer.values.shape[3])) for layer in layers]
-    model.forward = types.MethodType(_decode_forward, model)  # keeps transformers' module paths in name scopes
-    max_len = pre.max_seq_len
-    graph = DecodeGraph(
-        model, len(layers), key_shapes, value_shapes, layers[0].keys.dtype, int(pre.config.vocab_size), max_len,
-        pre.architecture, str(model_dir),
-    )
-    batch, seq, past = DimSpec("batch", 1, None), DimSpec("seq", 1, max_len), DimSpec("past", 0, max_len)
-    graph.dims = {"input_ids": {0: batch, 1: seq}, **{n: {0: batch, 2: past} for n in graph.input_names[1:]}}
-    return graph
+__all__ = ["DecodeGraph", "decode_graph", "lower_decode", "build_decode_artifact", "verify_decode", "greedy_check"]
 
 
 def lower_decode(
     graph: DecodeGraph, opset: int = 18, optimize: bool = True, debug_metadata: bool = False
 ) -> onnx.ModelProto:
-    """torch.export the decode form (dynamic batch, seq and past axes) and lower it to ONNX.
+    """torch.export the step form (dynamic batch, and seq / past where the graph has them) and lower it to ONNX.
 
-    The op-support check (which repeats the exporter's decompositions, seconds on a small model) runs only when
-    lowering fails, to name the unsupported nodes instead of showing the exporter's error.
+    The op-support check (which repeats the exporter's decompositions) runs only when lowering fails, to name the
+    unsupported nodes instead of showing the exporter's error.
     """
-    ep = graph.export()
-    dim_names = {name: {a: s.name for a, s in axes.items()} for name, axes in graph.dims.items()}
+    try:
+        ep = export_decode(graph)
+    except Exception as exc:
+        raise CaptureError(f"torch.export of the decode form of {graph.source} failed: {first_line(exc)}") from None
+    dim_names = {name: {a: s.name for a, s in axes.items()} for name, axes in graph.dims().items()}
     try:
         model = lower_exported(
             ep, graph.example_inputs(), graph.input_names, graph.output_names, dim_names, opset, optimize,
@@ -185,19 +51,29 @@ def lower_decode(
         )
     except Exception as exc:
         check_exportable(ep, opset)
-        first = (str(exc).strip().splitlines() or [""])[0]
         raise UnsupportedError(
-            f"lowering the decode form of {graph.source} to ONNX (opset {opset}) failed: {type(exc).__name__}: {first}"
+            f"lowering the decode form of {graph.source} to ONNX (opset {opset}) failed: {first_line(exc)}"
         ) from None
     meta = {
         "memc.graph": "decode",
         "memc.layers": str(graph.layers),
-        "memc.architecture": graph.architecture,
         "memc.max_seq_len": str(graph.max_seq_len or 0),
+        "memc.seq": "dynamic" if graph.seq_dynamic else "1",
+        "memc.state": json.dumps([s.as_dict() for s in graph.state]),
     }
     for key, value in meta.items():
         model.metadata_props.add(key=key, value=value)
     return model
+
+
+def state_layout(graph: DecodeGraph) -> dict[str, Any]:
+    """What report.json records: enough for a deployment in another language to drive the graph."""
+    return {
+        "seq": "dynamic" if graph.seq_dynamic else 1,
+        "sites": graph.sites,
+        "tensors": [s.as_dict() for s in graph.state],
+        "outputs": graph.output_names,
+    }
 
 
 def save_onnx_atomic(model: onnx.ModelProto, path: Path) -> None:
@@ -207,8 +83,16 @@ def save_onnx_atomic(model: onnx.ModelProto, path: Path) -> None:
         onnx.checker.check_model(str(tmp))
 
 
+def program_of(model_dir: str | Path, dtype: str = "float32") -> Program:
+    """Capture an HF causal LM directory as ``memc compile`` does (no passes)."""
+    from memc.capture.loaders import capture
+    from memc.config import parse_config
+
+    return capture(str(model_dir), parse_config({"model": {"dtype": dtype}}))
+
+
 def build_decode_artifact(
-    model_dir: str | Path,
+    model: str | Path | Program,
     out_dir: str | Path,
     opset: int = 18,
     *,
@@ -216,10 +100,12 @@ def build_decode_artifact(
     optimize: bool = True,
     debug_metadata: bool = False,
 ) -> Path:
-    """Write ``out_dir/decode.onnx`` (atomically) for the HF causal LM in ``model_dir``; returns its path."""
-    model = lower_decode(decode_graph(model_dir, dtype), opset, optimize, debug_metadata)
+    """Write ``out_dir/decode.onnx`` (atomically) for a Program, or an HF causal LM directory captured as
+    ``memc compile`` does; returns its path."""
+    program = model if isinstance(model, Program) else program_of(model, dtype)
+    onnx_model = lower_decode(decode_graph(program), opset, optimize, debug_metadata)
     path = Path(out_dir) / DECODE_FILE
-    save_onnx_atomic(model, path)
+    save_onnx_atomic(onnx_model, path)
     return path
 
 
@@ -257,6 +143,8 @@ class DecodeCheck:
 def hf_reference(model: torch.nn.Module | str | Path) -> Callable[[np.ndarray], np.ndarray]:
     """Full-sequence logits of an HF causal LM without a cache: a loaded model, or a directory loaded like capture."""
     if not isinstance(model, torch.nn.Module):
+        from memc.capture.hf import load_pretrained
+
         model = load_pretrained(Path(model), "causal-lm").model
 
     def logits(ids: np.ndarray) -> np.ndarray:
@@ -298,3 +186,43 @@ def verify_decode(
     diff = np.abs(got - want)
     step = float(diff[:, prefill:].max()) if seq > prefill else 0.0
     return DecodeCheck(list(ids.shape), prefill, seq - prefill, float(diff[:, :prefill].max()), step, atol)
+
+
+def program_reference(program: Program) -> Callable[[np.ndarray], np.ndarray]:
+    """Full-sequence logits of the (rewritten) torch Program."""
+
+    def logits(ids: np.ndarray) -> np.ndarray:
+        return program(torch.from_numpy(np.ascontiguousarray(ids)))[0].float().numpy()
+
+    return logits
+
+
+@dataclass
+class GreedyCheck:
+    """Greedy tokens of the decode graph (prefill + steps) vs the reference's (one full forward per new token)."""
+
+    prompt: int
+    steps: int
+    equal: bool
+    first_mismatch: int | None  # index of the first differing new token
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"prompt": self.prompt, "steps": self.steps, "equal": self.equal,
+                "first_mismatch": self.first_mismatch}
+
+
+def greedy_check(engine: Any, reference: Callable[[np.ndarray], np.ndarray], prompt: np.ndarray,
+                 steps: int) -> GreedyCheck:
+    """``steps`` greedy tokens after ``prompt [batch, seq]`` through the engine and through the reference."""
+    if not isinstance(engine, DecodeEngine):
+        engine = DecodeEngine(engine)
+    ids = np.asarray(prompt, dtype=np.int64)
+    ids = ids.reshape(1, -1) if ids.ndim == 1 else ids
+    got = engine.generate(ids, steps)[:, ids.shape[1]:]
+    seq = ids
+    for _ in range(steps):
+        token = reference(seq)[:, -1].argmax(-1).astype(np.int64)
+        seq = np.concatenate([seq, token[:, None]], axis=1)
+    want = seq[:, ids.shape[1]:]
+    bad = np.nonzero((got != want).any(0))[0]
+    return GreedyCheck(int(ids.shape[1]), steps, not bad.size, int(bad[0]) if bad.size else None)

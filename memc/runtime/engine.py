@@ -1,16 +1,18 @@
 """A small decode engine over memc's decode graph (``decode.onnx``): prefill, step and greedy generate.
 
-The graph (memc.codegen.decode) takes ``input_ids [batch, seq]`` plus ``past_key_i`` / ``past_value_i``
-``[batch, heads, past, head_dim]`` for every layer, and returns ``logits [batch, seq, vocab]`` plus
-``present_key_i`` / ``present_value_i`` (past + seq long). The engine's *state* is the list of present arrays in
-input order (key_0, value_0, key_1, ...); it is fed back as the next call's past. Prefill is the same graph with
-zero-length past arrays.
+The graph (memc.codegen.decode) takes ``input_ids [batch, seq]`` plus its state inputs ``past_*`` and returns
+``logits [batch, seq, vocab]`` plus the matching ``present_*`` outputs, fed back as the next call's past. The state
+layout (names, shapes with the symbolic dims ``batch`` and ``past``, dtypes) is read from the graph's
+``memc.state`` metadata (the same list report.json records under ``target.decode.state``): KV caches
+``past_key_i`` / ``past_value_i`` [batch, heads, past, head_dim] grow with the context; memory-caching states
+``past_mc_<field>_i`` have fixed shapes. Prefill is the same graph from the empty state (zero-length past axes,
+zeros elsewhere); a graph with a static seq of 1 (memory-caching sites) is fed a prompt token by token.
 
 numpy + onnxruntime only: a deployment process never imports torch.
 """
 from __future__ import annotations
 
-import re
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -20,10 +22,10 @@ import numpy as np
 from memc.targets.session import create_session
 
 DECODE_FILE = "decode.onnx"
-_STATE = re.compile(r"^past_(key|value)_(\d+)$")
-_ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
+_ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+               "tensor(int64)": np.int64, "tensor(int32)": np.int32}
 
-State = list  # list[np.ndarray]: present_key_0, present_value_0, ... fed back as past_key_0, past_value_0, ...
+State = list  # list[np.ndarray]: the present arrays of the last call, in state order, fed back as the past
 
 
 class DecodeStateError(ValueError):
@@ -32,12 +34,19 @@ class DecodeStateError(ValueError):
 
 @dataclass(frozen=True)
 class StateSpec:
-    """One state input of the graph: its name, static heads and head size, element type."""
+    """One state input of the graph: its name, shape (ints and the symbols ``batch`` / ``past``), element type."""
 
     name: str
-    heads: int
-    head_dim: int
+    shape: tuple
     dtype: type
+    kind: str = "kv"  # kv (grows along ``past``) | mc (fixed size)
+
+    @property
+    def output(self) -> str:
+        return "present_" + self.name[len("past_"):]
+
+    def empty(self, batch: int) -> np.ndarray:
+        return np.zeros([batch if d == "batch" else 0 if d == "past" else d for d in self.shape], dtype=self.dtype)
 
 
 class DecodeEngine:
@@ -55,43 +64,63 @@ class DecodeEngine:
         inputs = self.session.get_inputs()
         if not inputs or inputs[0].name != "input_ids":
             raise DecodeStateError(f"{self.path} is not a memc decode graph: its first input is not input_ids")
-        specs = []
-        for i, value in enumerate(inputs[1:]):
-            layer, kind = divmod(i, 2)
-            expected = f"past_{('key', 'value')[kind]}_{layer}"
-            shape = value.shape
-            if value.name != expected or len(shape) != 4 or not all(isinstance(d, int) for d in (shape[1], shape[3])):
-                raise DecodeStateError(
-                    f"{self.path}: input {i + 1} is {value.name} {shape}; a decode graph takes {expected} "
-                    "[batch, heads, past, head_dim] with static heads and head_dim"
-                )
-            if value.type not in _ORT_DTYPES:
-                raise DecodeStateError(f"{self.path}: state {value.name} has element type {value.type}, "
-                                       f"which numpy cannot hold (supported: {sorted(_ORT_DTYPES)})")
-            specs.append(StateSpec(value.name, shape[1], shape[3], _ORT_DTYPES[value.type]))
-        if not specs or len(specs) % 2:
-            raise DecodeStateError(f"{self.path}: expected past_key_i / past_value_i pairs after input_ids")
+        meta = self.session.get_modelmeta().custom_metadata_map
+        specs = self._specs(meta.get("memc.state"), inputs[1:])
+        if not specs:
+            raise DecodeStateError(f"{self.path} is not a memc decode graph: it has no state inputs after input_ids")
         self.state_specs: list[StateSpec] = specs
-        self.output_names = ["logits", *(s.name.replace("past_", "present_", 1) for s in specs)]
+        self.output_names = ["logits", *(s.output for s in specs)]
         found = [o.name for o in self.session.get_outputs()]
         if found != self.output_names:
             raise DecodeStateError(f"{self.path}: outputs {found}; a decode graph returns {self.output_names}")
         vocab = self.session.get_outputs()[0].shape[-1]
         self.vocab_size: int | None = vocab if isinstance(vocab, int) else None
-        meta = self.session.get_modelmeta().custom_metadata_map
-        self.max_seq_len: int | None = int(meta.get("memc.max_seq_len", "0")) or None
+        seq = inputs[0].shape[1] if len(inputs[0].shape) == 2 else None
+        self.single_token = seq == 1
+        has_past = any("past" in s.shape for s in specs)
+        # bounded-state graphs have no context limit of their own
+        self.max_seq_len: int | None = (int(meta.get("memc.max_seq_len", "0")) or None) if has_past else None
+
+    def _specs(self, recorded: str | None, inputs: list) -> list[StateSpec]:
+        """The state layout from the graph's metadata, checked against its inputs (or read from the inputs)."""
+        specs = []
+        layout = json.loads(recorded) if recorded else None
+        if layout is not None and len(layout) != len(inputs):
+            raise DecodeStateError(f"{self.path}: memc.state lists {len(layout)} tensors, the graph takes "
+                                   f"{len(inputs)} state inputs")
+        for i, value in enumerate(inputs):
+            if value.type not in _ORT_DTYPES:
+                raise DecodeStateError(f"{self.path}: state {value.name} has element type {value.type}, "
+                                       f"which numpy cannot hold (supported: {sorted(_ORT_DTYPES)})")
+            if layout is not None:
+                entry = layout[i]
+                shape = tuple(entry["shape"])
+                if entry["name"] != value.name or len(shape) != len(value.shape) or np.dtype(entry["dtype"]) != \
+                        np.dtype(_ORT_DTYPES[value.type]):
+                    raise DecodeStateError(f"{self.path}: input {i + 1} is {value.name} {value.shape} "
+                                           f"{value.type}; memc.state records {entry}")
+                specs.append(StateSpec(value.name, shape, _ORT_DTYPES[value.type], entry.get("kind", "kv")))
+                continue
+            shape = tuple(d if isinstance(d, int) else ("batch" if a == 0 else "past") for a, d in enumerate(value.shape))
+            if not value.name.startswith("past_"):
+                raise DecodeStateError(f"{self.path}: state input {value.name} does not start with past_")
+            specs.append(StateSpec(value.name, shape, _ORT_DTYPES[value.type]))
+        return specs
 
     @property
     def num_layers(self) -> int:
-        return len(self.state_specs) // 2
+        return len({s.name.rsplit("_", 1)[-1] for s in self.state_specs})
 
     # -- state -----------------------------------------------------------------------------------------------------
     def empty_state(self, batch: int = 1) -> State:
-        """Zero-length past arrays: the state before the first token."""
-        return [np.zeros((batch, s.heads, 0, s.head_dim), dtype=s.dtype) for s in self.state_specs]
+        """The state before the first token: zero-length past axes, zeros elsewhere."""
+        return [s.empty(batch) for s in self.state_specs]
+
+    def state_bytes(self, state: Sequence[np.ndarray]) -> int:
+        return int(sum(a.nbytes for a in state))
 
     def check_state(self, state: Sequence[np.ndarray], batch: int) -> int:
-        """Validate ``state`` for a batch of ``batch`` rows; returns its past length."""
+        """Validate ``state`` for a batch of ``batch`` rows; returns its past length (0 without a KV cache)."""
         if not isinstance(state, (list, tuple)):
             raise DecodeStateError(
                 f"state must be the list of present arrays from the last call, got {type(state).__name__}"
@@ -99,7 +128,7 @@ class DecodeEngine:
         if len(state) != len(self.state_specs):
             raise DecodeStateError(
                 f"state has {len(state)} arrays; this decode graph takes {len(self.state_specs)} "
-                f"(past_key_i and past_value_i for {self.num_layers} layers)"
+                f"({', '.join(s.name for s in self.state_specs[:4])}, ...)"
             )
         past = None
         for i, (array, spec) in enumerate(zip(state, self.state_specs)):
@@ -109,14 +138,16 @@ class DecodeEngine:
                 raise DecodeStateError(
                     f"state[{i}] ({spec.name}) has dtype {array.dtype}; the graph takes {np.dtype(spec.dtype)}"
                 )
-            length = array.shape[2] if array.ndim == 4 else -1
-            if past is None:
-                past = length
-            if array.ndim != 4 or array.shape != (batch, spec.heads, past, spec.head_dim):
+            if past is None and "past" in spec.shape and array.ndim == len(spec.shape):
+                past = int(array.shape[spec.shape.index("past")])
+            want = tuple(batch if d == "batch" else past if d == "past" else d for d in spec.shape)
+            if array.shape != want:
+                labels = ("batch", "heads", "past", "head_dim") if spec.kind == "kv" and len(want) == 4 else spec.shape
+                names = ", ".join(f"{label}={size}" if isinstance(label, str) else str(size)
+                                  for label, size in zip(labels, want))
                 raise DecodeStateError(
-                    f"state[{i}] ({spec.name}) has shape {tuple(array.shape)}; expected "
-                    f"(batch={batch}, heads={spec.heads}, past={past}, head_dim={spec.head_dim}): every state array "
-                    "must match the token batch and share one past length"
+                    f"state[{i}] ({spec.name}) has shape {tuple(array.shape)}; expected ({names}): every state "
+                    "array must match the token batch and share one past length"
                 )
         return int(past or 0)
 
@@ -141,6 +172,15 @@ class DecodeEngine:
             )
         if self.vocab_size is not None and ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
             raise DecodeStateError(f"token ids must be in [0, {self.vocab_size}), got {ids.min()}..{ids.max()}")
+        if self.single_token and ids.shape[1] > 1:  # a one-token graph: the sequence goes through token by token
+            parts, state = [], list(state)
+            for t in range(ids.shape[1]):
+                logits, state = self._run(ids[:, t:t + 1], state)
+                parts.append(logits)
+            return np.concatenate(parts, axis=1), state
+        return self._run(ids, state)
+
+    def _run(self, ids: np.ndarray, state: Sequence[np.ndarray]) -> tuple[np.ndarray, State]:
         feeds = {"input_ids": ids}
         feeds.update((spec.name, array) for spec, array in zip(self.state_specs, state))
         logits, *present = self.session.run(self.output_names, feeds)

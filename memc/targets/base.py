@@ -41,6 +41,7 @@ class SampleCheck:
 class Verification:
     atol: float
     samples: list[SampleCheck]
+    decode: dict | None = None  # decode-graph checks beyond max |Δ|: {"greedy": {..., "equal": bool}}
 
     @property
     def worst(self) -> dict[str, float]:
@@ -52,7 +53,8 @@ class Verification:
 
     @property
     def passed(self) -> bool:
-        return all(d <= self.atol for d in self.worst.values())
+        greedy = (self.decode or {}).get("greedy")
+        return all(d <= self.atol for d in self.worst.values()) and (greedy is None or greedy["equal"])
 
 
 def max_abs_diff(reference: torch.Tensor, actual: np.ndarray) -> float:

@@ -1,8 +1,9 @@
 """The onnx target: an ONNX model (dynamo exporter) executed and verified with onnxruntime on the CPU.
 
-With ``[target] decode_graph = true`` (HF causal LMs) it also writes ``decode.onnx``, the stateful decode form
-(memc.codegen.decode), and verifies it as prefill + single-token steps through memc.runtime.DecodeEngine against
-the program's full-sequence logits; those checks appear in the report as ``decode.logits`` samples.
+With ``[target] decode_graph = true`` (causal LMs) it also writes ``decode.onnx``, the stateful decode form of the
+program after its passes (memc.codegen.decode), and verifies it as prefill + single-token steps through
+memc.runtime.DecodeEngine against the program's full-sequence logits (``decode.logits`` samples in the report) and
+as ``decode_steps`` greedy tokens against the torch program's greedy tokens (``verification.decode.greedy``).
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import onnxruntime as ort
 import torch
 
 from memc.codegen.onnx import check_exportable, export_onnx
-from memc.errors import CaptureError, UnsupportedError, VerificationError, first_line
+from memc.errors import CaptureError, VerificationError, first_line
 from memc.program import Program
 from memc.quant.check import check_quant_formats
 from memc.runtime.engine import DECODE_FILE
@@ -58,12 +59,10 @@ class OnnxRuntimeTarget(Target):
         return self._ep
 
     def check(self, program: Program) -> None:
-        if self.config.decode_graph and (program.source.kind != "hf" or program.source.task != "causal-lm"):
-            raise UnsupportedError(
-                f"target.decode_graph = true needs a Hugging Face causal LM directory; {program.source.path} is a "
-                f"{program.source.kind} source ({program.source.task})",
-                hint="set target.decode_graph = false for this model",
-            )
+        if self.config.decode_graph:
+            from memc.codegen.decode_rewrite import check_decodable
+
+            check_decodable(program)  # refuses sites without a decode form before anything is built
         check_quant_formats(program, self.name)
         check_exportable(self._exported(program), self.config.opset)
 
@@ -81,20 +80,20 @@ class OnnxRuntimeTarget(Target):
         return BuildResult(artifacts, metrics)
 
     def _build_decode(self, program: Program, out_dir: Path, metrics: dict) -> Artifact:
-        from memc.codegen.decode import decode_graph, lower_decode, save_onnx_atomic
+        from memc.codegen.decode import decode_graph, lower_decode, save_onnx_atomic, state_layout
 
-        graph = decode_graph(program.source.path, _dtype_name(program))
+        graph = decode_graph(program)
         model = lower_decode(graph, self.config.opset, self.config.optimize, self.config.debug_metadata)
         path = out_dir / DECODE_FILE
         save_onnx_atomic(model, path)
         metrics["decode"] = {
             "file": DECODE_FILE,
             "layers": graph.layers,
-            "state": {"keys": [list(s) for s in graph.key_shapes], "values": [list(s) for s in graph.value_shapes]},
+            "state": state_layout(graph),
             "nodes": len(model.graph.node),
             "op_histogram": _op_histogram(model),
         }
-        return Artifact(DECODE_FILE, path.stat().st_size, "decode graph: input_ids + past KV -> logits + present KV")
+        return Artifact(DECODE_FILE, path.stat().st_size, "decode graph: input_ids + past state -> logits + present")
 
     def run(self, out_dir: Path, inputs: tuple[torch.Tensor, ...]) -> list[np.ndarray]:
         if self._session is None:
@@ -106,17 +105,28 @@ class OnnxRuntimeTarget(Target):
         result = super().verify(program, out_dir, samples)
         if self.config.decode_graph:
             result.samples.extend(self._verify_decode(program, out_dir, samples))
+            result.decode = {"greedy": self._verify_greedy(program, out_dir, samples[0][0])}
         return result
+
+    def _verify_greedy(self, program: Program, out_dir: Path, ids: torch.Tensor) -> dict:
+        """``decode_steps`` greedy tokens after the first sample's first row (capped by the model's context)."""
+        from memc.codegen.decode import greedy_check, program_reference
+
+        prompt = ids[:1].numpy().astype(np.int64)
+        steps, limit = self.config.decode_steps, program.source.max_seq_len
+        if limit is not None:  # keep prompt + steps inside the model's context (the prompt shrinks first)
+            prompt = prompt[:, : max(1, min(prompt.shape[1], limit - steps))]
+            steps = min(steps, limit - prompt.shape[1])
+        return greedy_check(out_dir / DECODE_FILE, program_reference(program), prompt, steps).as_dict()
 
     def _verify_decode(
         self, program: Program, out_dir: Path, samples: list[tuple[torch.Tensor, ...]]
     ) -> list[SampleCheck]:
         """Each sample's input_ids as prefill of the first half + one step per remaining token vs one forward."""
-        from memc.codegen.decode import verify_decode
+        from memc.codegen.decode import program_reference, verify_decode
         from memc.runtime.engine import DecodeEngine
 
-        def reference(ids: np.ndarray) -> np.ndarray:
-            return program(torch.from_numpy(ids))[0].float().numpy()
+        reference = program_reference(program)
 
         checks = []
         shape: list[int] = []
