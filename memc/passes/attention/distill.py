@@ -214,7 +214,7 @@ class DistillAttention(Pass):
                 loss.backward()
                 opt.step()
                 if step % c.log_every == 0 or step == c.e2e_steps - 1:
-                    curve.append({"step": step, "kl": float(loss)})
+                    curve.append({"step": step, "kl": float(loss.detach())})
                 advance(1)
         return curve
 
