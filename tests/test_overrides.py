@@ -53,7 +53,9 @@ VALID: dict[str, tuple[str, Any, Any]] = {
     "target.optimize": ("false", False, False),
     "target.debug_metadata": ("true", True, True),
     "target.decode_graph": ("true", True, True),
+    "target.decode_steps": ("16", 16, 16),
     "output.dir": ("out/x", "out/x", "out/x"),
+    "output.hf_checkpoint": ("true", True, True),
 }
 # inside one [[inputs.tensors]] entry (the base config below has one)
 TENSOR_VALID: dict[str, tuple[str, Any, Any]] = {
