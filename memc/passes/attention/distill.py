@@ -13,7 +13,6 @@ import contextlib
 import dataclasses
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterator
 
 import numpy as np
@@ -22,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from memc.errors import PassError
-from memc.eval.backends import ModelInfo
+from memc.eval.backends import TorchBackend
 from memc.eval.text import load_train_text, tokenize
 from memc.nn.memory_caching import MemoryCachingAttention
 from memc.passes.attention.memory_caching import MC_SITES_KEY, MemoryCachingSite
@@ -153,9 +152,7 @@ class DistillAttention(Pass):
 
     # -- data ------------------------------------------------------------------------------------------------------
     def _tokens(self, program: Program) -> np.ndarray:
-        src = program.source
-        info = ModelInfo(src.task, list(program.input_names), src.vocab_size, src.max_seq_len, 0,
-                         Path(src.path) if src.kind == "hf" else None)
+        info = TorchBackend(program).info  # the model's task, vocabulary and tokenizer directory, as eval reads them
         data = load_train_text(self.config.text, self.option_path("text"))
         try:
             ids, _ = tokenize(data, info)
