@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -56,20 +56,25 @@ def _static(dim: Any) -> int | None:
         return None
 
 
-def _is_constant(node: Any) -> bool:
-    """True for parameters, buffers and anything computed only from them and from input *shapes*."""
+def _reaches_input(node: Any, wanted: Callable[[torch.fx.Node], bool], skip: set = frozenset()) -> bool:
+    """True when a graph input that ``wanted`` accepts is upstream of ``node`` (not looking through ``skip`` ops)."""
     if not isinstance(node, torch.fx.Node):
-        return True
+        return False
     seen, stack = set(), [node]
     while stack:
         n = stack.pop()
-        if n in seen or _fn(n, _SHAPE_OPS):
+        if n in seen or _fn(n, skip):
             continue
         seen.add(n)
-        if n.op == "placeholder":
-            return False
-        stack.extend(a for a in n.all_input_nodes)
-    return True
+        if n.op == "placeholder" and wanted(n):
+            return True
+        stack.extend(n.all_input_nodes)
+    return False
+
+
+def _is_constant(node: Any) -> bool:
+    """True for parameters, buffers and anything computed only from them and from input *shapes*."""
+    return not _reaches_input(node, lambda n: True, _SHAPE_OPS)
 
 
 @dataclass
@@ -225,18 +230,7 @@ def _probe_inputs(program: Program, seq_len: int) -> tuple:
 
 
 def _depends_on_mask_input(node: Any) -> bool:
-    if not isinstance(node, torch.fx.Node):
-        return False
-    seen, stack = set(), [node]
-    while stack:
-        n = stack.pop()
-        if n in seen:
-            continue
-        seen.add(n)
-        if n.op == "placeholder" and "mask" in n.name:
-            return True
-        stack.extend(n.all_input_nodes)
-    return False
+    return _reaches_input(node, lambda n: "mask" in n.name)
 
 
 def detect_attention(program: Program, probe_seq_len: int = 128) -> list[AttentionSite]:
