@@ -30,6 +30,14 @@ import pytest
 from tests.helpers import ALL_FAMILIES, RECORDED_DIFFS, CompileResult, compile_model, save_tiny_hf
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # one pytest worker per core (./run tests): each worker's torch and onnxruntime keep to one thread, so the
+    # workers do not oversubscribe the cores (subprocess compiles inherit the environment)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("MEMC_ORT_THREADS", "1")
+    import torch
+
+    torch.set_num_threads(1)
 
 REPORTS_VALIDATED: dict[str, int] = {"written in-process": 0, "found on disk": 0}
 
@@ -138,6 +146,22 @@ def decode_artifact(tiny_hf, tmp_path_factory: pytest.TempPathFactory) -> Callab
         return built[name, opset]
 
     return get
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """Under pytest-xdist a worker hands its counts and diffs to the controller, which prints the summary."""
+    out = getattr(session.config, "workeroutput", None)
+    if out is not None:
+        out["memc"] = json.dumps({"reports": REPORTS_VALIDATED, "diffs": RECORDED_DIFFS})
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error) -> None:
+    data = json.loads(getattr(node, "workeroutput", {}).get("memc", "null") or "null")
+    if data:
+        for what, n in data["reports"].items():
+            REPORTS_VALIDATED[what] += n
+        RECORDED_DIFFS.update(data["diffs"])
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
