@@ -110,9 +110,10 @@ def test_graph_interface(decode_artifact):
     assert meta["memc.graph"] == "decode" and meta["memc.layers"] == str(LAYERS)
     assert meta["memc.max_seq_len"] == str(MAX_POS)
     assert model.producer_name == "memc"
-    # machine paths (stack traces) are stripped, module name scopes kept
+    # none of the exporter's node metadata (machine paths, name scopes) or value_info is shipped
     keys = {p.key for n in model.graph.node for p in n.metadata_props}
-    assert "pkg.torch.onnx.stack_trace" not in keys
+    assert not [k for k in keys if k.startswith("pkg.torch.onnx.")]
+    assert len(model.graph.value_info) == 0
 
 
 def test_build_writes_only_the_artifact(tiny_hf, tmp_path):
