@@ -14,6 +14,7 @@ against the original's fp32 KV cache.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 import time
@@ -27,8 +28,9 @@ ROOT = Path(__file__).resolve().parents[1]
 STATE_CONTEXTS = (1024, 8192, 32768)
 
 
-def _windows(model: str, context: int, stride: int) -> tuple[np.ndarray, np.ndarray]:
-    """Held-out code as non-overlapping windows (every `stride`-th) and the bytes each scored token spans."""
+def _windows(model: str, context: int, stride: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Held-out code as non-overlapping windows (every `stride`-th), the bytes each scored token spans, and the
+    windows' indices in the whole set."""
     from memc.eval.backends import ModelInfo
     from memc.eval.text import load_text, tokenize
 
@@ -36,7 +38,7 @@ def _windows(model: str, context: int, stride: int) -> tuple[np.ndarray, np.ndar
     ids, spans = tokenize(load_text("heldout:code"), info)
     n = len(ids) // context
     keep = np.arange(0, n, stride)
-    return ids[: n * context].reshape(n, context)[keep], spans[: n * context].reshape(n, context)[keep, 1:]
+    return ids[: n * context].reshape(n, context)[keep], spans[: n * context].reshape(n, context)[keep, 1:], keep
 
 
 def _program(model: str, layer: dict | None, weights: Path | None):
@@ -71,14 +73,49 @@ class _Chunked:
                                for i in range(0, len(ids), self.batch)])
 
 
-def _nll(program, windows: np.ndarray, label: str) -> np.ndarray:
-    from memc.eval.backends import TorchBackend
-    from memc.eval.perplexity import window_nll
+class NllCache:
+    """Per-window NLL of each scored configuration, kept on disk by window index, so a later run (another variant,
+    another stride, the whole set after a sample) scores only the windows it has not scored yet. The key hashes
+    what the numbers depend on: the model's files, the layer options and weights, the memory switch and the
+    context; each window's ids are stored and compared, so a changed text or tokenizer is never served stale."""
 
-    start = time.perf_counter()
-    out = window_nll(TorchBackend(program), windows, batch=2)
-    print(f"  {label}: {len(windows)} windows in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
-    return out
+    def __init__(self, root: Path | None):
+        self.root = root
+
+    @staticmethod
+    def key(model: str, layer: dict | None, weights: Path | None, memory: bool, context: int) -> str:
+        h = hashlib.sha256(json.dumps([layer, memory, context], sort_keys=True).encode())
+        files = sorted(p for p in Path(model).iterdir() if p.is_file()) + ([weights] if weights else [])
+        for f in files:
+            h.update(f.name.encode() + f.read_bytes())
+        return h.hexdigest()[:24]
+
+    def nll(self, key: str, program, windows: np.ndarray, index: np.ndarray, label: str) -> np.ndarray:
+        from memc.eval.backends import TorchBackend
+        from memc.eval.perplexity import window_nll
+
+        stored: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        path = self.root / f"{key}.npz" if self.root else None
+        if path is not None and path.is_file():
+            with np.load(path) as z:
+                stored = {int(i): (ids, row) for i, ids, row in zip(z["index"], z["ids"], z["nll"])}
+        todo = [j for j, i in enumerate(index)
+                if int(i) not in stored or not np.array_equal(stored[int(i)][0], windows[j])]
+        start = time.perf_counter()
+        if todo:
+            rows = window_nll(TorchBackend(program), windows[todo], batch=2)
+            for j, row in zip(todo, rows):
+                stored[int(index[j])] = (windows[j], row)
+        print(f"  {label}: {len(todo)} of {len(windows)} windows scored in {time.perf_counter() - start:.0f} s "
+              f"({len(windows) - len(todo)} cached)", file=sys.stderr, flush=True)
+        if path is not None and todo:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            order = sorted(stored)
+            tmp = path.with_name(path.stem + ".tmp.npz")
+            np.savez(tmp, index=np.array(order), ids=np.stack([stored[i][0] for i in order]),
+                     nll=np.stack([stored[i][1] for i in order]))
+            tmp.replace(path)
+        return np.stack([stored[int(i)][1] for i in index])
 
 
 def state_bytes(layer: dict, layers: int, kv_heads: int, head_dim: int, context: int) -> int:
@@ -103,21 +140,25 @@ def _layer(variant_dir: Path) -> dict:
     return json.loads((variant_dir / "metrics.json").read_text())["layer"]
 
 
-def quality(model: str, mc_dir: Path, variants: list[str], stride: int, context: int) -> tuple[list, dict]:
+def quality(model: str, mc_dir: Path, variants: list[str], stride: int, context: int,
+            cache: NllCache) -> tuple[list, dict]:
     from memc.eval.paired import paired_delta
 
-    windows, spans = _windows(model, context, stride)
+    windows, spans, index = _windows(model, context, stride)
     found = [v for v in variants if (mc_dir / v / "layers.safetensors").is_file()]
     if not found:
         raise SystemExit(f"no distilled weights under {mc_dir}/<variant>/: run python -m memc.reference.memory_caching")
     print(f"quality: {len(windows)} windows of {context} tokens", file=sys.stderr)
-    nll = {"a": _nll(_program(model, None, None), windows, "(a) original")}
+
+    def score(label: str, layer: dict | None, weights: Path | None, memory: bool) -> np.ndarray:
+        program = _program(model, layer, weights)
+        set_memory(program, memory)
+        return cache.nll(cache.key(model, layer, weights, memory, context), program, windows, index, label)
+
+    nll = {"a": score("(a) original", None, None, True)}
     raw: dict = {"windows": len(windows), "stride": stride}
     rows = []
-    first = _program(model, _layer(mc_dir / found[0]), None)
-    set_memory(first, False)
-    nll["b"] = _nll(first, windows, "(b) window only")
-    del first
+    nll["b"] = score("(b) window only", _layer(mc_dir / found[0]), None, False)
     gap = {pos: paired_delta(nll["a"], nll["b"], spans, pos) for pos in (0, 512)}
 
     def row(label: str, key: str, variant: str) -> None:
@@ -132,11 +173,9 @@ def quality(model: str, mc_dir: Path, variants: list[str], stride: int, context:
     row("(a) original", "a", "-")
     row("(b) window only", "b", "-")
     for v in found:
-        layer = _layer(mc_dir / v)
-        program = _program(model, layer, mc_dir / v / "layers.safetensors")
-        nll[f"c-{v}"] = _nll(program, windows, f"(c) {v}")
-        set_memory(program, False)
-        nll[f"d-{v}"] = _nll(program, windows, f"(d) {v} memory ablated")
+        layer, weights = _layer(mc_dir / v), mc_dir / v / "layers.safetensors"
+        nll[f"c-{v}"] = score(f"(c) {v}", layer, weights, True)
+        nll[f"d-{v}"] = score(f"(d) {v} memory ablated", layer, weights, False)
         row("(c) memc distilled", f"c-{v}", v)
         row("(d) memc, memory ablated", f"d-{v}", v)
         raw[f"layer-{v}"] = layer
@@ -179,6 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mc-dir", type=Path, default=ROOT / "models" / "ref-llama-mc")
     ap.add_argument("--variants", default="gated,residual,soup,sparse")
     ap.add_argument("--stride", type=int, default=1, help="evaluate every stride-th held-out window (1 = all)")
+    ap.add_argument("--cache", type=Path, default=ROOT / "out" / "bench-cache" / "memory_caching",
+                    help="per-window NLL kept here by configuration; a rerun scores only new windows ('' = off)")
     ap.add_argument("--recall", action="store_true")
     ap.add_argument("--recall-model", default="models/ref-llama-recall")
     ap.add_argument("--recall-mc-dir", type=Path, default=ROOT / "models" / "ref-llama-recall-mc")
@@ -190,7 +231,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     variants = [v for v in args.variants.split(",") if v]
     command = "python -m benchmarks.memory_caching " + " ".join(argv if argv is not None else sys.argv[1:])
-    rows, raw = quality(args.model, args.mc_dir, variants, args.stride, 1024)
+    rows, raw = quality(args.model, args.mc_dir, variants, args.stride, 1024,
+                        NllCache(args.cache if str(args.cache) not in ("", ".") else None))
     sample = "all" if args.stride == 1 else f"every {args.stride}th"
     table = Table("memory_caching", command, [
         "model", "variant", "windows", "bits/byte", "Δ ± SE", "Δ per-byte ppl", "bits/byte pos ≥ 512",
