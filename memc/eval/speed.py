@@ -32,7 +32,7 @@ class SpeedPoint:
     prefill_tokens_per_s: float | None
     prefill_ms: float | None
     decode_ms_per_token: float
-    decode_mode: str = "recompute"  # or kv-state / memory-caching-state / kv+memory-caching-state
+    decode_mode: str = "recompute"  # or kv-state / mc-state (memory caching) / kv+mc-state
     state_bytes: int | None = None
     note: str | None = None
 
@@ -86,8 +86,8 @@ def speed(
         if engine is not None:
             decode_s, state_bytes = _state_step_seconds(engine, context, rng, engine.vocab_size or vocab, steps)
             kinds = {s.kind for s in engine.state_specs}
-            mode = {frozenset({"kv"}): "kv-state", frozenset({"mc"}): "memory-caching-state"}.get(
-                frozenset(kinds), "kv+memory-caching-state")
+            mode = {frozenset({"kv"}): "kv-state", frozenset({"mc"}): "mc-state"}.get(
+                frozenset(kinds), "kv+mc-state")
         else:
             decode_s, state_bytes = _recompute_step_seconds(backend, ids, repeats, decode_steps), None
             mode = "recompute"

@@ -15,6 +15,7 @@ import numpy as np
 from memc.errors import ArtifactError
 from memc.report_schema import REPORT_SCHEMA_ID
 from memc.runtime.engine import DECODE_FILE, DecodeEngine, DecodeStateError
+from memc.runtime.sampling import SamplingError
 from memc.targets.session import create_session
 
 MODEL_FILE = "model.onnx"
@@ -137,8 +138,9 @@ class CompiledModel:
         engine = self.decode
         try:
             return engine.generate(prompt_ids, max_new_tokens, eos_token_id, **sampling)
-        except DecodeStateError as exc:
+        except (DecodeStateError, SamplingError) as exc:
             raise ArtifactError(str(exc)) from None
+
 
 def load(artifact_dir: str | Path, *, threads: int = 0) -> CompiledModel:
     """Open a memc output directory for inference (no torch): ``memc.load("out/api").run(x)``.

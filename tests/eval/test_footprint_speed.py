@@ -191,5 +191,5 @@ def test_memory_caching_footprint_and_speed_are_the_fixed_state(mc_compiled) -> 
     counters = [a for s, a in zip(engine.state_specs, state) if s.name.startswith("past_mc_t_")]
     assert counters and all(int(a) == 5000 for a in counters)
     points = speed(backend, [16, 4 * MAX_POS], repeats=1, steps=3)
-    assert [p.decode_mode for p in points] == ["memory-caching-state"] * 2
+    assert [p.decode_mode for p in points] == ["mc-state"] * 2
     assert [p.state_bytes for p in points] == [fixed, fixed] and points[1].note and points[0].note is None
