@@ -11,6 +11,8 @@ from __future__ import annotations
 import io
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -126,6 +128,11 @@ def test_fresh_shell_with_only_the_artifact(mc_artifact, tiny_llama_dir, tmp_pat
         rc, stdout, stderr = run_memc(args, cwd=elsewhere)
         assert rc == 0 and stdout == result["text"] + "\n", stderr
         assert "ms/token" in stderr.splitlines()[-1] and "no context limit" in stderr
+        code = ("import sys; from memc.cli import main; rc = main(sys.argv[1:]); "
+                "assert 'torch' not in sys.modules, 'memc generate imported torch'; sys.exit(rc)")
+        proc = subprocess.run([sys.executable, "-c", code, *args], cwd=elsewhere, capture_output=True, text=True,
+                              timeout=300)
+        assert proc.returncode == 0 and proc.stdout == stdout, proc.stderr[-2000:]
     finally:
         shutil.move(str(hidden), tiny_llama_dir)
 
