@@ -193,3 +193,14 @@ def test_memory_caching_footprint_and_speed_are_the_fixed_state(mc_compiled) -> 
     points = speed(backend, [16, 4 * MAX_POS], repeats=1, steps=3)
     assert [p.decode_mode for p in points] == ["mc-state"] * 2
     assert [p.state_bytes for p in points] == [fixed, fixed] and points[1].note and points[0].note is None
+
+
+def test_memory_caching_artifact_without_a_decode_graph_claims_no_kv_cache(tiny_llama_dir) -> None:
+    """Its config.json still describes full attention, but the artifact is memory-caching: no KV bytes printed."""
+    backend = _Counting()
+    backend.info.source_dir = tiny_llama_dir
+    assert footprint(backend, [16])["kv_cache_bytes"] != {}  # a plain artifact: the config's KV cache
+    backend.info.extra["passes"] = ["detect-attention", "memory-caching"]
+    fp = footprint(backend, [16])
+    assert fp["state_kind"] == "memory-caching" and fp["state_bytes"] == {} and fp["kv_cache_bytes"] == {}
+    assert "decode_graph = true" in fp["note"]
