@@ -2,8 +2,9 @@
 
 With ``[target] decode_graph = true`` (causal LMs) it also writes ``decode.onnx``, the stateful decode form of the
 program after its passes (memc.codegen.decode), and verifies it as prefill + single-token steps through
-memc.runtime.DecodeEngine against the program's full-sequence logits (``decode.logits`` samples in the report) and
-as ``decode_steps`` greedy tokens against the torch program's greedy tokens (``verification.decode.greedy``).
+memc.runtime.DecodeEngine against the program's full-sequence logits (``decode.logits`` samples in the report) and,
+along the torch program's greedy path, as prefill + ``decode_steps`` steps of logits and as many greedy tokens
+(``verification.decode.greedy``; its logits are one more ``decode.logits`` sample).
 """
 from __future__ import annotations
 
