@@ -109,7 +109,8 @@ class TargetConfig:
         "past state -> logits + present state: KV caches, memory-caching states; memc.runtime.DecodeEngine runs it), "
         "verified as prefill + one-token steps against the program's full-sequence logits and by greedy tokens",
     )
-    decode_steps: int = option(64, "decode_graph: greedy tokens compared with the torch program's (capped by context)")
+    decode_steps: int = option(64, "decode_graph: greedy tokens (and prefill + as many steps of logits) compared with "
+                                   "the torch program's (capped by context)")
 
     def validate(self) -> None:
         if self.decode_steps < 1:

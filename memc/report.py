@@ -170,6 +170,15 @@ def summary_tables(report: dict[str, Any]) -> list[Table]:
         checks.add_column(col)
     for name, diff in ver["max_abs_diff"].items():
         checks.add_row(name, f"{diff:.3g}", f"{ver['atol']:.1g}", "ok" if diff <= ver["atol"] else "FAIL")
+    greedy = (ver.get("decode") or {}).get("greedy")
+    if greedy:
+        if "max_abs_diff" in greedy:
+            checks.add_row(f"decode: prefill {greedy['prompt']} + {greedy['steps']} steps", f"{greedy['max_abs_diff']:.3g}",
+                           f"{ver['atol']:.1g}", "ok" if greedy["max_abs_diff"] <= ver["atol"] else "FAIL")
+        agree = greedy["steps"] if greedy["equal"] else greedy["first_mismatch"]
+        checks.add_row(f"decode: greedy tokens = torch program's ({greedy['steps']} new)",
+                       f"{agree}/{greedy['steps']}" + ("" if greedy["equal"] else " before the 1st mismatch"),
+                       "all", "ok" if greedy["equal"] else "FAIL")
     return [stages, checks]
 
 

@@ -11,6 +11,7 @@ Fixtures (all session-scoped; the plain functions behind them are in tests/helpe
   (model, args) in the session, into a fresh temporary directory. Treat its output directory as read-only.
 * ``decode_artifact(name, opset=18) -> Path``: ``decode.onnx`` (memc.codegen.decode.build_decode_artifact) of the
   tiny family ``name``, built once per session. Read-only too.
+* ``mc_compiled -> CompileResult``: the memory-caching tiny Llama (capped state) compiled with a decode graph.
 
 Tests that print measured max |Δ| through ``tests.helpers.record_diff`` get them listed in the terminal summary.
 
@@ -27,7 +28,7 @@ from typing import Any, Callable
 
 import pytest
 
-from tests.helpers import ALL_FAMILIES, RECORDED_DIFFS, CompileResult, compile_model, save_tiny_hf
+from tests.helpers import ALL_FAMILIES, RECORDED_DIFFS, CompileResult, compile_model, mc_toolchain, save_tiny_hf
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 if os.environ.get("PYTEST_XDIST_WORKER"):
@@ -146,6 +147,16 @@ def decode_artifact(tiny_hf, tmp_path_factory: pytest.TempPathFactory) -> Callab
         return built[name, opset]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def mc_compiled(tiny_hf, tmp_path_factory: pytest.TempPathFactory) -> CompileResult:
+    """memc compile of the tiny Llama rewritten by detect-attention + memory-caching (tests.helpers.MC_OPTIONS,
+    capped state) with ``decode_graph = true``: model.onnx + decode.onnx whose state has no context axis."""
+    tmp = tmp_path_factory.mktemp("mc-decode")
+    res = compile_model(tiny_hf("llama"), tmp / "out", "-c", mc_toolchain(tmp / "toolchain.toml"))
+    assert res.rc == 0, res.explain()
+    return res
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:

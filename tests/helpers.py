@@ -162,6 +162,30 @@ def compile_model(
     return CompileResult(rc, stdout, stderr, out, report)
 
 
+# memory-caching options of the session's ``mc_compiled`` fixture: segments close, fill the cap and merge within
+# 24 tokens, so a short sequence exercises every part of the bounded state
+MC_OPTIONS = {"window": 4, "segment": 4, "max_segments": 2}
+
+
+def mc_toolchain(path: Path, decode_steps: int = 16) -> Path:
+    """A toolchain.toml: detect-attention + memory-caching (MC_OPTIONS), opset 18, with a decode graph."""
+    return write_toml(path, f"""
+        [[pipeline]]
+        pass = "detect-attention"
+
+        [[pipeline]]
+        pass = "memory-caching"
+        window = {MC_OPTIONS["window"]}
+        segment = {MC_OPTIONS["segment"]}
+        max_segments = {MC_OPTIONS["max_segments"]}
+
+        [target]
+        opset = 18
+        decode_graph = true
+        decode_steps = {decode_steps}
+    """)
+
+
 def write_toml(path: Path, text: str) -> Path:
     """Write a toolchain.toml (dedented) and return its path."""
     import textwrap

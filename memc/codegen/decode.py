@@ -199,30 +199,52 @@ def program_reference(program: Program) -> Callable[[np.ndarray], np.ndarray]:
 
 @dataclass
 class GreedyCheck:
-    """Greedy tokens of the decode graph (prefill + steps) vs the reference's (one full forward per new token)."""
+    """The decode graph along the reference's greedy path: prefill of the prompt, then ``steps`` single-token steps
+    fed the reference's greedy tokens. ``equal``: the graph's own greedy token (argmax of its logits) equals the
+    reference's at every one of the ``steps`` new tokens; ``max_abs_diff``: its logits (every prompt position and
+    every step) vs the reference's full-sequence logits of the same tokens."""
 
     prompt: int
     steps: int
     equal: bool
     first_mismatch: int | None  # index of the first differing new token
+    prefill_max_abs_diff: float
+    step_max_abs_diff: float
+
+    @property
+    def max_abs_diff(self) -> float:
+        return max(self.prefill_max_abs_diff, self.step_max_abs_diff)
 
     def as_dict(self) -> dict[str, Any]:
         return {"prompt": self.prompt, "steps": self.steps, "equal": self.equal,
-                "first_mismatch": self.first_mismatch}
+                "first_mismatch": self.first_mismatch, "max_abs_diff": self.max_abs_diff,
+                "prefill_max_abs_diff": self.prefill_max_abs_diff, "step_max_abs_diff": self.step_max_abs_diff}
 
 
 def greedy_check(engine: Any, reference: Callable[[np.ndarray], np.ndarray], prompt: np.ndarray,
                  steps: int) -> GreedyCheck:
-    """``steps`` greedy tokens after ``prompt [batch, seq]`` through the engine and through the reference."""
+    """``steps`` greedy tokens after ``prompt [batch, seq]`` through the engine and through the reference.
+
+    The reference runs one full forward per new token (no cache). The engine is fed the reference's tokens, so a
+    mismatch at token i does not change what is compared after it; while the tokens agree this is exactly the
+    engine's own greedy run. One more step after the last token makes it prefill + ``steps`` steps of logits.
+    """
     if not isinstance(engine, DecodeEngine):
         engine = DecodeEngine(engine)
     ids = np.asarray(prompt, dtype=np.int64)
     ids = ids.reshape(1, -1) if ids.ndim == 1 else ids
-    got = engine.generate(ids, steps)[:, ids.shape[1]:]
-    seq = ids
-    for _ in range(steps):
-        token = reference(seq)[:, -1].argmax(-1).astype(np.int64)
+    logits, state = engine.prefill(ids)
+    want = np.asarray(reference(ids), dtype=np.float64)
+    prefill_diff = float(np.abs(logits.astype(np.float64) - want).max())
+    step_diff, mismatches, seq = 0.0, [], ids
+    want_last = want[:, -1]
+    for i in range(steps):
+        token = want_last.argmax(-1).astype(np.int64)
+        if (logits[:, -1].argmax(-1) != token).any():
+            mismatches.append(i)
         seq = np.concatenate([seq, token[:, None]], axis=1)
-    want = seq[:, ids.shape[1]:]
-    bad = np.nonzero((got != want).any(0))[0]
-    return GreedyCheck(int(ids.shape[1]), steps, not bad.size, int(bad[0]) if bad.size else None)
+        logits, state = engine.step(token, state)
+        want_last = np.asarray(reference(seq)[:, -1], dtype=np.float64)
+        step_diff = max(step_diff, float(np.abs(logits[:, -1].astype(np.float64) - want_last).max()))
+    first = mismatches[0] if mismatches else None
+    return GreedyCheck(int(ids.shape[1]), steps, not mismatches, first, prefill_diff, step_diff)

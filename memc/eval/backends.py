@@ -36,7 +36,22 @@ class ModelInfo:
 class Backend:
     name: str
     info: ModelInfo
-    decode_graph: Path | None = None  # decode.onnx with explicit KV state, when the artifact has one
+    decode_graph: Path | None = None  # decode.onnx with explicit state (KV / memory-caching), when the artifact has one
+    threads: int = 0
+    _decode_engine: Any = None
+
+    def decode_engine(self) -> Any:
+        """memc.runtime.DecodeEngine over ``decode_graph`` (opened once), or None without a decode graph."""
+        if self.decode_graph is None:
+            return None
+        if self._decode_engine is None:
+            from memc.runtime.engine import DecodeEngine, DecodeStateError
+
+            try:
+                self._decode_engine = DecodeEngine(self.decode_graph, self.threads)
+            except (DecodeStateError, OSError) as exc:
+                raise MemcError(f"{self.decode_graph}: {exc}") from None
+        return self._decode_engine
 
     def forward(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
         raise NotImplementedError
@@ -91,8 +106,10 @@ class OnnxBackend(Backend):
         params = report.get("compiled", {}).get("parameter_bytes") or _initializer_bytes(model)
         decode = model.parent / "decode.onnx"
         self.decode_graph = decode if decode.is_file() else None
+        self.threads = threads
+        passes = [p.get("name") for p in report.get("passes", []) if isinstance(p, dict)]
         self.info = ModelInfo(task, names, vocab, source.get("max_seq_len"), params, src_dir,
-                              shipped_tokenizer=model.parent)
+                              extra={"passes": passes}, shipped_tokenizer=model.parent)
 
     def forward(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
         return self.session.run(None, {n: feeds[n] for n in self.info.input_names})[0]

@@ -16,7 +16,7 @@ from memc.eval.embedding import embedding_cosine, real_sentences
 from memc.eval.footprint import footprint
 from memc.eval.perplexity import check_context, perplexity
 from memc.eval.recall import check_distances, recall_probe
-from memc.eval.speed import speed
+from memc.eval.speed import check_speed_context, speed
 from memc.eval.text import load_text, text_codec, tokenize
 
 
@@ -46,8 +46,10 @@ def evaluate(req: EvalRequest, backend: Backend | None = None) -> dict[str, Any]
     # every argument is checked before the long measurements start
     if req.recall and info.task != "causal-lm":
         raise MemcError("--recall needs a causal LM")
-    for context in req.speed_contexts + ([req.context] if info.task == "causal-lm" else []):
-        check_context(backend, context)
+    if info.task == "causal-lm":
+        check_context(backend, req.context)  # quality: never beyond the model's positions
+    for context in req.speed_contexts:
+        check_speed_context(backend, context)
     if req.recall:
         check_distances(req.recall_distances, req.context)
     result["footprint"] = footprint(backend, contexts)
@@ -78,8 +80,14 @@ def print_result(result: dict[str, Any], console: Console | None = None) -> None
     t.add_column("value", justify="right")
     fp = result["footprint"]
     t.add_row("parameter bytes", f"{fp['parameter_bytes']:,}")
-    for ctx, b in fp["kv_cache_bytes"].items():
-        t.add_row(f"KV-cache bytes @ {ctx} tokens", f"{b:,}")
+    kind = fp.get("state_kind")
+    label = {"kv": "KV-cache bytes", "memory-caching": "memory-caching state bytes (fixed)"}.get(kind, f"{kind} state bytes")
+    for ctx, b in fp.get("state_bytes", fp["kv_cache_bytes"]).items():
+        t.add_row(f"{label} @ {ctx} tokens", f"{b:,}")
+    if fp.get("state_source"):
+        t.add_row("state bytes from", fp["state_source"])
+    if fp.get("note"):
+        t.add_row("state", fp["note"])
     if "perplexity" in result:
         p = result["perplexity"]
         t.add_row(f"perplexity ({p['text']}, ctx {p['context']}, {p['windows']} windows)", f"{p['perplexity']:.4f}")
@@ -97,17 +105,24 @@ def print_result(result: dict[str, Any], console: Console | None = None) -> None
             r.add_row(str(p["distance"]), f"{p['token_accuracy']:.3f}", f"{p['exact']:.3f}", f"{p['control_token_accuracy']:.3f}")
         console.print(r)
     if "speed" in result:
-        s = Table(title="speed (median; recompute = a forward over the whole prefix per token)", title_justify="left")
-        for col in ("context", "prefill tok/s", "prefill ms", "decode ms/token", "decode mode"):
+        s = Table(title="speed (median, batch 1; recompute = a forward over the whole prefix per token, *-state = "
+                        "decode.onnx steps from a state of that context)", title_justify="left")
+        for col in ("context", "prefill tok/s", "prefill ms", "decode ms/token", "decode mode", "state bytes"):
             s.add_column(col, justify="right")
+        notes = dict.fromkeys(p["note"] for p in result["speed"] if p.get("note"))
         for p in result["speed"]:
-            s.add_row(str(p["context"]), f"{p['prefill_tokens_per_s']:.0f}", f"{p['prefill_ms']:.1f}",
-                      f"{p['decode_ms_per_token']:.1f}", p["decode_mode"])
+            prefill = p["prefill_tokens_per_s"]
+            mark = f" {'*' * (list(notes).index(p['note']) + 1)}" if p.get("note") else ""
+            s.add_row(f"{p['context']}{mark}", "-" if prefill is None else f"{prefill:.0f}",
+                      "-" if p["prefill_ms"] is None else f"{p['prefill_ms']:.1f}", f"{p['decode_ms_per_token']:.2f}",
+                      p["decode_mode"], "-" if p.get("state_bytes") is None else f"{p['state_bytes']:,}")
         console.print(s)
+        for i, note in enumerate(notes):
+            console.print(f"{'*' * (i + 1)} {note}")
 
 
 def plot_result(result: dict[str, Any], out_dir: Path) -> list[Path]:
-    """PNG plots: KV-cache bytes vs context, recall accuracy vs distance, decode latency vs context."""
+    """PNG plots: decode state bytes vs context, recall accuracy vs distance, decode latency vs context."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -116,10 +131,12 @@ def plot_result(result: dict[str, Any], out_dir: Path) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     panels = []
-    if result["footprint"]["kv_cache_bytes"]:
-        kv = result["footprint"]["kv_cache_bytes"]
-        panels.append(("memory_vs_context.png", "context (tokens)", "KV-cache bytes",
-                       [int(k) for k in kv], [v for v in kv.values()], "KV cache"))
+    fp = result["footprint"]
+    state = fp.get("state_bytes", fp["kv_cache_bytes"])
+    if state:
+        kind = fp.get("state_kind") or "kv"
+        panels.append(("memory_vs_context.png", "context (tokens)", "decode state bytes",
+                       [int(k) for k in state], [v for v in state.values()], kind))
     if "recall" in result:
         rec = result["recall"]
         panels.append(("recall_vs_distance.png", "distance (tokens)", "token accuracy",

@@ -15,6 +15,7 @@ import numpy as np
 from memc.errors import ArtifactError
 from memc.report_schema import REPORT_SCHEMA_ID
 from memc.runtime.engine import DECODE_FILE, DecodeEngine, DecodeStateError
+from memc.runtime.sampling import SamplingError
 from memc.targets.session import create_session
 
 MODEL_FILE = "model.onnx"
@@ -124,14 +125,20 @@ class CompiledModel:
             raise ArtifactError(f"onnxruntime failed to run {self.path / MODEL_FILE}: {type(exc).__name__}: "
                                 f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
 
-    def generate(self, prompt_ids: Any, max_new_tokens: int, eos_token_id: int | None = None) -> np.ndarray:
-        """Greedy decoding through decode.onnx: the prompt ([seq] or [batch, seq]) plus up to max_new_tokens."""
+    def generate(self, prompt_ids: Any, max_new_tokens: int, eos_token_id: int | None = None, **sampling: Any
+                 ) -> np.ndarray:
+        """Decoding through decode.onnx: the prompt ([seq] or [batch, seq]) plus up to max_new_tokens; greedy, or
+        sampled with ``temperature`` / ``top_k`` / ``top_p`` / ``seed`` (and ``stop_ids``), see DecodeEngine.generate."""
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise ArtifactError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+        unknown = sorted(set(sampling) - {"temperature", "top_k", "top_p", "seed", "stop_ids"})
+        if unknown:
+            raise ArtifactError(f"generate() got unknown option(s) {unknown}; it takes temperature, top_k, top_p, "
+                                "seed, stop_ids")
         engine = self.decode
         try:
-            return engine.generate(prompt_ids, max_new_tokens, eos_token_id)
-        except DecodeStateError as exc:
+            return engine.generate(prompt_ids, max_new_tokens, eos_token_id, **sampling)
+        except (DecodeStateError, SamplingError) as exc:
             raise ArtifactError(str(exc)) from None
 
 

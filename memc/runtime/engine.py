@@ -1,4 +1,4 @@
-"""A small decode engine over memc's decode graph (``decode.onnx``): prefill, step and greedy generate.
+"""A small decode engine over memc's decode graph (``decode.onnx``): prefill, step and generate.
 
 The graph (memc.codegen.decode) takes ``input_ids [batch, seq]`` plus its state inputs ``past_*`` and returns
 ``logits [batch, seq, vocab]`` plus the matching ``present_*`` outputs, fed back as the next call's past. The state
@@ -44,6 +44,11 @@ class StateSpec:
     @property
     def output(self) -> str:
         return "present_" + self.name[len("past_"):]
+
+    def nbytes(self, batch: int, past: int) -> int:
+        """Bytes of this tensor for ``batch`` rows after ``past`` tokens (fixed for memory-caching state)."""
+        sizes = [batch if d == "batch" else past if d == "past" else d for d in self.shape]
+        return int(np.prod(sizes, dtype=np.int64)) * np.dtype(self.dtype).itemsize
 
     def empty(self, batch: int) -> np.ndarray:
         return np.zeros([batch if d == "batch" else 0 if d == "past" else d for d in self.shape], dtype=self.dtype)
@@ -118,6 +123,15 @@ class DecodeEngine:
 
     def state_bytes(self, state: Sequence[np.ndarray]) -> int:
         return int(sum(a.nbytes for a in state))
+
+    def state_bytes_at(self, context: int, batch: int = 1) -> int:
+        """The state's bytes after ``context`` tokens, from the layout alone (KV grows, memory-caching is fixed)."""
+        return sum(s.nbytes(batch, context) for s in self.state_specs)
+
+    @property
+    def bounded_state(self) -> bool:
+        """True when no state tensor grows with the context (every site memory-caching with a capped state)."""
+        return not any("past" in s.shape for s in self.state_specs)
 
     def check_state(self, state: Sequence[np.ndarray], batch: int) -> int:
         """Validate ``state`` for a batch of ``batch`` rows; returns its past length (0 without a KV cache)."""
@@ -202,29 +216,34 @@ class DecodeEngine:
         return self.forward(tok.reshape(-1, 1), state)
 
     def generate(
-        self, prompt_ids: np.ndarray | Sequence[int], max_new_tokens: int, eos_token_id: int | None = None
+        self,
+        prompt_ids: np.ndarray | Sequence[int],
+        max_new_tokens: int,
+        eos_token_id: int | None = None,
+        *,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int | None = 0,
+        stop_ids: Sequence[int] = (),
     ) -> np.ndarray:
-        """Greedy decoding: the prompt followed by up to ``max_new_tokens`` tokens (same rank as the prompt).
+        """The prompt followed by up to ``max_new_tokens`` tokens (same rank as the prompt): greedy at
+        ``temperature`` 0, else sampled (top-k, top-p, ``seed``; memc.runtime.sampling).
 
-        With ``eos_token_id``, rows that produced it keep emitting it and generation stops once every row has.
+        Rows that produced ``eos_token_id`` or one of ``stop_ids`` keep emitting it and generation stops once every
+        row has; it also stops at the model's context limit. memc.runtime.generate.Generation streams the same loop
+        and records its timings.
         """
-        prompt = self._ids(prompt_ids, "prompt_ids")
-        ids = prompt.reshape(1, -1) if prompt.ndim == 1 else prompt
-        out = [ids]
-        if max_new_tokens > 0:
-            logits, state = self.prefill(ids)
-            done = np.zeros(ids.shape[0], dtype=bool)
-            for i in range(max_new_tokens):
-                token = logits[:, -1].argmax(-1).astype(np.int64)
-                if eos_token_id is not None:
-                    token = np.where(done, eos_token_id, token)
-                    done |= token == eos_token_id
-                out.append(token[:, None])
-                if i + 1 == max_new_tokens or (eos_token_id is not None and done.all()):
-                    break
-                logits, state = self.step(token, state)
-        result = np.concatenate(out, axis=1)
-        return result[0] if prompt.ndim == 1 else result
+        from memc.runtime.generate import Generation
+        from memc.runtime.sampling import SamplingConfig
+
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
+            raise DecodeStateError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+        sampling = SamplingConfig(temperature, top_k, top_p, seed)
+        if max_new_tokens == 0:
+            return self._ids(prompt_ids, "prompt_ids")
+        stops = [*stop_ids, *([] if eos_token_id is None else [eos_token_id])]
+        return Generation(self, prompt_ids, max_new_tokens, sampling, stops).run()
 
 
 def decode_logits(engine: DecodeEngine, input_ids: np.ndarray, prefill: int) -> np.ndarray:

@@ -2,8 +2,9 @@
 
 With ``[target] decode_graph = true`` (causal LMs) it also writes ``decode.onnx``, the stateful decode form of the
 program after its passes (memc.codegen.decode), and verifies it as prefill + single-token steps through
-memc.runtime.DecodeEngine against the program's full-sequence logits (``decode.logits`` samples in the report) and
-as ``decode_steps`` greedy tokens against the torch program's greedy tokens (``verification.decode.greedy``).
+memc.runtime.DecodeEngine against the program's full-sequence logits (``decode.logits`` samples in the report) and,
+along the torch program's greedy path, as prefill + ``decode_steps`` steps of logits and as many greedy tokens
+(``verification.decode.greedy``; its logits are one more ``decode.logits`` sample).
 """
 from __future__ import annotations
 
@@ -105,11 +106,17 @@ class OnnxRuntimeTarget(Target):
         result = super().verify(program, out_dir, samples)
         if self.config.decode_graph:
             result.samples.extend(self._verify_decode(program, out_dir, samples))
-            result.decode = {"greedy": self._verify_greedy(program, out_dir, samples[0][0])}
+            greedy = self._verify_greedy(program, out_dir, samples[0][0])
+            result.samples.append(SampleCheck(
+                {"input_ids": [1, greedy.prompt + greedy.steps]}, {DECODE_OUTPUT: greedy.max_abs_diff},
+                f"decode: prefill {greedy.prompt} + {greedy.steps} steps along the greedy path",
+            ))
+            result.decode = {"greedy": greedy.as_dict()}
         return result
 
-    def _verify_greedy(self, program: Program, out_dir: Path, ids: torch.Tensor) -> dict:
-        """``decode_steps`` greedy tokens after the first sample's first row (capped by the model's context)."""
+    def _verify_greedy(self, program: Program, out_dir: Path, ids: torch.Tensor):
+        """``decode_steps`` greedy tokens (and prefill + as many steps of logits) after the first sample's first
+        row, capped by the model's context."""
         from memc.codegen.decode import greedy_check, program_reference
 
         prompt = ids[:1].numpy().astype(np.int64)
@@ -117,7 +124,10 @@ class OnnxRuntimeTarget(Target):
         if limit is not None:  # keep prompt + steps inside the model's context (the prompt shrinks first)
             prompt = prompt[:, : max(1, min(prompt.shape[1], limit - steps))]
             steps = min(steps, limit - prompt.shape[1])
-        return greedy_check(out_dir / DECODE_FILE, program_reference(program), prompt, steps).as_dict()
+        try:
+            return greedy_check(out_dir / DECODE_FILE, program_reference(program), prompt, steps)
+        except Exception as exc:
+            raise VerificationError(f"the decode graph failed to run along the greedy path: {first_line(exc)}") from None
 
     def _verify_decode(
         self, program: Program, out_dir: Path, samples: list[tuple[torch.Tensor, ...]]

@@ -27,7 +27,7 @@ from memc.passes.manager import PassManager
 from memc.runtime.engine import DecodeEngine
 from tests.helpers import DEFAULT_ATOL, LAYERS, VOCAB, compile_model, onnx_input_dims, record_diff, write_toml
 
-MC = {"window": 4, "segment": 4, "max_segments": 2}
+from tests.helpers import MC_OPTIONS as MC  # the options of the session's mc_compiled fixture (conftest)
 
 
 def _ids(batch: int, seq: int, seed: int = 5) -> np.ndarray:
@@ -39,30 +39,6 @@ def _mc_program(model_dir, **options):
     passes = [create_pass("detect-attention", {}, "pipeline[0]"),
               create_pass("memory-caching", {**MC, **options}, "pipeline[1]")]
     return PassManager(passes).run(program, PassContext(seed=ToolchainConfig().seed))
-
-
-@pytest.fixture(scope="module")
-def mc_compiled(tiny_hf, tmp_path_factory):
-    """memc compile of the memory-caching tiny Llama with decode_graph = true (one model.onnx + one decode.onnx)."""
-    tmp = tmp_path_factory.mktemp("mc-decode")
-    cfg = write_toml(tmp / "toolchain.toml", f"""
-        [[pipeline]]
-        pass = "detect-attention"
-
-        [[pipeline]]
-        pass = "memory-caching"
-        window = {MC["window"]}
-        segment = {MC["segment"]}
-        max_segments = {MC["max_segments"]}
-
-        [target]
-        opset = 18
-        decode_graph = true
-        decode_steps = 16
-    """)
-    res = compile_model(tiny_hf("llama"), tmp / "out", "-c", cfg)
-    assert res.rc == 0, res.explain()
-    return res
 
 
 def test_kv_decode_from_the_program_matches_full_logits(tiny_hf, decode_artifact):
@@ -113,7 +89,12 @@ def test_mc_decode_matches_the_rewritten_program(tiny_hf, mc_compiled):
     window_only = reference(ids)
     assert np.abs(window_only[:, 8:] - with_memory[:, 8:]).max() > 1e-3
     report = mc_compiled.report
-    assert report["verification"]["decode"]["greedy"]["equal"] is True
+    greedy = report["verification"]["decode"]["greedy"]
+    assert greedy["equal"] is True and greedy["steps"] == 16
+    # prefill + 16 steps of logits along the greedy path, counted in the decode.logits worst case
+    assert 0 < greedy["max_abs_diff"] <= DEFAULT_ATOL
+    modes = [s["mode"] for s in report["verification"]["samples"]]
+    assert f"decode: prefill {greedy['prompt']} + 16 steps along the greedy path" in modes
     assert report["verification"]["max_abs_diff"]["decode.logits"] <= DEFAULT_ATOL
 
 

@@ -15,11 +15,13 @@ FLOAT_FACTORY = "tests.fixtures.handwritten:mha_model"  # float input x [b, s, 3
 
 # keys `memc eval --json` writes (memc/eval/command.py evaluate() and the result dataclasses' fields)
 TOP_KEYS = {"source", "backend", "task", "seed", "footprint"}
-FOOTPRINT_KEYS = {"parameter_bytes", "kv_cache_bytes_per_token", "kv_cache_bytes"}
+FOOTPRINT_KEYS = {"parameter_bytes", "state_kind", "state_source", "state_bytes", "fixed_state_bytes",
+                  "kv_cache_bytes_per_token", "kv_cache_bytes"}
 PERPLEXITY_KEYS = {"text", "tokenizer", "context", "windows", "tokens_scored", "bytes_scored", "nll_per_token",
                    "perplexity", "bits_per_byte"}
 RECALL_KEYS = {"distance", "trials", "token_accuracy", "exact", "control_token_accuracy"}
-SPEED_KEYS = {"context", "prefill_tokens_per_s", "prefill_ms", "decode_ms_per_token", "decode_mode"}
+SPEED_KEYS = {"context", "prefill_tokens_per_s", "prefill_ms", "decode_ms_per_token", "decode_mode", "state_bytes",
+              "note"}
 
 
 def expect_error(args, *fragments: str, rc: int = 2) -> str:

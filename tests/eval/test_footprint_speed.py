@@ -1,4 +1,5 @@
-"""Footprint (parameter bytes, KV-cache bytes) from transformers configs, and the speed measurement's shape."""
+"""Footprint (parameter bytes; decode state bytes from the decode graph's layout, else the KV cache a transformers
+config implies) and the speed measurement's shape, with and without a decode graph."""
 from __future__ import annotations
 
 import json
@@ -60,6 +61,10 @@ def test_footprint_of_real_backends(tiny_llama_dir, tiny_gpt2_dir, tiny_bert_dir
     per_token = 2 * 2 * 2 * (32 // 4) * 4  # tiny llama: 2 layers, 2 KV heads, head_dim 8
     assert fp == {
         "parameter_bytes": llama.info.parameter_bytes,
+        "state_kind": "kv",
+        "state_source": "config.json (full attention)",
+        "state_bytes": {"16": 16 * per_token, "64": 64 * per_token},
+        "fixed_state_bytes": 0,
         "kv_cache_bytes_per_token": per_token,
         "kv_cache_bytes": {"16": 16 * per_token, "64": 64 * per_token},
     }
@@ -73,7 +78,7 @@ def test_footprint_of_real_backends(tiny_llama_dir, tiny_gpt2_dir, tiny_bert_dir
     gpt2 = footprint(load_backend(str(tiny_gpt2_dir)), [10])
     assert gpt2["kv_cache_bytes_per_token"] == 2 * 2 * 32 * 4 and gpt2["kv_cache_bytes"] == {"10": 10 * 512}
     bert = footprint(load_backend(str(tiny_bert_dir)), [10])  # an encoder keeps no KV cache
-    assert bert["kv_cache_bytes_per_token"] is None and bert["kv_cache_bytes"] == {}
+    assert bert["kv_cache_bytes_per_token"] is None and bert["kv_cache_bytes"] == {} and bert["state_bytes"] == {}
 
 
 class _Counting(Backend):
@@ -134,3 +139,68 @@ def test_speed_uses_the_decode_graph_when_the_artifact_has_one(tiny_llama_dir, c
     assert backend.decode_graph == artifact.out_dir / "decode.onnx"
     (point,) = speed(backend, [16], repeats=2)
     assert point.decode_mode == "kv-state" and math.isfinite(point.decode_ms_per_token) and point.decode_ms_per_token > 0
+
+
+def test_decode_graph_speed_beyond_the_trained_positions(decode_artifact, tmp_path) -> None:
+    """A KV decode graph is timed from a synthesised cache of the context's length, past the model's 128 trained
+    positions too (with a note and no prefill); state bytes grow with the context."""
+    from memc.eval.backends import OnnxBackend
+    from memc.runtime.engine import DecodeEngine
+    from tests.helpers import MAX_POS
+
+    backend = _Counting(max_seq_len=MAX_POS)
+    backend.decode_graph = decode_artifact("llama")
+    points = speed(backend, [16, 3 * MAX_POS], repeats=2, steps=3)
+    per_token = 2 * 2 * 2 * 8 * 4
+    inside, beyond = points
+    assert inside.decode_mode == beyond.decode_mode == "kv-state"
+    assert inside.note is None and inside.prefill_ms > 0
+    assert beyond.prefill_ms is None and beyond.prefill_tokens_per_s is None
+    assert f"beyond the model's {MAX_POS} trained positions" in beyond.note
+    assert inside.state_bytes == 16 * per_token and beyond.state_bytes == 3 * MAX_POS * per_token
+    assert all(math.isfinite(p.decode_ms_per_token) and p.decode_ms_per_token > 0 for p in points)
+    assert backend.decode_engine().max_seq_len == MAX_POS  # the limit is back after timing
+    fp = footprint(backend, [16, 1000])
+    assert fp["state_kind"] == "kv" and fp["state_source"] == "decode.onnx state layout"
+    assert fp["state_bytes"] == {"16": 16 * per_token, "1000": 1000 * per_token} == fp["kv_cache_bytes"]
+    # a state the engine reads back at that context is what the timing used
+    from memc.eval.speed import state_at
+
+    state = state_at(DecodeEngine(decode_artifact("llama")), 99, np.random.default_rng(0), 128)
+    assert all(a.shape[2] == 99 for a in state)
+    with pytest.raises(MemcError, match="context 1 is too short"):
+        speed(backend, [1])
+
+
+def test_memory_caching_footprint_and_speed_are_the_fixed_state(mc_compiled) -> None:
+    """A memory-caching artifact reports its recorded fixed state (not the KV cache its config implies), the same
+    at every context; timing sets the token counters to the context."""
+    from memc.eval.speed import state_at
+    from tests.helpers import MAX_POS
+
+    backend = load_backend(str(mc_compiled.out_dir), threads=1)
+    engine = backend.decode_engine()
+    fixed = sum(np.prod([1 if d == "batch" else d for d in t["shape"]], dtype=np.int64) * np.dtype(t["dtype"]).itemsize
+                for t in mc_compiled.report["target"]["decode"]["state"]["tensors"])
+    fp = footprint(backend, [64, 32768])
+    assert fp["state_kind"] == "memory-caching" and fp["state_source"] == "decode.onnx state layout"
+    assert fp["state_bytes"] == {"64": fixed, "32768": fixed} and fp["kv_cache_bytes"] == {}
+    assert fp["fixed_state_bytes"] == fixed and fp["kv_cache_bytes_per_token"] is None
+    assert kv_cache_bytes_per_token(backend.info.source_dir) not in (None, 0)  # what it used to print instead
+    state = state_at(engine, 5000, np.random.default_rng(0), 128, fill_tokens=20)
+    counters = [a for s, a in zip(engine.state_specs, state) if s.name.startswith("past_mc_t_")]
+    assert counters and all(int(a) == 5000 for a in counters)
+    points = speed(backend, [16, 4 * MAX_POS], repeats=1, steps=3)
+    assert [p.decode_mode for p in points] == ["mc-state"] * 2
+    assert [p.state_bytes for p in points] == [fixed, fixed] and points[1].note and points[0].note is None
+
+
+def test_memory_caching_artifact_without_a_decode_graph_claims_no_kv_cache(tiny_llama_dir) -> None:
+    """Its config.json still describes full attention, but the artifact is memory-caching: no KV bytes printed."""
+    backend = _Counting()
+    backend.info.source_dir = tiny_llama_dir
+    assert footprint(backend, [16])["kv_cache_bytes"] != {}  # a plain artifact: the config's KV cache
+    backend.info.extra["passes"] = ["detect-attention", "memory-caching"]
+    fp = footprint(backend, [16])
+    assert fp["state_kind"] == "memory-caching" and fp["state_bytes"] == {} and fp["kv_cache_bytes"] == {}
+    assert "decode_graph = true" in fp["note"]

@@ -79,6 +79,9 @@ def test_load_is_the_runtime_handle(artifact):
     assert isinstance(model, CompiledModel) and model.report["source"]["kind"] == "hf"
     one_row = model.generate([1, 2, 3], max_new_tokens=2)
     assert one_row.shape == (5,) and list(one_row[:3]) == [1, 2, 3]
+    sampled = [model.generate([[1, 2, 3]] * 2, max_new_tokens=8, temperature=1.0, top_k=20, seed=s) for s in (5, 5, 6)]
+    assert sampled[0].shape == (2, 11) and np.array_equal(sampled[0], sampled[1])
+    assert not np.array_equal(sampled[0], sampled[2])
     (by_name,) = model.run(input_ids=[[1, 2, 3]])  # lists are fine; int64 by name
     (by_pos,) = model.run(np.array([[1, 2, 3]], dtype=np.int32))  # int32 is cast
     assert np.array_equal(by_name, by_pos) and by_name.shape == (1, 3, 128)
@@ -95,6 +98,9 @@ def test_load_is_the_runtime_handle(artifact):
         (lambda m: m.generate([1, 2], max_new_tokens=-1), "max_new_tokens must be an int >= 0, got -1"),
         (lambda m: m.generate([[1.5, 2.0]], max_new_tokens=2), "prompt_ids must be integer token ids"),
         (lambda m: m.generate([1, 500], max_new_tokens=1), "token ids must be in [0, 128)"),
+        (lambda m: m.generate([1, 2], max_new_tokens=2, temperature=-1.0), "temperature must be a finite number >= 0"),
+        (lambda m: m.generate([1, 2], max_new_tokens=2, top_p=2.0), "top_p must be in (0, 1]"),
+        (lambda m: m.generate([1, 2], max_new_tokens=2, temprature=1.0), "unknown option(s) ['temprature']"),
     ],
 )
 def test_bad_inputs_are_one_artifact_error(artifact, call, needle):

@@ -154,8 +154,11 @@ def test_engine_does_not_import_torch(decode_artifact):
     code = textwrap.dedent(f"""
         import sys
         from memc.runtime import DecodeEngine
-        out = DecodeEngine({str(decode_artifact("llama"))!r}, threads=1).generate([1, 2, 3], 4)
+        engine = DecodeEngine({str(decode_artifact("llama"))!r}, threads=1)
+        out = engine.generate([1, 2, 3], 4)
         assert out.shape == (7,), out.shape
+        out = engine.generate([[1, 2, 3]] * 2, 4, temperature=0.9, top_k=5, top_p=0.9, seed=1)  # sampled, batch 2
+        assert out.shape == (2, 7), out.shape
         assert "torch" not in sys.modules, "memc.runtime imported torch"
         print("ok")
     """)
