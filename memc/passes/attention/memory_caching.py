@@ -129,6 +129,9 @@ def save_layer_weights(path: Path, gm: torch.nn.Module, sites: list[MemoryCachin
     save_file(tensors, str(path), metadata={"memc.layer": json.dumps(layer, sort_keys=True)})
 
 
+CAP_OPTIONS = ("max_segments", "cap_policy")
+
+
 def load_layer_weights(gm: torch.nn.Module, sites: list[MemoryCachingSite], cfg: Any, option: str) -> None:
     from safetensors import safe_open
 
@@ -142,7 +145,9 @@ def load_layer_weights(gm: torch.nn.Module, sites: list[MemoryCachingSite], cfg:
     except Exception as exc:
         raise PassError(f"{option}: {path} is not a readable safetensors file: {exc}") from None
     wanted = layer_options(cfg)
-    differ = {k: (saved.get(k), v) for k, v in wanted.items() if saved.get(k) != v}
+    # the cap only decides what happens to segments past max_segments: it changes no parameter and may be set
+    # at deployment on layers trained without one
+    differ = {k: (saved.get(k), v) for k, v in wanted.items() if saved.get(k) != v and k not in CAP_OPTIONS}
     if differ:
         raise PassError(f"{option}: {path} was trained with other layer options: "
                         + ", ".join(f"{k} = {a!r} there, {b!r} here" for k, (a, b) in sorted(differ.items())))

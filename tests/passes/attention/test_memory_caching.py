@@ -108,3 +108,26 @@ def test_rewriting_before_detection_is_refused_up_front():
 
     with pytest.raises(PassError, match=r"requires 'sites.attention'.*add 'detect-attention' before it"):
         check_order([create_pass("memory-caching", {}, "pipeline[0]")], set())
+
+
+def test_saved_layers_load_back_with_a_cap_but_not_with_other_layer_options(tiny_llama_dir, tmp_path):
+    """`weights` restores distilled layers exactly; a cap (max_segments / cap_policy) may be added at deployment,
+    any option that changes the trained computation is refused with both values named."""
+    from memc.passes.attention.memory_caching import layer_options, save_layer_weights
+
+    opts = {"window": 4, "segment": 4, "feature_dim": 8}
+    _, trained = _rewritten(tiny_llama_dir, **opts)
+    with torch.no_grad():
+        for name, p in trained.module.named_parameters():
+            if ".memory_caching." in name:
+                p.add_(0.01 * torch.randn_like(p))  # "distilled": differs from a fresh layer
+    mc = trained.log[-1].options
+    path = tmp_path / "layers.safetensors"
+    save_layer_weights(path, trained.module, trained.annotations[MC_SITES_KEY], mc)
+    ids = token_batch(1, 21)["input_ids"]
+    _, capped = _rewritten(tiny_llama_dir, **opts, max_segments=2, weights=str(path))
+    _, same = _rewritten(tiny_llama_dir, **opts, weights=str(path))
+    assert torch.equal(same(ids)[0], trained(ids)[0])
+    assert capped(ids)[0].shape == trained(ids)[0].shape
+    with pytest.raises(PassError, match=r"pipeline\[1\].weights: .* window = 4 there, 8 here"):
+        _rewritten(tiny_llama_dir, **{**opts, "window": 8}, weights=str(path))
