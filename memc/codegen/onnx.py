@@ -56,10 +56,10 @@ def _registry(opset: int):
 
 
 def custom_translations() -> dict:
-    """Translations of memc's own torch ops (memc.nn) for the exporter."""
-    from memc.codegen.quant import translations
+    """Translations of memc's own torch ops (memc.nn, memc.codegen.attention) for the exporter."""
+    from memc.codegen import attention, quant
 
-    return translations()
+    return {**quant.translations(), **attention.translations()}
 
 
 def find_unsupported(ep: torch.export.ExportedProgram, opset: int) -> list[UnsupportedNode]:
