@@ -2,11 +2,14 @@
 
 Two uses, two torch ops (the plain-torch reference every lowering is tested against) and their ONNX translations:
 
-* ``memc::causal_attention(q, k, v, scale)`` — full-sequence causal attention (model.onnx, and what a prefill
-  computes). q [B, Hq, S, D], k / v [B, Hkv, S, D] before any GQA repeat.
-* ``memc::cached_attention(q, k, v, past_key, past_value, past_length, scale)`` — attention over a KV cache held
-  in a preallocated buffer [B, Hkv, capacity, D]: the new k / v are written at ``past_length`` and the query
-  attends to the first ``past_length + S`` positions (causally). Returns (y, present_key, present_value) with the
+* ``memc::causal_attention(q, k, v, seqlens_k, total, scale)`` — full-sequence causal attention (model.onnx).
+  q [B, Hq, S, D], k / v [B, Hkv, S, D] before any GQA repeat.
+* ``memc::cached_attention(q, k, v, past_key, past_value, seqlens_k, total, scale)`` — attention over a KV cache
+  held in a preallocated buffer [B, Hkv, capacity, D]: the new k / v are written at ``total - S`` (the past
+  length) and the query attends to the first ``total`` positions (causally).
+
+``seqlens_k`` [B] (int32, total - 1 per row) and ``total`` (int32 scalar) are GroupQueryAttention's own length
+inputs; the graph computes them once (``lengths``) and every layer reads them. Returns (y, present_key, present_value) with the
   buffer's shape. onnxruntime's GroupQueryAttention writes in place when the caller binds the present output to
   the past input's memory (DecodeEngine does, with I/O binding), so a step copies one token's k / v, not the cache.
 
@@ -28,6 +31,7 @@ ops: the exporter's opset-23 Attention / decomposition for causal attention, and
 """
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 
 import onnx
@@ -107,23 +111,33 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> 
     return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
 
+def lengths(batch, seq, past=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """GroupQueryAttention's ``seqlens_k`` [batch] and ``total`` (int32) for ``seq`` new tokens after ``past``
+    (an int64 scalar tensor, or none)."""
+    total = torch.full((), seq, dtype=torch.int64) if past is None else past + seq
+    seqlens = (total - 1).to(torch.int32).reshape(1).expand(batch)
+    return seqlens, total.to(torch.int32)
+
+
 @torch.library.custom_op("memc::causal_attention", mutates_args=())
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqlens_k: torch.Tensor,
+                     total: torch.Tensor, scale: float) -> torch.Tensor:
     return _attend(q, k, v, scale)
 
 
 @causal_attention.register_fake
-def _(q, k, v, scale):
+def _(q, k, v, seqlens_k, total, scale):
     return q.new_empty(*q.shape[:-1], v.shape[-1])
 
 
 @torch.library.custom_op("memc::cached_attention", mutates_args=())
 def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_key: torch.Tensor,
-                     past_value: torch.Tensor, past_length: torch.Tensor,
+                     past_value: torch.Tensor, seqlens_k: torch.Tensor, total: torch.Tensor,
                      scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Needs ``past_length + S <= capacity``; slots after ``past_length + S`` are left as they were."""
-    length, seq = int(past_length), q.shape[2]
-    if length + seq > past_key.shape[2]:
+    """Needs ``total <= capacity``; slots after ``total`` are left as they were."""
+    seq = q.shape[2]
+    length = int(total) - seq
+    if int(total) > past_key.shape[2]:
         raise ValueError(f"KV buffer capacity {past_key.shape[2]} < past {length} + {seq} new token(s)")
     present_key, present_value = past_key.clone(), past_value.clone()
     present_key[:, :, length:length + seq] = k
@@ -133,7 +147,7 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_key
 
 
 @cached_attention.register_fake
-def _(q, k, v, past_key, past_value, past_length, scale):
+def _(q, k, v, past_key, past_value, seqlens_k, total, scale):
     return q.new_empty(*q.shape[:-1], v.shape[-1]), torch.empty_like(past_key), torch.empty_like(past_value)
 
 
@@ -168,7 +182,6 @@ def translations() -> dict:
 
     _register_schema()
     msft = Opset(MSFT, 1)
-    i32 = onnx.TensorProto.INT32
 
     def bsnh(x):  # [B, H, S, D] -> [B, S, H * D], the layout GroupQueryAttention takes
         return op.Reshape(op.Transpose(x, perm=[0, 2, 1, 3]), op.Constant(value_ints=[0, 0, -1]))
@@ -176,26 +189,16 @@ def translations() -> dict:
     def bnsh(y, heads: int, dim: int):  # [B, S, H * D] -> [B, H, S, D], what sdpa returns
         return op.Transpose(op.Reshape(y, op.Constant(value_ints=[0, 0, heads, dim])), perm=[0, 2, 1, 3])
 
-    def lengths(q, past):
-        """seqlens_k [B] (total - 1 per row) and total_sequence_length (int32 scalar) for ``past`` [1] tokens."""
-        shape = op.Shape(q)
-        total = op.Add(past, op.Slice(shape, op.Constant(value_ints=[2]), op.Constant(value_ints=[3])))
-        batch = op.Slice(shape, op.Constant(value_ints=[0]), op.Constant(value_ints=[1]))
-        seqlens = op.Cast(op.Expand(op.Sub(total, op.Constant(value_ints=[1])), batch), to=i32)
-        return seqlens, op.Cast(op.Squeeze(total), to=i32)
-
-    def causal(q, k, v, scale: float):
+    def causal(q, k, v, seqlens_k, total, scale: float):
         heads, dim, kv_heads = q.shape[1], q.shape[3], k.shape[1]
-        seqlens, total = lengths(q, op.Constant(value_ints=[0]))
-        y, _, _ = msft.GroupQueryAttention(bsnh(q), bsnh(k), bsnh(v), None, None, seqlens, total,
+        y, _, _ = msft.GroupQueryAttention(bsnh(q), bsnh(k), bsnh(v), None, None, seqlens_k, total,
                                            num_heads=heads, kv_num_heads=kv_heads, scale=scale, _outputs=3)
         return bnsh(y, heads, dim)
 
-    def cached(q, k, v, past_key, past_value, past_length, scale: float):
+    def cached(q, k, v, past_key, past_value, seqlens_k, total, scale: float):
         heads, dim, kv_heads = q.shape[1], q.shape[3], k.shape[1]
-        seqlens, total = lengths(q, op.Reshape(past_length, op.Constant(value_ints=[1])))
         y, present_key, present_value = msft.GroupQueryAttention(
-            bsnh(q), bsnh(k), bsnh(v), past_key, past_value, seqlens, total,
+            bsnh(q), bsnh(k), bsnh(v), past_key, past_value, seqlens_k, total,
             num_heads=heads, kv_num_heads=kv_heads, scale=scale, _outputs=3)
         return bnsh(y, heads, dim), present_key, present_value
 
@@ -240,12 +243,23 @@ def fuse_attention(program, attention: str = "auto"):
     graph.output(out)
     gm = fx.GraphModule(src, graph)
     by_name = {n.name: val_map[n] for n in src.graph.nodes if n in val_map}
+    ids = next(n for n in gm.graph.nodes if n.op == "placeholder")
+    with gm.graph.inserting_after(ids):
+        batch = gm.graph.call_function(torch.ops.aten.sym_size.int, (ids, 0))
+    with gm.graph.inserting_after(batch):
+        seq = gm.graph.call_function(torch.ops.aten.sym_size.int, (ids, 1))
+    with gm.graph.inserting_after(seq):
+        lens = gm.graph.call_function(lengths, (batch, seq))
+    with gm.graph.inserting_after(lens):
+        seqlens_k = gm.graph.call_function(operator.getitem, (lens, 0))
+    with gm.graph.inserting_after(seqlens_k):
+        total = gm.graph.call_function(operator.getitem, (lens, 1))
     for site in chosen:
         node = by_name[site.out]
         with gm.graph.inserting_before(node):
             fused = gm.graph.call_function(
                 torch.ops.memc.causal_attention.default,
-                (by_name[site.q], by_name[site.k_heads], by_name[site.v_heads], float(site.scale)))
+                (by_name[site.q], by_name[site.k_heads], by_name[site.v_heads], seqlens_k, total, float(site.scale)))
         fused.meta.update(node.meta)
         node.replace_all_uses_with(fused)
         gm.graph.erase_node(node)

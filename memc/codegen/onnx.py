@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import onnx
 import torch
 
+from memc.codegen.peephole import simplify_gqa_layouts
 from memc.codegen.quant import share_reshaped_initializers, store_half_scales
 from memc.errors import UnsupportedError
 from memc.program import Program, module_path
@@ -154,6 +155,7 @@ def lower_exported(
     store_half_scales(model)
     share_reshaped_initializers(model)
     rename_dims(model, dim_names)
+    simplify_gqa_layouts(model)
     if not debug_metadata:
         strip_debug_metadata(model)
     model.producer_name = "memc"
