@@ -62,34 +62,29 @@ CAPACITY_STEP = 256  # preallocated KV buffers: capacity rounded up to this, dou
 
 
 class _Buffers:
-    """The KV buffers behind a preallocated graph's states: how many positions of each hold valid data."""
+    """The KV buffers behind a preallocated graph's states, each with the one view of it that is a state's newest
+    array (the only array that may extend the buffer in place: any other view is an older state, a branch)."""
 
     def __init__(self) -> None:
-        self._filled: dict[int, tuple[weakref.ref, int]] = {}
+        self._latest: dict[int, tuple[weakref.ref, weakref.ref]] = {}  # id(buffer) -> (buffer, newest view)
 
-    def filled(self, buf: np.ndarray) -> int | None:
-        entry = self._filled.get(id(buf))
-        return entry[1] if entry is not None and entry[0]() is buf else None
-
-    def mark(self, buf: np.ndarray, filled: int) -> None:
-        if len(self._filled) > 64:  # forget buffers that are gone
-            self._filled = {k: v for k, v in self._filled.items() if v[0]() is not None}
-        self._filled[id(buf)] = (weakref.ref(buf), filled)
+    def mark(self, buf: np.ndarray, view: np.ndarray) -> None:
+        if len(self._latest) > 64:  # forget buffers that are gone
+            self._latest = {k: v for k, v in self._latest.items() if v[0]() is not None}
+        self._latest[id(buf)] = (weakref.ref(buf), weakref.ref(view))
 
     def buffer_for(self, array: np.ndarray, needed: int, limit: int | None) -> np.ndarray:
         """A buffer holding ``array`` [b, h, past, d] in its first ``past`` positions with room for ``needed``:
-        the array's own buffer when it is an engine buffer that no other state has extended, else a copy."""
-        past = array.shape[2]
+        the array's own buffer when ``array`` is that buffer's newest view, else a copy (a grown one if needed)."""
         base = array.base
-        if (isinstance(base, np.ndarray) and base.ndim == 4 and self.filled(base) == past
-                and base.shape[2] >= needed and array.ctypes.data == base.ctypes.data
-                and array.strides == base.strides and array.shape[:2] == base.shape[:2]):
+        entry = self._latest.get(id(base)) if base is not None else None
+        if entry is not None and entry[0]() is base and entry[1]() is array and base.shape[2] >= needed:
             return base
         old = base.shape[2] if isinstance(base, np.ndarray) and base.ndim == 4 else 0
         capacity = max(2 * old, -(-needed // CAPACITY_STEP) * CAPACITY_STEP)
         capacity = max(needed, min(capacity, limit) if limit else capacity)
         buf = np.empty((*array.shape[:2], capacity, array.shape[3]), dtype=array.dtype)
-        buf[:, :, :past] = array
+        buf[:, :, :array.shape[2]] = array
         return buf
 
 
@@ -137,7 +132,9 @@ class DecodeEngine:
         self.max_seq_len: int | None = (int(meta.get("memc.max_seq_len", "0")) or None) if has_past else None
         self._buffers = _Buffers()
         self._io = self.session.io_binding() if self.length_input else None
-        self._bound: dict[str, tuple] = {}
+        self._bound: dict[tuple[str, bool], np.ndarray] = {}
+        self._io_shape: tuple[int, int] | None = None
+        self._io_cache: tuple = ()
 
     def _specs(self, recorded: str | None, inputs: list) -> list[StateSpec]:
         """The state layout from the graph's metadata, checked against its inputs (or read from the inputs)."""
@@ -250,33 +247,41 @@ class DecodeEngine:
         return logits, present
 
     def _bind(self, name: str, array: np.ndarray, output: bool) -> None:
-        """Bind ``array``'s memory to an input or output (skipped when the same memory and shape are bound)."""
-        key = (array.ctypes.data, array.shape, array.dtype.str)
-        if self._bound.get((name, output)) == key:
+        """Bind ``array``'s memory to an input or output; skipped when that very array is bound already (the KV
+        buffers and the persistent token / length / logits arrays of a decode loop: rebinding costs more than a
+        small model's layer)."""
+        if self._bound.get((name, output)) is array:
             return
         bind = self._io.bind_output if output else self._io.bind_input
         bind(name, "cpu", 0, array.dtype, list(array.shape), array.ctypes.data)
-        self._bound[(name, output)] = key
+        self._bound[(name, output)] = array
+
+    def _io_arrays(self, batch: int, seq: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """input_ids, past_length and logits arrays for a call of this shape, reused from the last such call."""
+        if self._io_shape != (batch, seq):
+            logits = np.empty((batch, seq, self.vocab_size), self._logits_dtype) if self.vocab_size else None
+            self._io_cache = (np.empty((batch, seq), np.int64), np.zeros((), np.int64), logits)
+            self._io_shape = (batch, seq)
+        return self._io_cache
 
     def _run_in_place(self, ids: np.ndarray, state: Sequence[np.ndarray]) -> tuple[np.ndarray, State]:
         """A preallocated graph through I/O binding: KV buffers are the past inputs and the present outputs."""
         batch, seq = ids.shape
         kv = next(a for a, s in zip(state, self.state_specs) if s.kind == "kv")
         past = int(kv.shape[2])
-        ids = np.ascontiguousarray(ids)
-        length = np.array(past, dtype=np.int64)
-        keep = [ids, length]  # alive until the run is over
-        self._bind("input_ids", ids, False)
+        ids_in, length, logits = self._io_arrays(batch, seq)
+        ids_in[...] = ids
+        length[...] = past
+        self._bind("input_ids", ids_in, False)
         self._bind(self.length_input, length, False)
-        logits = None
-        if self.vocab_size is not None:
-            logits = np.empty((batch, seq, self.vocab_size), self._logits_dtype)
+        if logits is not None:
             self._bind("logits", logits, True)
         else:  # onnxruntime allocates it
             self._io.bind_output("logits", "cpu")
             self._bound.pop(("logits", True), None)
         new_state: State = []
         buffers = []
+        keep = []  # alive until the run is over
         for spec, array in zip(self.state_specs, state):
             if spec.kind == "kv":
                 buf = self._buffers.buffer_for(array, past + seq, self.max_seq_len)
@@ -292,12 +297,11 @@ class DecodeEngine:
                 self._bind(spec.output, out, True)
                 new_state.append(out)
         self.session.run_with_iobinding(self._io)
-        for buf in buffers:
-            self._buffers.mark(buf, past + seq)
-        if logits is None:
-            logits = self._io.get_outputs()[0].numpy()
+        for buf, view in zip(buffers, (a for a, s in zip(new_state, self.state_specs) if s.kind == "kv")):
+            self._buffers.mark(buf, view)
+        out = self._io.get_outputs()[0].numpy() if logits is None else logits.copy()
         del keep
-        return logits, new_state
+        return out, new_state
 
     def prefill(self, input_ids: np.ndarray | Sequence[int]) -> tuple[np.ndarray, State]:
         """Prompt ``[batch, seq]`` (or ``[seq]`` for one row) -> logits [batch, seq, vocab] and the state."""
