@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> None:
 
     shapes = [("prefill 512", 512, 0), ("prefill 1024", 1024, 0), ("step @1023", 1, 1023), ("step @8191", 1, 8191)]
     res = {label: run_case("benchmarks.attention_forms:case", seq=s, past=p, rounds=args.rounds) for label, s, p in shapes}
-    names = list(dict.fromkeys(n for r in res.values() for n in r))
+    names = list(dict.fromkeys(n for r in res.values() for n in r if n != "peak_rss_mb"))
     cmd = "python -m benchmarks.attention_forms " + " ".join(argv if argv is not None else sys.argv[1:])
     t = Table("attention_forms", cmd.strip(), ["form (ms, median)", *res])
     for name in names:

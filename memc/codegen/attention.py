@@ -14,17 +14,19 @@ inputs; the graph computes them once (``lengths``) and every layer reads them. R
   the past input's memory (DecodeEngine does, with I/O binding), so a step copies one token's k / v, not the cache.
 
 Measured on AMD EPYC (AVX2), onnxruntime 1.32.0, one thread, ref-llama shapes (4 query / 2 KV heads, head_dim
-64), one attention op, median ms (benchmarks/attention_forms.py; the machine was shared, ratios matter):
+64), one attention op, median ms; ``python -m benchmarks.attention_forms --rounds 3`` on the shared, oversubscribed
+2-core machine (absolute times ~2.5x an idle run's; the ranking held in three runs):
 
 | form                                                    | prefill 512 | prefill 1024 | step @1023 | step @8191 |
 |---------------------------------------------------------|-------------|--------------|------------|------------|
-| opset-23 Attention, bool mask, KV repeated (exporter's) | 22.0        | 87.9         | 0.59 (concat) | 15.3    |
-| opset-23 Attention, is_causal / past inputs, GQA native | 19.3        | 82.2         | 0.22 (concat) | 7.8     |
-| com.microsoft MultiHeadAttention, unidirectional        | 20.3        | 87.3         | -          | -          |
-| com.microsoft GroupQueryAttention                       | **16.0**    | **53.5**     | 0.26 (concat) | 8.3     |
-| GroupQueryAttention, shared past/present buffer         | -           | -            | **0.16**   | **1.8**    |
-| decomposed MatMul / Softmax / MatMul                    | 22.7        | 85.4         | 0.41 (concat) | 15.3    |
-(torch 2.13 SDPA, is_causal, same shapes: 15.3 / 49.8 ms.)
+| opset-23 Attention, bool mask, KV repeated (exporter's) | 56.3        | 217.5        | 0.70       | 43.7       |
+| opset-23 Attention, is_causal / past inputs, GQA native | 58.5        | 209.4        | 0.38       | 25.2       |
+| com.microsoft MultiHeadAttention, unidirectional        | 51.1        | 224.1        | -          | -          |
+| com.microsoft GroupQueryAttention (growing past)        | **40.1**    | **120.3**    | 0.42       | 28.2       |
+| GroupQueryAttention, shared past/present buffer         | -           | -            | **0.23**   | **2.0**    |
+| decomposed MatMul / Softmax / MatMul                    | 54.4        | 227.0        | 0.67       | 44.9       |
+| (torch 2.13 sdpa, enable_gqa; steps without a cache)    | 58.6        | 152.1        | 0.20       | 10.6       |
+Steps that grow a past include its copy into the present (what a decode step pays).
 
 So for these versions both uses lower to GroupQueryAttention; other versions (not measured) keep the standard
 ops: the exporter's opset-23 Attention / decomposition for causal attention, and a growing KV cache by Concat.

@@ -4,11 +4,13 @@
 
 The graph is a lowering of the Program *after its passes* (memc.codegen.decode_rewrite builds the step form of
 its fx graph: KV caches for plain attention sites, the fixed-layout MemoryCachingState for memory-caching sites),
-so every rewrite deploys in its decode form. One graph serves both phases: prefill feeds the empty state (past
-arrays of length 0; ONNX and onnxruntime accept a zero-length axis), a step feeds one token and the previous
-call's presents. A graph with a memory-caching site takes one token per call (static seq 1); the engine feeds a
-prompt token by token. The state layout (names, shapes with the symbolic dims ``batch`` / ``past``, dtypes) is
-written into the graph's metadata (``memc.state``, JSON) and into report.json; memc.runtime.DecodeEngine reads it.
+so every rewrite deploys in its decode form. One graph serves both phases: prefill feeds the empty state, a step
+feeds one token and the previous call's presents. KV caches are either preallocated buffers plus a
+``past_length`` input (GroupQueryAttention, updated in place under I/O binding) or growing arrays (Concat; past
+length 0 at prefill), as memc.codegen.attention chooses for the onnxruntime version. A graph with a memory-caching
+site takes one token per call (static seq 1); the engine feeds a prompt token by token. The state layout (names,
+shapes with the symbolic dims ``batch`` / ``past`` / ``capacity``, dtypes, and ``memc.kv_cache``: how the KV
+tensors are driven) is written into the graph's metadata and into report.json; memc.runtime.DecodeEngine reads it.
 """
 from __future__ import annotations
 
