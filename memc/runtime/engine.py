@@ -290,7 +290,7 @@ class DecodeEngine:
                 buffers.append(buf)
                 new_state.append(buf[:, :, :past + seq])
             else:
-                array = np.ascontiguousarray(array)
+                array = array if array.flags.c_contiguous else array.copy()  # (ascontiguousarray makes 0-d 1-d)
                 out = np.empty_like(array)
                 keep += [array, out]
                 self._bind(spec.name, array, False)

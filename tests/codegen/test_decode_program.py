@@ -207,3 +207,17 @@ def test_compile_refuses_an_unbounded_mc_decode_graph(tiny_hf, tmp_path):
     assert "model.layers.0.self_attn" in res.stderr and "max_segments" in res.stderr
     assert "Traceback" not in res.stderr
     assert not res.out_dir.exists()
+
+
+def test_mixed_kv_and_mc_sites_decode_exactly(tiny_hf, tmp_path):
+    """Layer 0 memory caching, layer 1 plain: one graph with past_length, the KV buffers (in place) and the
+    memory-caching state (its 0-d token counter included), fed token by token; it matches the rewritten Program."""
+    from memc.codegen.decode import build_decode_artifact
+
+    program = _mc_program(tiny_hf("llama"), sites=["model.layers.0.*"])
+    engine = DecodeEngine(build_decode_artifact(program, tmp_path, 23))
+    kinds = {s.kind for s in engine.state_specs}
+    assert engine.kv_layout == "preallocated" and engine.single_token and kinds == {"kv", "mc"}
+    check = verify_decode(engine, program_reference(program), _ids(2, 20), prefill=1, atol=DEFAULT_ATOL)
+    assert check.passed, check.as_dict()
+    record_diff("decode llama mixed kv + memory-caching", check.max_abs_diff)
