@@ -4,11 +4,13 @@
 
 The graph is a lowering of the Program *after its passes* (memc.codegen.decode_rewrite builds the step form of
 its fx graph: KV caches for plain attention sites, the fixed-layout MemoryCachingState for memory-caching sites),
-so every rewrite deploys in its decode form. One graph serves both phases: prefill feeds the empty state (past
-arrays of length 0; ONNX and onnxruntime accept a zero-length axis), a step feeds one token and the previous
-call's presents. A graph with a memory-caching site takes one token per call (static seq 1); the engine feeds a
-prompt token by token. The state layout (names, shapes with the symbolic dims ``batch`` / ``past``, dtypes) is
-written into the graph's metadata (``memc.state``, JSON) and into report.json; memc.runtime.DecodeEngine reads it.
+so every rewrite deploys in its decode form. One graph serves both phases: prefill feeds the empty state, a step
+feeds one token and the previous call's presents. KV caches are either preallocated buffers plus a
+``past_length`` input (GroupQueryAttention, updated in place under I/O binding) or growing arrays (Concat; past
+length 0 at prefill), as memc.codegen.attention chooses for the onnxruntime version. A graph with a memory-caching
+site takes one token per call (static seq 1); the engine feeds a prompt token by token. The state layout (names,
+shapes with the symbolic dims ``batch`` / ``past`` / ``capacity``, dtypes, and ``memc.kv_cache``: how the KV
+tensors are driven) is written into the graph's metadata and into report.json; memc.runtime.DecodeEngine reads it.
 """
 from __future__ import annotations
 
@@ -61,19 +63,40 @@ def lower_decode(
         "memc.seq": "dynamic" if graph.seq_dynamic else "1",
         "memc.state": json.dumps([s.as_dict() for s in graph.state]),
     }
+    if graph.kv_layout:
+        meta["memc.kv_cache"] = json.dumps(kv_cache_layout(graph))
     for key, value in meta.items():
         model.metadata_props.add(key=key, value=value)
     return model
 
 
+def kv_cache_layout(graph: DecodeGraph) -> dict[str, Any]:
+    """How the KV tensors are driven (``memc.kv_cache`` in the graph's metadata, ``kv_cache`` in report.json)."""
+    if graph.kv_layout == "preallocated":
+        return {
+            "layout": "preallocated", "length_input": graph.length_input, "length_dtype": "int64",
+            "capacity_axis": 2,
+            "rule": "past_key_i / past_value_i are buffers of any capacity >= past_length + seq; the new keys / "
+                    "values are written at positions past_length .. past_length + seq - 1 and present_* have the "
+                    "buffers' shape. Bind each present_* output to its past_* input's memory (I/O binding) to "
+                    "update in place; the next call's past_length is past_length + seq. Batch > 1 continuing a "
+                    "non-empty cache takes one token per call.",
+        }
+    return {"layout": "concat", "rule": "present_* = concat(past_*, new) along axis 2 (past); feed them back"}
+
+
 def state_layout(graph: DecodeGraph) -> dict[str, Any]:
     """What report.json records: enough for a deployment in another language to drive the graph."""
-    return {
+    layout = {
         "seq": "dynamic" if graph.seq_dynamic else 1,
+        "inputs": graph.input_names,
         "sites": graph.sites,
         "tensors": [s.as_dict() for s in graph.state],
         "outputs": graph.output_names,
     }
+    if graph.kv_layout:
+        layout["kv_cache"] = kv_cache_layout(graph)
+    return layout
 
 
 def save_onnx_atomic(model: onnx.ModelProto, path: Path) -> None:
@@ -99,11 +122,12 @@ def build_decode_artifact(
     dtype: str = "float32",
     optimize: bool = True,
     debug_metadata: bool = False,
+    attention: str = "auto",
 ) -> Path:
     """Write ``out_dir/decode.onnx`` (atomically) for a Program, or an HF causal LM directory captured as
-    ``memc compile`` does; returns its path."""
+    ``memc compile`` does; returns its path. ``attention``: auto | gqa | standard (memc.codegen.attention)."""
     program = model if isinstance(model, Program) else program_of(model, dtype)
-    onnx_model = lower_decode(decode_graph(program), opset, optimize, debug_metadata)
+    onnx_model = lower_decode(decode_graph(program, attention), opset, optimize, debug_metadata)
     path = Path(out_dir) / DECODE_FILE
     save_onnx_atomic(onnx_model, path)
     return path

@@ -6,9 +6,17 @@ Built from the Program *after its passes* (never from the source model), so ever
 site of the final graph gets its state, in graph order (site index ``i``):
 
 * a plain softmax site (found by ``detect_attention`` on the final graph): its KV cache
-  ``past_key_i`` / ``past_value_i`` [batch, kv_heads, past, head_dim]. The site's output node is replaced by
-  softmax attention of its rotated q over ``concat(past, k_heads)`` / ``concat(past, v_heads)`` (GQA repeat
-  redone after the concat) with a causal mask offset by the past length; the concatenations are the presents.
+  ``past_key_i`` / ``past_value_i``, in one of two layouts (memc.codegen.attention picks by the onnxruntime
+  version):
+
+  - ``preallocated``: buffers [batch, kv_heads, capacity, head_dim] plus one ``past_length`` input (int64 scalar,
+    tokens already in the buffers). The site becomes ``memc::cached_attention`` (GroupQueryAttention): the new
+    k / v go to positions ``past_length ..``, the query attends to the first ``past_length + seq`` positions, and
+    the presents have the buffers' shape (the caller keeps ``capacity >= past_length + seq``; bound to the same
+    memory, onnxruntime updates them in place).
+  - ``concat``: caches [batch, kv_heads, past, head_dim]; softmax attention of the rotated q over
+    ``concat(past, k_heads)`` / ``concat(past, v_heads)`` (GQA repeat redone after the concat) with a causal mask
+    offset by the past length; the concatenations are the presents.
 * a MemoryCachingAttention call (the memory-caching pass): the layer's fixed-layout MemoryCachingState
   ``past_mc_<field>_i`` (mc_state.py), updated by the layer's recurrent ``step``. Only capped layers
   (``max_segments > 0``) have a fixed-size state; an unbounded one is refused here, before anything is lowered.
@@ -17,7 +25,7 @@ site of the final graph gets its state, in graph order (site index ``i``):
 
 Positions: the captured graph derives position ids (and from them RoPE cos/sin, or learned position embeddings)
 from ``arange(seq)`` where ``seq`` is ``input_ids.shape[1]``. Every such ``arange`` gets the past length added
-(the KV past axis, or a memory-caching layer's token counter ``t``), so positions are ``past + arange(seq)`` in
+(``past_length``, the KV past axis, or a memory-caching layer's token counter ``t``), so positions are ``past + arange(seq)`` in
 both phases. This is a graph rewrite rather than a re-trace: the Program is an fx graph whose only input is
 input_ids, and the rewrite keeps every pass's changes verbatim. Aranges over the sequence that feed the
 original attention masks get offset too, harmlessly: those masks die with the attention they fed.
@@ -31,6 +39,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from memc.codegen.attention import _attend, choose, drop_dead_masks, gqa_fits, lengths
 from memc.errors import UnsupportedError
 from memc.nn.mc_state import FIELDS as MC_FIELDS
 from memc.nn.mc_state import MemoryCachingState
@@ -42,15 +51,16 @@ from memc.program import DimSpec, Program, module_path
 aten = torch.ops.aten
 _ARANGE = {aten.arange.default, aten.arange.start, aten.arange.start_step}
 # Example sizes for torch.export: distinct, and >= 2 on every dynamic axis (torch.export specialises 0 and 1).
-EXAMPLE_BATCH, EXAMPLE_SEQ, EXAMPLE_PAST = 2, 5, 3
+EXAMPLE_BATCH, EXAMPLE_SEQ, EXAMPLE_PAST, EXAMPLE_CAPACITY = 2, 5, 3, 11
+LENGTH_INPUT = "past_length"  # preallocated KV layout: tokens already held by the buffers (int64 scalar)
 
 
 @dataclass(frozen=True)
 class StateTensor:
     """One state input of a decode graph (its output is the same name with ``present_`` for ``past_``).
 
-    ``shape`` holds ints and the symbolic dims ``"batch"`` and ``"past"`` (KV caches only); ``kind`` is ``kv`` or
-    ``mc``; ``site`` the owning attention module path. This is the layout report.json and the graph's metadata
+    ``shape`` holds ints and the symbolic dims ``"batch"`` and ``"past"`` (a growing KV cache) or ``"capacity"`` (a
+    preallocated one); ``kind`` is ``kv`` or ``mc``; ``site`` the owning attention module path. This is the layout report.json and the graph's metadata
     record, and what memc.runtime.DecodeEngine reads.
     """
 
@@ -81,10 +91,15 @@ class DecodeGraph:
     max_seq_len: int | None
     source: str
     sites: list[dict[str, Any]] = field(default_factory=list)  # one {"module", "kind", "state"} per site
+    kv_layout: str | None = None  # preallocated | concat, None without KV sites
+
+    @property
+    def length_input(self) -> str | None:
+        return LENGTH_INPUT if self.kv_layout == "preallocated" else None
 
     @property
     def input_names(self) -> list[str]:
-        return ["input_ids", *(s.name for s in self.state)]
+        return ["input_ids", *([self.length_input] if self.length_input else []), *(s.name for s in self.state)]
 
     @property
     def output_names(self) -> list[str]:
@@ -98,9 +113,10 @@ class DecodeGraph:
         gen = torch.Generator().manual_seed(0)
         seq = seq if self.seq_dynamic else 1
         ids = torch.randint(0, self.vocab_size, (batch, seq), generator=gen)
-        tensors = []
+        tensors = [torch.tensor(past, dtype=torch.int64)] if self.length_input else []
+        sizes = {"batch": batch, "past": past, "capacity": EXAMPLE_CAPACITY}
         for s in self.state:
-            shape = [batch if d == "batch" else past if d == "past" else int(d) for d in s.shape]
+            shape = [sizes[d] if isinstance(d, str) else int(d) for d in s.shape]
             dtype = getattr(torch, s.dtype)
             if dtype.is_floating_point:
                 tensors.append(torch.randn(shape, generator=gen).to(dtype))
@@ -111,9 +127,12 @@ class DecodeGraph:
     def dims(self) -> dict[str, dict[int, DimSpec]]:
         batch = DimSpec("batch", 1, None)
         seq, past = DimSpec("seq", 1, self.max_seq_len), DimSpec("past", 0, self.max_seq_len)
+        specs = {"batch": batch, "past": past, "capacity": DimSpec("capacity", 1, None)}
         out = {"input_ids": {0: batch, 1: seq} if self.seq_dynamic else {0: batch}}
+        if self.length_input:
+            out[self.length_input] = {}
         for s in self.state:
-            out[s.name] = {a: batch if d == "batch" else past for a, d in enumerate(s.shape) if isinstance(d, str)}
+            out[s.name] = {a: specs[d] for a, d in enumerate(s.shape) if isinstance(d, str)}
         return out
 
     def dynamic_shapes(self) -> dict[str, Any]:
@@ -123,7 +142,8 @@ class DecodeGraph:
         def axes(name: str) -> dict[int, Any] | None:
             return {a: made.setdefault(s.name, s.to_torch()) for a, s in dims[name].items()} or None
 
-        return {"input_ids": axes("input_ids"), "state": tuple(axes(s.name) for s in self.state)}
+        state = [axes(s.name) for s in self.state]
+        return {"input_ids": axes("input_ids"), "state": tuple([None] * bool(self.length_input) + state)}
 
 
 class _Forward(nn.Module):
@@ -141,19 +161,6 @@ def export_decode(graph: DecodeGraph) -> torch.export.ExportedProgram:
     return torch.export.export(
         _Forward(graph.module), graph.example_inputs(), dynamic_shapes=graph.dynamic_shapes(), strict=False
     )
-
-
-def kv_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """Causal softmax attention of q [B, Hq, T, D] over k, v [B, Hkv, P + T, D]: query t sees keys <= P + t."""
-    b, hkv, s, d = k.shape
-    groups = q.shape[1] // hkv
-    if groups > 1:  # the GQA repeat (query head h reads KV head h // groups), as transformers' repeat_kv
-        k = k[:, :, None].expand(b, hkv, groups, s, d).reshape(b, hkv * groups, s, d)
-        v = v[:, :, None].expand(b, hkv, groups, s, v.shape[-1]).reshape(b, hkv * groups, s, v.shape[-1])
-    t = q.shape[2]
-    rows = torch.arange(t, device=q.device).unsqueeze(1) + (s - t)
-    mask = torch.arange(s, device=q.device).unsqueeze(0) <= rows
-    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
 
 class MemoryCachingStep(nn.Module):
@@ -233,8 +240,25 @@ def check_decodable(program: Program) -> tuple[list[AttentionSite], list[tuple[f
     return kv, mc
 
 
-def decode_graph(program: Program) -> DecodeGraph:
-    """The Program's graph in step form (see the module docstring); refuses what has no decode form."""
+def kv_layout(sites: list[AttentionSite], by_name: dict[str, fx.Node], attention: str = "auto") -> str | None:
+    """``preallocated`` when the lowering for this onnxruntime is GroupQueryAttention and every KV site fits it,
+    else ``concat``; None without KV sites."""
+    if not sites:
+        return None
+    if choose(attention=attention).kv_cache != "preallocated":
+        return "concat"
+    for site in sites:
+        q, v = by_name[site.q].meta.get("val"), by_name[site.v_heads].meta.get("val")
+        if q is None or v is None or not gqa_fits(site.num_heads, site.num_kv_heads, int(q.shape[-1]),
+                                                  int(v.shape[-1]), q.dtype):
+            return "concat"
+    return "preallocated"
+
+
+def decode_graph(program: Program, attention: str = "auto") -> DecodeGraph:
+    """The Program's graph in step form (see the module docstring); refuses what has no decode form.
+
+    ``attention``: auto (by the onnxruntime version, memc.codegen.attention) | gqa | standard."""
     kv_sites, mc = check_decodable(program)
     src = program.module
     graph = fx.Graph()
@@ -249,9 +273,20 @@ def decode_graph(program: Program) -> DecodeGraph:
     by_name = {n.name: val_map[n] for n in src.graph.nodes if n in val_map}
     mc_nodes = {val_map[node]: layer for node, layer in mc}
     kv_by_out = {by_name[s.out]: s for s in kv_sites}
+    layout = kv_layout(kv_sites, by_name, attention)
 
     ids = next(n for n in graph.nodes if n.op == "placeholder")
     last = ids
+    length: fx.Node | None = None
+    if layout == "preallocated":  # GroupQueryAttention's length inputs, computed once for every layer
+        with graph.inserting_after(ids):
+            length = last = graph.placeholder(LENGTH_INPUT)
+        first_site = next(n for n in graph.nodes if n in kv_by_out or n in mc_nodes)
+        with graph.inserting_before(first_site):
+            lens = graph.call_function(lengths, (graph.call_function(aten.sym_size.int, (ids, 0)),
+                                                 graph.call_function(aten.sym_size.int, (ids, 1)), length))
+            seqlens_k = graph.call_function(operator.getitem, (lens, 0))
+            total = graph.call_function(operator.getitem, (lens, 1))
     state: list[StateTensor] = []
     sites: list[dict[str, Any]] = []
     presents: list[fx.Node] = []
@@ -269,13 +304,20 @@ def decode_graph(program: Program) -> DecodeGraph:
             with graph.inserting_after(pk):
                 pv = graph.placeholder(names[1])
             last = pv
+            axis = "capacity" if length is not None else "past"
             for name, val in zip(names, (kval, vval)):
-                state.append(StateTensor(name, ("batch", int(val.shape[1]), "past", int(val.shape[3])),
+                state.append(StateTensor(name, ("batch", int(val.shape[1]), axis, int(val.shape[3])),
                                          _dtype_name(val.dtype), "kv", site.module))
             with graph.inserting_before(node):
-                k_all = graph.call_function(aten.cat.default, ([pk, k_heads], 2))
-                v_all = graph.call_function(aten.cat.default, ([pv, v_heads], 2))
-                att = graph.call_function(kv_attention, (by_name[site.q], k_all, v_all, float(site.scale)))
+                if length is not None:
+                    call = graph.call_function(torch.ops.memc.cached_attention.default,
+                                               (by_name[site.q], k_heads, v_heads, pk, pv, seqlens_k, total,
+                                                float(site.scale)))
+                    att, k_all, v_all = (graph.call_function(operator.getitem, (call, j)) for j in range(3))
+                else:
+                    k_all = graph.call_function(aten.cat.default, ([pk, k_heads], 2))
+                    v_all = graph.call_function(aten.cat.default, ([pv, v_heads], 2))
+                    att = graph.call_function(_attend, (by_name[site.q], k_all, v_all, float(site.scale)))
             first_kv = first_kv or pk
             presents += [k_all, v_all]
             sites.append({"module": site.module, "kind": "kv", "state": list(names)})
@@ -304,21 +346,19 @@ def decode_graph(program: Program) -> DecodeGraph:
             sites.append({"module": module, "kind": "mc", "state": [p.name for p in placeholders]})
         node.replace_all_uses_with(att)
         graph.erase_node(node)
-    if first_kv is not None:
+    if length is not None:
+        offset = length
+    elif first_kv is not None:
         with graph.inserting_after(last):
             offset = graph.call_function(aten.sym_size.int, (first_kv, 2))
     else:
         offset = first_t
     _offset_positions(graph, ids, offset)
     graph.output((logits, *presents))
-    for node in list(graph.nodes):  # dtype/device asserts would keep the replaced attention's mask chain alive
-        if node.op == "call_function" and node.target == aten._assert_tensor_metadata.default:
-            graph.erase_node(node)
-    graph.eliminate_dead_code()
-    graph.lint()
+    drop_dead_masks(graph)
     gm.recompile()
     return DecodeGraph(gm, state, not mc, int(program.source.vocab_size), program.source.max_seq_len,
-                       program.source.path, sites)
+                       program.source.path, sites, layout)
 
 
 def _offset_positions(graph: fx.Graph, ids: fx.Node, offset: fx.Node) -> None:

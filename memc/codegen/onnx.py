@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import onnx
 import torch
 
+from memc.codegen.peephole import simplify_gqa_layouts
 from memc.codegen.quant import share_reshaped_initializers, store_half_scales
 from memc.errors import UnsupportedError
 from memc.program import Program, module_path
@@ -56,10 +57,10 @@ def _registry(opset: int):
 
 
 def custom_translations() -> dict:
-    """Translations of memc's own torch ops (memc.nn) for the exporter."""
-    from memc.codegen.quant import translations
+    """Translations of memc's own torch ops (memc.nn, memc.codegen.attention) for the exporter."""
+    from memc.codegen import attention, quant
 
-    return translations()
+    return {**quant.translations(), **attention.translations()}
 
 
 def find_unsupported(ep: torch.export.ExportedProgram, opset: int) -> list[UnsupportedNode]:
@@ -158,6 +159,7 @@ def lower_exported(
     store_half_scales(model)
     share_reshaped_initializers(model)
     rename_dims(model, dim_names)
+    simplify_gqa_layouts(model)
     if not debug_metadata:
         strip_exporter_metadata(model)
     model.producer_name = "memc"

@@ -8,11 +8,20 @@ layout (names, shapes with the symbolic dims ``batch`` and ``past``, dtypes) is 
 ``past_mc_<field>_i`` have fixed shapes. Prefill is the same graph from the empty state (zero-length past axes,
 zeros elsewhere); a graph with a static seq of 1 (memory-caching sites) is fed a prompt token by token.
 
+KV layouts (``memc.kv_cache`` metadata): ``concat`` graphs return grown presents; ``preallocated`` graphs
+(onnxruntime GroupQueryAttention) take KV buffers of a capacity plus ``past_length`` and write the new tokens in
+place. The engine hides the difference: a state's KV arrays are always [batch, heads, past, head_dim]; for a
+preallocated graph they are views of buffers the engine owns, bound to the graph's inputs and outputs with
+onnxruntime I/O binding, so a step copies one token's keys / values, not the cache. A buffer is reused only by
+the state that reaches its end; stepping an older state again (branching) copies the buffer first, so every
+state returned stays valid.
+
 numpy + onnxruntime only: a deployment process never imports torch.
 """
 from __future__ import annotations
 
 import json
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -54,6 +63,36 @@ class StateSpec:
         return np.zeros([batch if d == "batch" else 0 if d == "past" else d for d in self.shape], dtype=self.dtype)
 
 
+CAPACITY_STEP = 256  # preallocated KV buffers: capacity rounded up to this, doubled when full
+
+
+class _Buffers:
+    """The KV buffers behind a preallocated graph's states, each with the one view of it that is a state's newest
+    array (the only array that may extend the buffer in place: any other view is an older state, a branch)."""
+
+    def __init__(self) -> None:
+        self._latest: dict[int, tuple[weakref.ref, weakref.ref]] = {}  # id(buffer) -> (buffer, newest view)
+
+    def mark(self, buf: np.ndarray, view: np.ndarray) -> None:
+        if len(self._latest) > 64:  # forget buffers that are gone
+            self._latest = {k: v for k, v in self._latest.items() if v[0]() is not None}
+        self._latest[id(buf)] = (weakref.ref(buf), weakref.ref(view))
+
+    def buffer_for(self, array: np.ndarray, needed: int, limit: int | None) -> np.ndarray:
+        """A buffer holding ``array`` [b, h, past, d] in its first ``past`` positions with room for ``needed``:
+        the array's own buffer when ``array`` is that buffer's newest view, else a copy (a grown one if needed)."""
+        base = array.base
+        entry = self._latest.get(id(base)) if base is not None else None
+        if entry is not None and entry[0]() is base and entry[1]() is array and base.shape[2] >= needed:
+            return base
+        old = base.shape[2] if isinstance(base, np.ndarray) and base.ndim == 4 else 0
+        capacity = max(2 * old, -(-needed // CAPACITY_STEP) * CAPACITY_STEP)
+        capacity = max(needed, min(capacity, limit) if limit else capacity)
+        buf = np.empty((*array.shape[:2], capacity, array.shape[3]), dtype=array.dtype)
+        buf[:, :, :array.shape[2]] = array
+        return buf
+
+
 class DecodeEngine:
     """Drive a decode graph with one onnxruntime session.
 
@@ -70,6 +109,14 @@ class DecodeEngine:
         if not inputs or inputs[0].name != "input_ids":
             raise DecodeStateError(f"{self.path} is not a memc decode graph: its first input is not input_ids")
         meta = self.session.get_modelmeta().custom_metadata_map
+        kv = json.loads(meta["memc.kv_cache"]) if meta.get("memc.kv_cache") else {}
+        self.kv_layout: str | None = kv.get("layout")
+        self.length_input: str | None = kv.get("length_input") if self.kv_layout == "preallocated" else None
+        if self.length_input:
+            if len(inputs) < 2 or inputs[1].name != self.length_input:
+                raise DecodeStateError(f"{self.path}: memc.kv_cache names the length input {self.length_input!r}, "
+                                       "which is not the graph's second input")
+            inputs = [inputs[0], *inputs[2:]]
         specs = self._specs(meta.get("memc.state"), inputs[1:])
         if not specs:
             raise DecodeStateError(f"{self.path} is not a memc decode graph: it has no state inputs after input_ids")
@@ -80,11 +127,19 @@ class DecodeEngine:
             raise DecodeStateError(f"{self.path}: outputs {found}; a decode graph returns {self.output_names}")
         vocab = self.session.get_outputs()[0].shape[-1]
         self.vocab_size: int | None = vocab if isinstance(vocab, int) else None
+        self._logits_dtype = _ORT_DTYPES.get(self.session.get_outputs()[0].type, np.float32)
         seq = inputs[0].shape[1] if len(inputs[0].shape) == 2 else None
         self.single_token = seq == 1
         has_past = any("past" in s.shape for s in specs)
+        if self.kv_layout is None and has_past:
+            self.kv_layout = "concat"
         # bounded-state graphs have no context limit of their own
         self.max_seq_len: int | None = (int(meta.get("memc.max_seq_len", "0")) or None) if has_past else None
+        self._buffers = _Buffers()
+        self._io = self.session.io_binding() if self.length_input else None
+        self._bound: dict[tuple[str, bool], np.ndarray] = {}
+        self._io_shape: tuple[int, int] | None = None
+        self._io_cache: tuple = ()
 
     def _specs(self, recorded: str | None, inputs: list) -> list[StateSpec]:
         """The state layout from the graph's metadata, checked against its inputs (or read from the inputs)."""
@@ -99,7 +154,8 @@ class DecodeEngine:
                                        f"which numpy cannot hold (supported: {sorted(_ORT_DTYPES)})")
             if layout is not None:
                 entry = layout[i]
-                shape = tuple(entry["shape"])
+                # a preallocated buffer's capacity axis is the state's past axis: the engine passes views
+                shape = tuple("past" if d == "capacity" else d for d in entry["shape"])
                 if entry["name"] != value.name or len(shape) != len(value.shape) or np.dtype(entry["dtype"]) != \
                         np.dtype(_ORT_DTYPES[value.type]):
                     raise DecodeStateError(f"{self.path}: input {i + 1} is {value.name} {value.shape} "
@@ -186,7 +242,9 @@ class DecodeEngine:
             )
         if self.vocab_size is not None and ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
             raise DecodeStateError(f"token ids must be in [0, {self.vocab_size}), got {ids.min()}..{ids.max()}")
-        if self.single_token and ids.shape[1] > 1:  # a one-token graph: the sequence goes through token by token
+        # a one-token graph, or GroupQueryAttention continuing a batch > 1 cache: the sequence goes token by token
+        by_token = self.single_token or (self.length_input is not None and ids.shape[0] > 1 and past > 0)
+        if by_token and ids.shape[1] > 1:
             parts, state = [], list(state)
             for t in range(ids.shape[1]):
                 logits, state = self._run(ids[:, t:t + 1], state)
@@ -195,10 +253,69 @@ class DecodeEngine:
         return self._run(ids, state)
 
     def _run(self, ids: np.ndarray, state: Sequence[np.ndarray]) -> tuple[np.ndarray, State]:
+        if self.length_input:
+            return self._run_in_place(ids, state)
         feeds = {"input_ids": ids}
         feeds.update((spec.name, array) for spec, array in zip(self.state_specs, state))
         logits, *present = self.session.run(self.output_names, feeds)
         return logits, present
+
+    def _bind(self, name: str, array: np.ndarray, output: bool) -> None:
+        """Bind ``array``'s memory to an input or output; skipped when that very array is bound already (the KV
+        buffers and the persistent token / length / logits arrays of a decode loop: rebinding costs more than a
+        small model's layer)."""
+        if self._bound.get((name, output)) is array:
+            return
+        bind = self._io.bind_output if output else self._io.bind_input
+        bind(name, "cpu", 0, array.dtype, list(array.shape), array.ctypes.data)
+        self._bound[(name, output)] = array
+
+    def _io_arrays(self, batch: int, seq: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """input_ids, past_length and logits arrays for a call of this shape, reused from the last such call."""
+        if self._io_shape != (batch, seq):
+            logits = np.empty((batch, seq, self.vocab_size), self._logits_dtype) if self.vocab_size else None
+            self._io_cache = (np.empty((batch, seq), np.int64), np.zeros((), np.int64), logits)
+            self._io_shape = (batch, seq)
+        return self._io_cache
+
+    def _run_in_place(self, ids: np.ndarray, state: Sequence[np.ndarray]) -> tuple[np.ndarray, State]:
+        """A preallocated graph through I/O binding: KV buffers are the past inputs and the present outputs."""
+        batch, seq = ids.shape
+        kv = next(a for a, s in zip(state, self.state_specs) if s.kind == "kv")
+        past = int(kv.shape[2])
+        ids_in, length, logits = self._io_arrays(batch, seq)
+        ids_in[...] = ids
+        length[...] = past
+        self._bind("input_ids", ids_in, False)
+        self._bind(self.length_input, length, False)
+        if logits is not None:
+            self._bind("logits", logits, True)
+        else:  # onnxruntime allocates it
+            self._io.bind_output("logits", "cpu")
+            self._bound.pop(("logits", True), None)
+        new_state: State = []
+        buffers = []
+        keep = []  # alive until the run is over
+        for spec, array in zip(self.state_specs, state):
+            if spec.kind == "kv":
+                buf = self._buffers.buffer_for(array, past + seq, self.max_seq_len)
+                self._bind(spec.name, buf, False)
+                self._bind(spec.output, buf, True)
+                buffers.append(buf)
+                new_state.append(buf[:, :, :past + seq])
+            else:
+                array = array if array.flags.c_contiguous else array.copy()  # (ascontiguousarray makes 0-d 1-d)
+                out = np.empty_like(array)
+                keep += [array, out]
+                self._bind(spec.name, array, False)
+                self._bind(spec.output, out, True)
+                new_state.append(out)
+        self.session.run_with_iobinding(self._io)
+        for buf, view in zip(buffers, (a for a, s in zip(new_state, self.state_specs) if s.kind == "kv")):
+            self._buffers.mark(buf, view)
+        out = self._io.get_outputs()[0].numpy() if logits is None else logits.copy()
+        del keep
+        return out, new_state
 
     def prefill(self, input_ids: np.ndarray | Sequence[int]) -> tuple[np.ndarray, State]:
         """Prompt ``[batch, seq]`` (or ``[seq]`` for one row) -> logits [batch, seq, vocab] and the state."""

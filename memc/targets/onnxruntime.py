@@ -42,6 +42,14 @@ def _dtype_name(program: Program) -> str:
     return "float32"
 
 
+def _attention_metrics(fused: list[str]) -> dict:
+    from memc.codegen.attention import choose
+
+    lowering = choose()
+    return {"lowering": "com.microsoft.GroupQueryAttention" if fused else "standard ops",
+            "fused_sites": len(fused), "onnxruntime": ort.__version__, "measured_on": lowering.measured or None}
+
+
 @register_target
 class OnnxRuntimeTarget(Target):
     name = "onnx"
@@ -50,11 +58,16 @@ class OnnxRuntimeTarget(Target):
         super().__init__(config)
         self._ep: torch.export.ExportedProgram | None = None
         self._session: ort.InferenceSession | None = None
+        self._fused: list[str] = []
 
     def _exported(self, program: Program) -> torch.export.ExportedProgram:
+        """The program re-exported, its plain causal attention sites fused for onnxruntime (codegen.attention)."""
         if self._ep is None:
+            from memc.codegen.attention import fuse_attention
+
             try:
-                self._ep = program.export()
+                fused, self._fused = fuse_attention(program)
+                self._ep = fused.export()
             except Exception as exc:
                 raise CaptureError(f"re-exporting the rewritten program failed: {type(exc).__name__}: {exc}") from None
         return self._ep
@@ -74,7 +87,8 @@ class OnnxRuntimeTarget(Target):
         path = out_dir / MODEL_FILE
         onnx.save_model(model, str(path))
         onnx.checker.check_model(str(path))
-        metrics = {"opset": self.config.opset, "nodes": len(model.graph.node), "op_histogram": _op_histogram(model)}
+        metrics = {"opset": self.config.opset, "nodes": len(model.graph.node), "op_histogram": _op_histogram(model),
+                   "attention": _attention_metrics(self._fused)}
         artifacts = [Artifact(MODEL_FILE, path.stat().st_size, "onnx model")]
         if self.config.decode_graph:
             artifacts.append(self._build_decode(program, out_dir, metrics))

@@ -65,10 +65,11 @@ def test_long_sequence_up_to_the_maximum_length(tiny_hf, decode_artifact):
 
 
 def test_opset_23_native_ops_with_zero_length_past(tiny_hf, decode_artifact):
-    """Opset 23 lowers to native Attention / RotaryEmbedding; they accept the zero-length past of a prefill."""
+    """Opset 23 (this onnxruntime): GroupQueryAttention over the preallocated cache, 3-D RotaryEmbedding (the
+    peephole removed the head transposes around it); prefill writes into an empty buffer."""
     path = decode_artifact("llama", 23)
     ops = {n.op_type for n in onnx.load(str(path)).graph.node}
-    assert {"Attention", "RotaryEmbedding"} <= ops
+    assert {"GroupQueryAttention", "RotaryEmbedding"} <= ops and "Attention" not in ops and "Transpose" not in ops
     check = _check(DecodeEngine(path), load_hf_original(tiny_hf("llama")), _ids(2, 16), 8)
     assert check.passed, check.as_dict()
     record_diff("decode llama opset 23", check.max_abs_diff)
@@ -97,16 +98,18 @@ def test_graph_interface(decode_artifact):
     path = decode_artifact("llama")
     dims = onnx_input_dims(path)
     state = [f"past_{k}_{i}" for i in range(LAYERS) for k in ("key", "value")]
-    assert list(dims) == ["input_ids", *state]
-    assert dims["input_ids"] == ["batch", "seq"]
+    assert list(dims) == ["input_ids", "past_length", *state]  # preallocated KV buffers + their fill length
+    assert dims["input_ids"] == ["batch", "seq"] and dims["past_length"] == []
     for name in state:
-        assert dims[name] == ["batch", 2, "past", 8]  # 2 KV heads (GQA), head_dim 32 / 4
+        assert dims[name] == ["batch", 2, "capacity", 8]  # 2 KV heads (GQA), head_dim 32 / 4
     model = onnx.load(str(path), load_external_data=False)
     outputs = {o.name: [d.dim_param or d.dim_value for d in o.type.tensor_type.shape.dim] for o in model.graph.output}
     assert list(outputs) == ["logits", *(n.replace("past_", "present_") for n in state)]
     assert outputs["logits"] == ["batch", "seq", VOCAB]
-    assert outputs["present_key_0"] in (["batch", 2, "past + seq", 8], ["batch", 2, "seq + past", 8])
+    assert outputs["present_key_0"] == ["batch", 2, "capacity", 8]  # same buffer, written in place
     meta = {p.key: p.value for p in model.metadata_props}
+    kv = json.loads(meta["memc.kv_cache"])
+    assert kv["layout"] == "preallocated" and kv["length_input"] == "past_length" and kv["capacity_axis"] == 2
     assert meta["memc.graph"] == "decode" and meta["memc.layers"] == str(LAYERS)
     assert meta["memc.max_seq_len"] == str(MAX_POS)
     assert model.producer_name == "memc"

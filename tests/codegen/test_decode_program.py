@@ -51,11 +51,52 @@ def test_kv_decode_from_the_program_matches_full_logits(tiny_hf, decode_artifact
     assert greedy_check(engine, program_reference(program), _ids(1, 6), 8).equal
 
 
-def test_kv_rewrite_structure(tiny_hf):
-    """Before: one sdpa per layer over the repeated k/v. Expected: per layer two state placeholders, two concats
-    (the presents) feeding one causal attention, positions offset by the past length; logits + presents out."""
+def test_kv_rewrite_structure_preallocated(tiny_hf):
+    """Before: one sdpa per layer over the repeated k/v. Expected (GroupQueryAttention lowering): past_length plus
+    two buffer placeholders per layer, one memc::cached_attention per layer on the k/v heads before the repeat,
+    positions offset by past_length; logits + the updated buffers out."""
     program = capture(str(tiny_hf("llama")), parse_config({}))
-    graph = decode_graph(program)
+    graph = decode_graph(program, "gqa")
+    nodes = list(graph.module.graph.nodes)
+    placeholders = [n.name for n in nodes if n.op == "placeholder"]
+    assert placeholders == ["input_ids", "past_length",
+                            *[f"past_{k}_{i}" for i in range(LAYERS) for k in ("key", "value")]]
+    assert sum(n.target is torch.ops.memc.cached_attention.default for n in nodes) == LAYERS
+    assert not any(n.target is torch.ops.aten.cat.default and n.args[1] == 2 for n in nodes)  # no KV concat
+    assert not any(n.target is torch.ops.aten.scaled_dot_product_attention.default for n in nodes)
+    assert graph.kv_layout == "preallocated" and graph.state[0].shape == ("batch", 2, "capacity", 8)
+    # torch check of the rewrite alone: 7-token prefill into empty buffers of 16, then 5 tokens after it
+    ids = torch.from_numpy(_ids(2, 12))
+    empty = [torch.zeros(2, 2, 16, 8) for _ in range(2 * LAYERS)]
+    with torch.no_grad():
+        first = graph.module(ids[:, :7], torch.tensor(0), *empty)
+        second = graph.module(ids[:, 7:], torch.tensor(7), *first[1:])
+    full = program(ids)[0]
+    assert torch.allclose(torch.cat([first[0], second[0]], 1), full, atol=1e-5)
+
+
+def test_kv_standard_layout_decodes_exactly(tiny_hf, tmp_path):
+    """The standard lowering (onnxruntime versions without a measured GroupQueryAttention choice): a growing KV
+    cache by Concat, opset-23 Attention; through the engine it matches the Program as the preallocated one does."""
+    from memc.codegen.decode import build_decode_artifact
+
+    program = capture(str(tiny_hf("llama")), parse_config({}))
+    path = build_decode_artifact(program, tmp_path, 23, attention="standard")
+    ops = {n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node}
+    assert "Attention" in ops and "GroupQueryAttention" not in ops
+    engine = DecodeEngine(path)
+    assert engine.kv_layout == "concat" and engine.length_input is None
+    check = verify_decode(engine, program_reference(program), _ids(2, 16), prefill=8, atol=DEFAULT_ATOL)
+    assert check.passed, check.as_dict()
+    record_diff("decode llama standard layout", check.max_abs_diff)
+
+
+def test_kv_rewrite_structure(tiny_hf):
+    """The standard (concat) layout. Before: one sdpa per layer over the repeated k/v. Expected: per layer two state
+    placeholders, two concats (the presents) feeding one causal attention, positions offset by the past length;
+    logits + presents out."""
+    program = capture(str(tiny_hf("llama")), parse_config({}))
+    graph = decode_graph(program, "standard")
     nodes = list(graph.module.graph.nodes)
     placeholders = [n.name for n in nodes if n.op == "placeholder"]
     assert placeholders == ["input_ids", *[f"past_{k}_{i}" for i in range(LAYERS) for k in ("key", "value")]]
@@ -147,3 +188,17 @@ def test_compile_refuses_an_unbounded_mc_decode_graph(tiny_hf, tmp_path):
     assert "model.layers.0.self_attn" in res.stderr and "max_segments" in res.stderr
     assert "Traceback" not in res.stderr
     assert not res.out_dir.exists()
+
+
+def test_mixed_kv_and_mc_sites_decode_exactly(tiny_hf, tmp_path):
+    """Layer 0 memory caching, layer 1 plain: one graph with past_length, the KV buffers (in place) and the
+    memory-caching state (its 0-d token counter included), fed token by token; it matches the rewritten Program."""
+    from memc.codegen.decode import build_decode_artifact
+
+    program = _mc_program(tiny_hf("llama"), sites=["model.layers.0.*"])
+    engine = DecodeEngine(build_decode_artifact(program, tmp_path, 23))
+    kinds = {s.kind for s in engine.state_specs}
+    assert engine.kv_layout == "preallocated" and engine.single_token and kinds == {"kv", "mc"}
+    check = verify_decode(engine, program_reference(program), _ids(2, 20), prefill=1, atol=DEFAULT_ATOL)
+    assert check.passed, check.as_dict()
+    record_diff("decode llama mixed kv + memory-caching", check.max_abs_diff)

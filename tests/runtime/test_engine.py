@@ -79,6 +79,39 @@ def test_chunked_prefill_equals_one_prefill(engine):
     np.testing.assert_allclose(decode_logits(engine, ids, 4), whole, atol=1e-4)
 
 
+def test_state_stays_in_place_and_branches_copy(engine):
+    """A step extends the state's own buffer (no copy of the cache); stepping an older state again copies first,
+    so every state returned stays valid."""
+    assert engine.kv_layout == "preallocated"
+    ids = _prompt(1, 9)
+    _, a = engine.prefill(ids[:, :6])
+    _, b = engine.step(ids[:, 6], a)
+    assert b[0].base is a[0].base and b[0].shape == (1, 2, 7, 8)  # the same buffer, one token longer
+    other = np.array([(int(ids[0, 6]) + 1) % VOCAB])
+    branch_logits, c = engine.step(other, a)  # a branch from a: must not overwrite b's token 6
+    assert c[0].base is not a[0].base
+    after_b, _ = engine.step(ids[:, 7], b)
+    np.testing.assert_allclose(after_b[:, -1], engine.prefill(ids[:, :8])[0][:, -1], atol=1e-5)
+    branched = np.concatenate([ids[:, :6], other[None]], 1)
+    np.testing.assert_allclose(branch_logits[:, -1], engine.prefill(branched)[0][:, -1], atol=1e-5)
+
+
+def test_buffers_grow_past_their_capacity(engine, monkeypatch):
+    import memc.runtime.engine as eng
+
+    monkeypatch.setattr(eng, "CAPACITY_STEP", 4)
+    ids = _prompt(2, 14)
+    _, state = engine.prefill(ids[:, :5])
+    assert state[0].base.shape[2] == 8  # rounded up to the step
+    parts = []
+    for t in range(5, 14):
+        logits, state = engine.step(ids[:, t], state)
+        parts.append(logits)
+    assert state[0].base.shape[2] >= 14  # doubled on the way
+    whole = engine.prefill(ids)[0]
+    np.testing.assert_allclose(np.concatenate(parts, 1), whole[:, 5:], atol=1e-4)
+
+
 def test_generate_stops_at_eos(engine):
     prompt = _prompt(1, 4)[0]
     free = engine.generate(prompt, 6)
