@@ -180,6 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--variants", default="gated,residual,soup,sparse")
     ap.add_argument("--stride", type=int, default=1, help="evaluate every stride-th held-out window (1 = all)")
     ap.add_argument("--recall", action="store_true")
+    ap.add_argument("--recall-only", action="store_true",
+                    help="only the recall table (skips the bits/byte and state tables of --model)")
     ap.add_argument("--recall-model", default="models/ref-llama-recall")
     ap.add_argument("--recall-mc-dir", type=Path, default=ROOT / "models" / "ref-llama-recall-mc")
     ap.add_argument("--recall-distances", default="16,64,160,288,416,672,896")
@@ -190,6 +192,9 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     variants = [v for v in args.variants.split(",") if v]
     command = "python -m benchmarks.memory_caching " + " ".join(argv if argv is not None else sys.argv[1:])
+    if args.recall_only:
+        recall_table(args, variants, command)
+        return 0
     rows, raw = quality(args.model, args.mc_dir, variants, args.stride, 1024)
     sample = "all" if args.stride == 1 else f"every {args.stride}th"
     table = Table("memory_caching", command, [
@@ -213,16 +218,23 @@ def main(argv: list[str] | None = None) -> int:
     table.write()
     state.write()
     if args.recall:
-        r_rows, r_raw = recall(args.recall_model, args.recall_mc_dir, variants,
-                               [int(d) for d in args.recall_distances.split(",")], args.recall_trials)
-        rec = Table("memory_caching_recall", command, ["model", *[f"d={d}" for d in args.recall_distances.split(",")]],
-                    r_rows, raw=r_raw)
-        rec.notes.append(f"Token accuracy of the recalled value (control in parentheses: a different key was "
-                         f"planted); {args.recall_trials} trials per distance, filler = held-out code; window "
-                         f"{layer['window']}, segment {layer['segment']}.")
-        print(rec.markdown())
-        rec.write()
+        recall_table(args, variants, command)
     return 0
+
+
+def recall_table(args: argparse.Namespace, variants: list[str], command: str) -> None:
+    r_rows, r_raw = recall(args.recall_model, args.recall_mc_dir, variants,
+                           [int(d) for d in args.recall_distances.split(",")], args.recall_trials)
+    rec = Table("memory_caching_recall", command, ["model", *[f"d={d}" for d in args.recall_distances.split(",")]],
+                r_rows, raw=r_raw)
+    layers = {v: _layer(args.recall_mc_dir / v) for v in variants if (args.recall_mc_dir / v / "metrics.json").is_file()}
+    shape = "; ".join(f"{v}: window {x['window']}, segment {x['segment']}, feature_dim {x['feature_dim']}"
+                      for v, x in layers.items())
+    rec.notes.append(f"Token accuracy of the recalled value (control in parentheses: a different key was "
+                     f"planted); {args.recall_trials} trials per distance, filler = held-out code; {shape}. "
+                     f"CPU: {cpu_info()}.")
+    print(rec.markdown())
+    rec.write()
 
 
 if __name__ == "__main__":

@@ -163,9 +163,9 @@ def test_attention_loss_is_zero_on_the_target_pattern_only() -> None:
     for h, off in enumerate(offsets):
         exact[0][0, h, torch.arange(off, t), torch.arange(t - off)] = 1.0
     exact[1][0, 0, 7, 3] = exact[1][0, 0, 9, 5] = 1.0
-    assert float(attention_loss(exact, sources, offsets)) < 1e-6
+    assert float(attention_loss(exact, sources, offsets, (0,))) < 1e-6
     uniform = torch.tril(torch.ones(t, t)) / torch.arange(1, t + 1)[:, None]
     flat = [uniform.expand(1, 2, t, t)] * 2
-    assert float(attention_loss(flat, sources, offsets)) > 1.0
+    assert float(attention_loss(flat, sources, offsets, (0,))) > 1.0
     exact[1][0, 0, 8, 0] = 0.0  # no source at 8: its row does not matter
-    assert float(attention_loss(exact, sources, offsets)) < 1e-6
+    assert float(attention_loss(exact, sources, offsets, (0,))) < 1e-6
