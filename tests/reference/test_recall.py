@@ -125,7 +125,7 @@ def run_tiny(seed: int) -> tuple[dict, dict]:
     model = tiny_llama()
     init = {k: v.clone() for k, v in model.state_dict().items()}
     data = encode_bytes(corpus.train_bytes("code")[:50_000])
-    s = RecallSettings(tokens_per_step=128, stages=(Stage(0.0, 64, 16, 0), Stage(0.5, 64, 24, 1)))
+    s = RecallSettings(tokens_per_step=128, stages=(Stage(0.0, 64, 16, 0), Stage(0.5, 64, 24, 1)), token_dims=16)
     train_loop(model, {"code": data, "prose": data}, encode_bytes, 3, seed, s, np.ones(256, np.int64))
     return init, model.state_dict()
 
@@ -137,6 +137,10 @@ def test_three_steps_are_deterministic_and_train_every_parameter() -> None:
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not all(torch.equal(a[k], c[k]) for k in a)
     assert all(not torch.equal(a[k], init[k]) for k in a if "rotary" not in k)
+    # split_residual held through training: embeddings in channels 0..15, layer 0 writes only to 16..31
+    assert (a["model.embed_tokens.weight"][:, 16:] == 0).all() and a["model.embed_tokens.weight"][:, :16].abs().sum() > 0
+    for k in ("model.layers.0.self_attn.o_proj.weight", "model.layers.0.mlp.down_proj.weight"):
+        assert (a[k][:16] == 0).all() and a[k][16:].abs().sum() > 0
 
 
 def test_new_model_reads_ref_llamas_tokens_and_is_seeded() -> None:
