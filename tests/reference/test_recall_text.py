@@ -36,3 +36,14 @@ def test_same_seed_same_text() -> None:
 def test_bad_spacing_is_refused() -> None:
     with pytest.raises(ValueError, match="every"):
         planted_text(FILLER, np.random.default_rng(0), every=0)
+
+
+def test_written_text_is_accepted_as_train_text(tmp_path) -> None:
+    """The distill pass refuses a file holding a held-out document; the written text never does."""
+    from memc.eval.text import load_train_text
+    from memc.reference.recall_text import write
+
+    out = tmp_path / "recall.txt"
+    recipe = write(out, 200_000)
+    assert recipe["bytes"] == len(out.read_bytes()) > 200_000
+    assert load_train_text(str(out), "pipeline[2].text") == out.read_bytes()
