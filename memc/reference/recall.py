@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import math
 import shutil
@@ -305,12 +306,17 @@ def new_model(seed: int) -> PreTrainedModel:
                                                 attn_implementation="eager")
 
 
-def train(steps: int, seed: int, out: Path, command: str, base: Path = BASE, snapshots: Path | None = None) -> dict:
+def train(steps: int, seed: int, out: Path, command: str, base: Path = BASE, snapshots: Path | None = None,
+          init: Path | None = None, lr: float | None = None) -> dict:
     """Train a new model for exactly `steps` steps on `base`'s tokenizer; save the bf16 checkpoint, the
     tokenizer files and train_config.json."""
     torch.set_num_threads(1)
     s = RecallSettings()
-    model = new_model(seed)
+    if init is not None:  # a continuation: the last stage only, from a checkpoint of a first run
+        s = dataclasses.replace(s, stages=(dataclasses.replace(s.stages[-1], start=0.0),), lr=lr or s.lr)
+        model = metrics.load(init, attn_implementation="eager")
+    else:
+        model = new_model(seed)
     tok = tokenizer.load_tokenizer(base)
     encode = lambda b: tokenizer.encode(b, tok)  # noqa: E731
     lengths = tokenizer.byte_lengths(tok)
@@ -336,7 +342,7 @@ def train(steps: int, seed: int, out: Path, command: str, base: Path = BASE, sna
     for f in TOKENIZER_FILES:
         shutil.copyfile(base / f, out / f)
     train_config = {
-        "model": "ref-llama-recall", "init": "from scratch (seed)", "tokenizer_from": "models/ref-llama",
+        "model": "ref-llama-recall", "init": str(init) if init else "from scratch (seed)", "tokenizer_from": "models/ref-llama",
         "command": command, "seed": seed, "steps": steps,
         "minutes_elapsed": round(elapsed / 60, 2), "tokens_seen": tokens_seen,
         "tokens_per_s": round(tokens_seen / elapsed), "params": sum(p.numel() for p in model.parameters()),
@@ -360,9 +366,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--snapshots", type=Path, help="also save a bf16 copy under DIR/step-N at each evaluation")
     p.add_argument("--no-metrics", action="store_true", help="skip the full held-out measurement")
+    p.add_argument("--init", type=Path, help="continue from this checkpoint, on the last stage only")
+    p.add_argument("--lr", type=float, help="peak learning rate of a continuation (default: the settings')")
     a = p.parse_args(argv)
     command = "python -m memc.reference.recall " + " ".join(argv if argv is not None else sys.argv[1:])
-    train(a.steps, a.seed, a.out, command, snapshots=a.snapshots)
+    train(a.steps, a.seed, a.out, command, snapshots=a.snapshots, init=a.init, lr=a.lr)
     if not a.no_metrics:
         from memc.reference import recall_metrics
 
