@@ -1,14 +1,18 @@
-"""Train the recall model: ``python -m memc.reference.recall --steps 3000 --out models/ref-llama-recall``.
+"""Train the recall model (models/ref-llama-recall), in two runs:
+``python -m memc.reference.recall --steps 1400 --out RUN1 --no-metrics`` then
+``python -m memc.reference.recall --steps 700 --init RUN1 --lr 1.5e-3 --seed 1 --out models/ref-llama-recall``.
 
 ref-llama never had to copy a random string, so it is at chance on ``memc eval --recall`` and recall cannot be
-judged on it; fine-tuning it (attention only, then everything) on the curriculum below stayed at chance for
-360-640 steps, at ~400 tok/s on the shared cores. This trains a small Llama from scratch instead
-(models.ref_llama_recall_config, 2 layers, ref-llama's BPE tokenizer and vocabulary, ~5x faster a token) on
-TRAIN split text only (never held-out): first repeated runs of random train tokens, which form copying
-(induction) heads, then key -> value pairs planted in the probe's exact format (the probe's own `make_pair` /
+judged on it; fine-tuning it on the curriculum below stayed at chance for 360-640 steps (~400 tok/s on the
+shared cores). This trains a small Llama from scratch instead (models.ref_llama_recall_config: 2 layers, hidden
+128, ref-llama's BPE tokenizer and vocabulary) on TRAIN split text only (never held-out): repeated runs of random
+train tokens, then key -> value pairs planted in the probe's exact format (the probe's own `make_pair` /
 `splice`), several per window (multi-query), each queried a drawn number of tokens later, in windows and
-distances that grow up to 1024 / 900 tokens. The filler between the pieces keeps a next-token loss, so the
-model is also a (weak) code LM. Step-based, fixed seed, one thread, float32, saved in bf16 like ref-llama.
+distances that grow up to 1024 / 900 tokens; the continuation trains on that last stage only. Plain next-token
+loss did not form the copying circuit in the time available (9% on repeated random tokens after 600 steps), so
+attention is supervised (attention_loss) and the residual is split (split_residual). The filler keeps a
+next-token loss, so the model is also a (weak) code LM. Step-based, fixed seed, one thread, float32, saved in
+bf16 like ref-llama.
 """
 from __future__ import annotations
 
