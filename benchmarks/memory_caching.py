@@ -221,6 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cache", type=Path, default=ROOT / "out" / "bench-cache" / "memory_caching",
                     help="per-window NLL kept here by configuration; a rerun scores only new windows ('' = off)")
     ap.add_argument("--recall", action="store_true")
+    ap.add_argument("--recall-only", action="store_true",
+                    help="only the recall table (skips the bits/byte and state tables of --model)")
     ap.add_argument("--recall-model", default="models/ref-llama-recall")
     ap.add_argument("--recall-mc-dir", type=Path, default=ROOT / "models" / "ref-llama-recall-mc")
     ap.add_argument("--recall-distances", default="16,64,160,288,416,672,896")
@@ -231,6 +233,9 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     variants = [v for v in args.variants.split(",") if v]
     command = "python -m benchmarks.memory_caching " + " ".join(argv if argv is not None else sys.argv[1:])
+    if args.recall_only:
+        recall_table(args, variants, command)
+        return 0
     rows, raw = quality(args.model, args.mc_dir, variants, args.stride, 1024,
                         NllCache(args.cache if str(args.cache) not in ("", ".") else None))
     sample = "all" if args.stride == 1 else f"every {args.stride}th"
@@ -255,16 +260,23 @@ def main(argv: list[str] | None = None) -> int:
     table.write()
     state.write()
     if args.recall:
-        r_rows, r_raw = recall(args.recall_model, args.recall_mc_dir, variants,
-                               [int(d) for d in args.recall_distances.split(",")], args.recall_trials)
-        rec = Table("memory_caching_recall", command, ["model", *[f"d={d}" for d in args.recall_distances.split(",")]],
-                    r_rows, raw=r_raw)
-        rec.notes.append(f"Token accuracy of the recalled value (control in parentheses: a different key was "
-                         f"planted); {args.recall_trials} trials per distance, filler = held-out code; window "
-                         f"{layer['window']}, segment {layer['segment']}.")
-        print(rec.markdown())
-        rec.write()
+        recall_table(args, variants, command)
     return 0
+
+
+def recall_table(args: argparse.Namespace, variants: list[str], command: str) -> None:
+    r_rows, r_raw = recall(args.recall_model, args.recall_mc_dir, variants,
+                           [int(d) for d in args.recall_distances.split(",")], args.recall_trials)
+    rec = Table("memory_caching_recall", command, ["model", *[f"d={d}" for d in args.recall_distances.split(",")]],
+                r_rows, raw=r_raw)
+    layers = {v: _layer(args.recall_mc_dir / v) for v in variants if (args.recall_mc_dir / v / "metrics.json").is_file()}
+    shape = "; ".join(f"{v}: window {x['window']}, segment {x['segment']}, feature_dim {x['feature_dim']}"
+                      for v, x in layers.items())
+    rec.notes.append(f"Token accuracy of the recalled value (control in parentheses: a different key was "
+                     f"planted); {args.recall_trials} trials per distance, filler = held-out code; {shape}. "
+                     f"CPU: {cpu_info()}.")
+    print(rec.markdown())
+    rec.write()
 
 
 if __name__ == "__main__":

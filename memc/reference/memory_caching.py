@@ -4,7 +4,8 @@
 ``toolchains/memory-caching.toml`` (detect-attention -> memory-caching -> distill-attention, options overridable
 here) on the committed model and writes ``layers.safetensors`` (only the new layers' parameters, with their options
 as metadata) and ``metrics.json`` (the distillation report). Compiles and benchmarks then load the weights with
-the memory-caching pass's ``weights`` option instead of distilling again.
+the memory-caching pass's ``weights`` option instead of distilling again. ``--recall-text BYTES`` distils on train
+code with planted key -> value lines (memc.reference.recall_text), for the recall model.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import argparse
 import json
 import shlex
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -24,12 +26,14 @@ from memc.config import load_config
 from memc.passes.attention.memory_caching import MC_SITES_KEY, layer_options, save_layer_weights
 from memc.passes.base import PassContext, create_pass
 from memc.passes.manager import PassManager
+from memc.reference import recall_text
 
 TOOLCHAIN = Path(__file__).resolve().parents[2] / "toolchains" / "memory-caching.toml"
 WEIGHTS = "layers.safetensors"
 
 
-def distill(model: str, out: Path, overrides: dict[str, dict], toolchain: Path = TOOLCHAIN, seed: int | None = None) -> dict:
+def distill(model: str, out: Path, overrides: dict[str, dict], toolchain: Path = TOOLCHAIN, seed: int | None = None,
+            notes: dict | None = None) -> dict:
     cfg = load_config(str(toolchain))
     if seed is not None:  # a continued run draws other training windows than the run it continues
         cfg.seed = seed
@@ -46,6 +50,7 @@ def distill(model: str, out: Path, overrides: dict[str, dict], toolchain: Path =
         "model": model, "seconds": round(time.perf_counter() - started, 1), "layer": layer_options(mc.config),
         "passes": [{"name": r.name, "options": r.options, "seconds": round(r.seconds, 1), "metrics": r.metrics}
                    for r in program.log],
+        **(notes or {}),
     }
     with staged_output_dir(out) as stage:
         save_layer_weights(stage / WEIGHTS, program.module, program.annotations[MC_SITES_KEY], report["layer"])
@@ -62,6 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--variant", choices=["residual", "gated", "soup", "sparse"])
     ap.add_argument("--set", action="append", default=[], metavar="PASS.OPTION=VALUE",
                     help="override a pass option, e.g. distill-attention.steps=300 (value parsed as JSON if it can be)")
+    ap.add_argument("--recall-text", type=int, metavar="BYTES",
+                    help="distil on the first BYTES of train code with planted key -> value lines "
+                         "(memc.reference.recall_text; for the recall model) instead of the toolchain's text")
     args = ap.parse_args(argv)
     overrides: dict[str, dict] = {}
     if args.variant:
@@ -74,7 +82,13 @@ def main(argv: list[str] | None = None) -> int:
         except json.JSONDecodeError:
             value = raw
         overrides.setdefault(name, {})[opt] = value
-    report = distill(args.model, args.out, overrides, args.toolchain, args.seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        notes = {}
+        if args.recall_text:
+            text = Path(tmp) / "recall-train.txt"
+            notes["recall_text"] = recall_text.write(text, args.recall_text)
+            overrides.setdefault("distill-attention", {})["text"] = str(text)
+        report = distill(args.model, args.out, overrides, args.toolchain, args.seed, notes)
     distilled = report["passes"][-1]["metrics"]
     for target, after in distilled.get("layer_error_after", {}).items():
         before = distilled["layer_error_before"][target]

@@ -83,6 +83,28 @@ def ref_moe_config() -> Qwen3MoeConfig:
     )
 
 
+def ref_llama_recall_config() -> LlamaConfig:
+    """The recall model (memc.reference.recall): a 2-layer Llama on ref-llama's BPE vocabulary, hidden 128,
+    4 heads of 32, tied embeddings: 1.02M params. Two layers are the fewest that can
+    match a multi-token key (a layer gathering each position's preceding tokens, then one matching them), and
+    small enough to train to recall in ~30 minutes on one shared CPU thread in float32."""
+    return LlamaConfig(
+        vocab_size=BPE_VOCAB,
+        hidden_size=128,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        head_dim=32,
+        max_position_embeddings=CONTEXT,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        tie_word_embeddings=True,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
+    )
+
+
 CONFIGS: dict[str, Callable[[], PreTrainedConfig]] = {"ref-llama": ref_llama_config, "ref-moe": ref_moe_config}
 
 # ref-llama: the BPE makes prose 114K train tokens, so the byte models' 0.2 prose share would repeat it ~28 times

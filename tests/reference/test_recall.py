@@ -11,7 +11,8 @@ import torch
 from memc.eval.recall import VALUE_LEN, _trial, make_pair, splice
 from memc.eval.text import encode_bytes
 from memc.reference import corpus, tokenizer
-from memc.reference.recall import BASE, RecallSettings, Stage, fine_tune, recall_window, repeat_window
+from memc.reference.recall import (BASE, RecallSettings, Stage, attention_loss, new_model, recall_window, repeat_window,
+                                   train_loop)
 
 FILLER0 = 100_000  # synthetic filler ids start here: above every real id, so filler tokens are recognisable
 
@@ -56,7 +57,7 @@ def test_recall_window_plants_probe_format_pairs(encode) -> None:
     tokens; the answer mask covers exactly each query's value and closing quote."""
     rng = np.random.default_rng(3)
     length, pairs, max_distance = 1025, 5, 128
-    ids, mask = recall_window(synthetic_filler(), rng, length, pairs, max_distance, encode)
+    ids, mask, source = recall_window(synthetic_filler(), rng, length, pairs, max_distance, encode)
     assert ids.shape == (length,) and mask.shape == (length,)
     is_filler = ids >= FILLER0
     assert (np.diff(ids[is_filler]) == 1).all()
@@ -86,15 +87,22 @@ def test_recall_window_plants_probe_format_pairs(encode) -> None:
         values.append(value)
     answer_text = tok.decode(ids[mask].tolist())
     assert sorted(answer_text.split("'")[:-1]) == sorted(values) and all(len(v) == VALUE_LEN for v in values)
+    # every answer token has a source: an earlier, equal token of a planted line, right after the same key
+    answer_at = np.flatnonzero(mask)
+    assert (np.flatnonzero(source >= 0) == answer_at).all()
+    src = source[answer_at]
+    assert (src < answer_at).all() and (ids[src] == ids[answer_at]).all() and not is_filler[src].any()
+    assert (ids[src - 1] == ids[answer_at - 1]).all() and (ids[src - 2] == ids[answer_at - 2]).all()
 
 
 def test_repeat_window_repeats_one_run_of_train_tokens() -> None:
     data = np.arange(1000, 2000)
     runs = set()
     for seed in range(20):
-        ids, mask = repeat_window(data, np.random.default_rng(seed), 129, 48)
+        ids, mask, source = repeat_window(data, np.random.default_rng(seed), 129, 48)
         run = int(np.argmax(mask))
-        assert ids.shape == mask.shape == (129,) and 8 <= run <= 48 and mask[run:].all()
+        assert ids.shape == mask.shape == source.shape == (129,) and 8 <= run <= 48 and mask[run:].all()
+        assert (source[:run] == -1).all() and (ids[source[run:]] == ids[run:]).all()
         assert set(ids.tolist()) <= set(data.tolist())
         assert (ids[run:] == ids[: 129 - run]).all()
         runs.add(run)
@@ -109,25 +117,59 @@ def tiny_llama(seed: int = 0):
                         bos_token_id=None, eos_token_id=None, pad_token_id=None, tie_word_embeddings=True)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
+        cfg._attn_implementation = "eager"  # attention_loss reads the probabilities
         return T.LlamaForCausalLM(cfg)
 
 
-def run_tiny(seed: int, trainable: str = "attention") -> tuple[dict, dict]:
+def run_tiny(seed: int) -> tuple[dict, dict]:
     model = tiny_llama()
     init = {k: v.clone() for k, v in model.state_dict().items()}
     data = encode_bytes(corpus.train_bytes("code")[:50_000])
-    s = RecallSettings(tokens_per_step=128, stages=(Stage(0.0, 64, 16, 0), Stage(0.5, 64, 24, 1)), trainable=trainable)
-    fine_tune(model, {"code": data, "prose": data}, encode_bytes, 3, seed, s, np.ones(256, np.int64))
+    s = RecallSettings(tokens_per_step=128, stages=(Stage(0.0, 64, 16, 0), Stage(0.5, 64, 24, 1)), token_dims=16)
+    train_loop(model, {"code": data, "prose": data}, encode_bytes, 3, seed, s, np.ones(256, np.int64))
     return init, model.state_dict()
 
 
-def test_three_steps_are_deterministic_and_train_only_attention() -> None:
+def test_three_steps_are_deterministic_and_train_every_parameter() -> None:
     init, a = run_tiny(0)
     _, b = run_tiny(0)
     _, c = run_tiny(1)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not all(torch.equal(a[k], c[k]) for k in a)
-    changed = {k for k in a if not torch.equal(a[k], init[k])}
-    assert changed and all(".self_attn." in k for k in changed)
-    _, everything = run_tiny(0, "all")
-    assert any(".mlp." in k and not torch.equal(everything[k], init[k]) for k in a)
+    assert all(not torch.equal(a[k], init[k]) for k in a if "rotary" not in k)
+    # split_residual held through training: embeddings in channels 0..15, layer 0 writes only to 16..31
+    assert (a["model.embed_tokens.weight"][:, 16:] == 0).all() and a["model.embed_tokens.weight"][:, :16].abs().sum() > 0
+    for k in ("model.layers.0.self_attn.o_proj.weight", "model.layers.0.mlp.down_proj.weight"):
+        assert (a[k][:16] == 0).all() and a[k][16:].abs().sum() > 0
+
+
+def test_new_model_reads_ref_llamas_tokens_and_is_seeded() -> None:
+    """From scratch on ref-llama's tokenizer: the vocabulary covers every id it emits; the seed fixes the
+    weights and leaves the caller's global RNG alone."""
+    tok = tokenizer.load_tokenizer(BASE)
+    torch.manual_seed(123)
+    expected = torch.rand(1)
+    torch.manual_seed(123)
+    a, b, c = new_model(0), new_model(0), new_model(1)
+    assert torch.equal(torch.rand(1), expected)
+    assert a.config.vocab_size == len(tok) and a.config.num_hidden_layers == 2
+    sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa) and not all(torch.equal(sa[k], sc[k]) for k in sa)
+
+
+def test_attention_loss_is_zero_on_the_target_pattern_only() -> None:
+    """Layer 0 head h on the token offsets[h] back, layer 1 head 0 on each copy's source: one-hot there gives
+    ~0; a uniform causal pattern gives more; positions without a source are not supervised."""
+    t, offsets = 12, (1, 2)
+    sources = torch.full((1, t), -1)
+    sources[0, 7], sources[0, 9] = 3, 5
+    exact = [torch.zeros(1, 2, t, t), torch.zeros(1, 2, t, t)]
+    for h, off in enumerate(offsets):
+        exact[0][0, h, torch.arange(off, t), torch.arange(t - off)] = 1.0
+    exact[1][0, 0, 7, 3] = exact[1][0, 0, 9, 5] = 1.0
+    assert float(attention_loss(exact, sources, offsets, (0,))) < 1e-6
+    uniform = torch.tril(torch.ones(t, t)) / torch.arange(1, t + 1)[:, None]
+    flat = [uniform.expand(1, 2, t, t)] * 2
+    assert float(attention_loss(flat, sources, offsets, (0,))) > 1.0
+    exact[1][0, 0, 8, 0] = 0.0  # no source at 8: its row does not matter
+    assert float(attention_loss(exact, sources, offsets, (0,))) < 1e-6
