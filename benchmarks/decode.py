@@ -12,9 +12,7 @@ fine for speed and state size, never for quality); for memory caching the prefil
 to that context (tokens seen, tokens in the open segment, every cached-segment slot full), so each step does the
 work of a step at that context. memc's KV graph lowers attention to GroupQueryAttention over a preallocated
 buffer updated in place (memc.codegen.attention); the memory-caching graph is toolchains/memory-caching-pretrained
-.toml with ``decode_graph = true`` and ``max_segments = 8`` (its committed layers were distilled without a cap; the
-cap changes no parameter, so they load with that one recorded option changed, see _capped_layers). One thread
-everywhere.
+.toml as shipped (decode graph on, ``max_segments = 8``: a constant state). One thread everywhere.
 
 Peers (``pip install memc[peers]``): onnxruntime-genai's model builder (fp32, int4) on a temporary copy of the
 model directory (the builder needs an eos_token_id in config.json and imports onnx_ir). llama.cpp is listed as not
@@ -37,8 +35,6 @@ from benchmarks.harness import Table, cpu_info, run_case
 
 PROMPT = 990
 CONTEXTS = [1024, 8192, 32768]
-MC_LAYERS = "models/ref-llama-mc/gated/layers.safetensors"  # what toolchains/memory-caching-pretrained.toml loads
-MAX_SEGMENTS = 8
 
 
 def _prompt(model: str) -> Any:
@@ -266,23 +262,6 @@ def _compile(model: str, out: Path, *args: str) -> None:
                    check=True, stdout=subprocess.DEVNULL)
 
 
-def _capped_layers(src: str, dst: Path, max_segments: int) -> Path:
-    """The committed memory-caching layers (distilled unbounded) with ``max_segments`` in their recorded options: the
-    cap merges the oldest cached segments and changes no parameter, but the pass checks the options it was given
-    against the file's. Same tensors, one metadata field changed."""
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
-    with safe_open(src, framework="pt") as f:
-        meta = dict(f.metadata() or {})
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    layer = json.loads(meta["memc.layer"])
-    layer["max_segments"] = max_segments
-    meta["memc.layer"] = json.dumps(layer, sort_keys=True)
-    save_file(tensors, str(dst), metadata=meta)
-    return dst
-
-
 def _build_genai(model: str, tmp: Path) -> dict[str, str]:
     """onnxruntime-genai fp32 / int4 from a copy of the model directory (with the eos_token_id its builder wants)."""
     if importlib.util.find_spec("onnxruntime_genai") is None:
@@ -324,10 +303,7 @@ def main(argv: list[str] | None = None) -> None:
         tmp = Path(tmp_dir)
         t = time.perf_counter()
         _compile(args.model, tmp / "kv", "-c", "toolchain.toml", "--set", "target.decode_graph=true")
-        layers = _capped_layers(MC_LAYERS, tmp / "mc-layers.safetensors", MAX_SEGMENTS)
-        _compile(args.model, tmp / "mc", "-c", "toolchains/memory-caching-pretrained.toml",
-                 "--set", "target.decode_graph=true", "--set", f"pipeline[1].max_segments={MAX_SEGMENTS}",
-                 "--set", f"pipeline[1].weights={layers}")
+        _compile(args.model, tmp / "mc", "-c", "toolchains/memory-caching-pretrained.toml")
         segment = next(p["options"]["segment"] for p in json.loads((tmp / "mc" / "report.json").read_text())["passes"]
                        if p["name"] == "memory-caching")
         peers = {} if args.no_peers else _build_genai(args.model, tmp)
