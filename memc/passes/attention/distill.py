@@ -188,6 +188,7 @@ class DistillAttention(Pass):
                     loss = relative_error(layer(q, k, v, x), out)
                     loss.backward()
                     losses[target] = float(loss.detach())
+                self._check_finite(layers, step, "teacher-fed", "lr")
                 opt.step()
                 sched.step()
                 if step % c.log_every == 0 or step == c.steps - 1:
@@ -209,11 +210,27 @@ class DistillAttention(Pass):
                 loss = F.kl_div(F.log_softmax(student.float(), -1), F.log_softmax(teacher_logits.float(), -1),
                                 log_target=True, reduction="batchmean") / seq
                 loss.backward()
+                self._check_finite({s.target: m for s, m in zip(sites, layers)}, step, "end-to-end", "e2e_lr")
                 opt.step()
                 if step % c.log_every == 0 or step == c.e2e_steps - 1:
                     curve.append({"step": step, "kl": float(loss.detach())})
                 advance(1)
         return curve
+
+    def _check_finite(self, layers: dict[str, nn.Module], step: int, stage: str, lr_option: str) -> None:
+        """A non-finite gradient would turn the layer's weights into NaN and the pass would hand on (and a
+        distill script would save) a broken model: stop at the first one, naming the layers and the step."""
+        bad = sorted(t for t, m in layers.items()
+                     if any(p.grad is not None and not torch.isfinite(p.grad).all() for p in m.parameters()))
+        if bad:
+            raise PassError(
+                f"{self.path or self.name}: {stage} distillation diverged at step {step + 1}: non-finite gradients in "
+                f"{', '.join(bad)} (variant {self._variant(layers)!r}); nothing is written. Lower "
+                f"{self.option_path(lr_option)} or try another variant")
+
+    @staticmethod
+    def _variant(layers: dict[str, nn.Module]) -> str:
+        return next(iter(layers.values())).cfg.variant
 
     def _layer_errors(self, gm, sites, layers, ids: torch.Tensor) -> dict[str, dict[str, float]]:
         """Per layer, on teacher-fed eval windows: relative error of the layer and of its window alone."""

@@ -102,3 +102,13 @@ def test_memory_caching_pipeline_compiles_to_onnx_and_verifies(byte_llama, tmp_p
     names = [p["name"] for p in report["passes"]]
     assert names == ["detect-attention", "memory-caching", "distill-attention"]
     assert report["passes"][1]["metrics"]["rewritten"] == [f"model.layers.{i}.self_attn.memory_caching" for i in range(2)]
+
+
+def test_diverging_distillation_stops_naming_layers_and_step(byte_llama, monkeypatch):
+    """A NaN gradient must not turn the layers into NaN silently: the pass stops at the first one."""
+    import memc.passes.attention.distill as distill
+
+    monkeypatch.setattr(distill, "relative_error", lambda y, target: (y * float("nan")).sum())
+    with pytest.raises(PassError, match=r"pipeline\[2\]: teacher-fed distillation diverged at step 1: non-finite "
+                                        r"gradients in model\.layers\.0\..*pipeline\[2\]\.lr"):
+        _distilled(byte_llama, steps=2)
