@@ -79,7 +79,7 @@ class QuantSensitivity(Pass):
         total_params, param_bytes = program.parameter_stats()
         program.annotations[SENSITIVITY] = {
             "table": table, "graph_bytes": graph_bytes, "fixed_bytes": fixed, "total_params": total_params,
-            "original_bytes": param_bytes,
+            "original_bytes": param_bytes, "weights": weights, "target": target_cfg,
         }
         return PassResult(program, False, {
             "groups": len(groups), "tensors": len(weights), "candidates": len(opts.candidates), "score": opts.score,
