@@ -102,7 +102,7 @@ class TargetConfig:
         factory=lambda: [[1, 7]], doc="extra [batch, seq] shapes to verify dynamic axes with (token models)"
     )
     optimize: bool = option(True, "run the ONNX exporter's graph optimizer (constant folding, CSE)")
-    debug_metadata: bool = option(False, "keep the exporter's per-node stack traces (machine paths; larger file)")
+    debug_metadata: bool = option(False, "keep the exporter's node metadata and value_info (machine paths; larger file)")
     decode_graph: bool = option(
         False,
         "causal LMs: also write decode.onnx, the stateful decode graph of the program after its passes (input_ids + "
