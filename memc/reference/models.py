@@ -39,22 +39,30 @@ class TrainSettings:
         return asdict(self)
 
 
-def ref_llama_config() -> LlamaConfig:
-    """Dense Llama, 4 layers x hidden 256, GQA (4 query heads, 2 KV heads), BPE vocabulary of 4,096 with
-    tied input/output embeddings: 4.2M params."""
+def _bpe_llama(**dims) -> LlamaConfig:
+    """A Llama on the reference BPE vocabulary with the settings every BPE reference model shares: CONTEXT
+    positions, default rotary, tied embeddings, no special token ids; `dims` sets its size."""
     return LlamaConfig(
         vocab_size=BPE_VOCAB,
-        hidden_size=256,
-        intermediate_size=768,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         max_position_embeddings=CONTEXT,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
         tie_word_embeddings=True,
         bos_token_id=None,
         eos_token_id=None,
         pad_token_id=None,
+        **dims,
+    )
+
+
+def ref_llama_config() -> LlamaConfig:
+    """Dense Llama, 4 layers x hidden 256, GQA (4 query heads, 2 KV heads), BPE vocabulary of 4,096 with
+    tied input/output embeddings: 4.2M params."""
+    return _bpe_llama(
+        hidden_size=256,
+        intermediate_size=768,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
     )
 
 
@@ -88,20 +96,13 @@ def ref_llama_recall_config() -> LlamaConfig:
     4 heads of 32, tied embeddings: 1.02M params. Two layers are the fewest that can
     match a multi-token key (a layer gathering each position's preceding tokens, then one matching them), and
     small enough to train to recall in ~30 minutes on one shared CPU thread in float32."""
-    return LlamaConfig(
-        vocab_size=BPE_VOCAB,
+    return _bpe_llama(
         hidden_size=128,
         intermediate_size=512,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=4,
         head_dim=32,
-        max_position_embeddings=CONTEXT,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-        tie_word_embeddings=True,
-        bos_token_id=None,
-        eos_token_id=None,
-        pad_token_id=None,
     )
 
 
