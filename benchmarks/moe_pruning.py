@@ -49,9 +49,14 @@ def cpu_model() -> str:
 
 
 def config_id(c: dict) -> str:
+    refit = ""
+    if c.get("refit"):
+        refit = f"-refit{c['refit']}"
+        if c.get("scope", "router") != "router":
+            refit += f"x-w{c['refit_windows']}-lr{c['refit_lr']:g}"
     return "{calib}-{criterion}-p{pruned}{merge}{refit}-{code}".format(
         calib=c["calib"], criterion=c["criterion"], pruned=int(round(c["pruned"] * 100)),
-        merge="-merge" if c.get("merge") else "", refit=f"-refit{c['refit']}" if c.get("refit") else "",
+        merge="-merge" if c.get("merge") else "", refit=refit,
         code="whole" if c["code_every"] == 1 else f"every{c['code_every']}",
     ) + ("" if c.get("prose_every", 1) == 1 else f"-prose{c['prose_every']}")
 
@@ -133,7 +138,9 @@ def run_config(c: dict, program, calibs: dict) -> dict:
         p = program.replace(module=copy.deepcopy(program.module), annotations=dict(program.annotations))
         p.annotations[CALIBRATION_KEY] = calibs[c["calib"]]
         opts = PruneOptions(keep=keep, criterion=c["criterion"], merge=bool(c.get("merge")),
-                            refit_steps=int(c.get("refit") or 0), refit_lr=5e-3)
+                            refit_steps=int(c.get("refit") or 0), refit_lr=c.get("refit_lr", 5e-3),
+                            refit_scope=c.get("scope", "router"), refit_windows=c.get("refit_windows", 0),
+                            refit_context=CONTEXT)
         res = PruneExperts(opts).run(p, PassContext(seed=0))
         result["kept"] = res.metrics["kept"]
         result["refit_kl"] = res.metrics.get("refit")
@@ -147,10 +154,11 @@ def run_config(c: dict, program, calibs: dict) -> dict:
     return result
 
 
-GROUPS = ("baseline", "grid50", "grid75", "grid25", "cross", "variants", "refit", "headline", "calibrate-prose")
+GROUPS = ("baseline", "grid50", "grid75", "grid25", "cross", "variants", "refit", "heal", "heal-merge", "headline",
+          "headline-heal", "calibrate-prose")
 
 
-def configs(which: str, every: int, prose_every: int, best: str) -> list[dict]:
+def configs(which: str, every: int, prose_every: int, best: str, heal: dict | None = None) -> list[dict]:
     """Configurations of one group. headline: whole held-out sets; the others score every ``every``-th code window
     and every ``prose_every``-th prose window (unselected samples, paired with the unpruned model's)."""
     base = {"calib": "code", "code_every": every, "prose_every": prose_every}
@@ -159,6 +167,10 @@ def configs(which: str, every: int, prose_every: int, best: str) -> list[dict]:
         return [{**base, "criterion": "unpruned", "pruned": 0.0, "calib": "-"}]
     if which == "headline":
         return [{**base, "criterion": best, "pruned": f, "code_every": 1, "prose_every": 1} for f in (0.5, 0.75)]
+    if which in ("heal", "heal-merge", "headline-heal"):
+        whole = {"code_every": 1, "prose_every": 1} if which == "headline-heal" else {}
+        return [{**base, **whole, "criterion": best, "pruned": f, "merge": which == "heal-merge", **(heal or {})}
+                for f in (0.5, 0.75)]
     if which in ("grid50", "grid75"):
         return [{**base, "criterion": c, "pruned": int(which[4:]) / 100} for c in order]
     if which == "grid25":
@@ -178,7 +190,10 @@ def cmd_run(args) -> None:
 
     torch.set_num_threads(1)
     RAW.mkdir(parents=True, exist_ok=True)
-    todo = [c for group in args.configs.split(",") for c in configs(group, args.code_every, args.prose_every, args.best)]
+    heal = {"refit": args.refit_steps, "scope": "router+experts", "refit_windows": args.refit_windows,
+            "refit_lr": args.refit_lr}
+    todo = [c for group in args.configs.split(",")
+            for c in configs(group, args.code_every, args.prose_every, args.best, heal)]
     todo = [c for c in todo if not (RAW / f"{config_id(c)}.json").is_file()]
     if args.configs == "calibrate-prose":
         todo = [{"calib": "prose"}]
@@ -216,6 +231,14 @@ def _windows(r: dict) -> str:
     return f"{one(len(r['code_nll']), r['code_every'])} / {one(len(r['prose_nll']), r.get('prose_every', 1))}"
 
 
+def _refit_cell(r: dict) -> str:
+    if not r.get("refit"):
+        return ""
+    if r.get("scope", "router") == "router":
+        return f"router, {r['refit']} steps"
+    return f"router+experts, {r['refit']} steps, {r['refit_windows']} windows, lr {r['refit_lr']:g}"
+
+
 def _bpb(nll: list[float]) -> float:
     return float(np.sum(nll)) / (len(nll) * (CONTEXT - 1)) / math.log(2)
 
@@ -240,7 +263,7 @@ def cmd_table(args) -> None:
         dp, sp = _delta(r["prose_nll"], pair["prose_nll"])
         t.rows.append([
             f"{int(r['pruned'] * 100)}%", r["criterion"], r["calib"], "yes" if r.get("merge") else "",
-            str(r.get("refit") or ""), _windows(r),
+            _refit_cell(r), _windows(r),
             f"{_bpb(r['code_nll']):.4f}", f"{dc:+.2f} ± {sc:.2f}", f"{_bpb(r['prose_nll']):.4f}", f"{dp:+.2f} ± {sp:.2f}",
             f"{r['parameter_bytes']:,}",
         ])
@@ -255,7 +278,9 @@ def cmd_table(args) -> None:
         "benchmark, too little for the whole sets.",
         f"Calibration: moe-calibrate on {CALIB_WINDOWS} train-split windows of {CONTEXT} bytes; pass time "
         + ", ".join(f"{d}: {s:.0f} s" for d, s in calib) + " (batched_mm graph, 1 thread, shared CPU). "
-        "Re-fit: Adam lr 5e-3 on the kept router rows, KL to the unpruned model on the same calibration windows.",
+        "Re-fit: KL to the unpruned model by Adam (linear warm-up, cosine decay): 'router' trains the kept router rows "
+        "on the calibration windows (lr 5e-3); 'router+experts' also the kept experts' weights, on fresh train-split "
+        "windows of the calibration domain (one window per step). The re-fit time is inside the pass time.",
         f"CPU: {cpu_model()}; {os.cpu_count()} cores shared with other jobs, 1 thread per run.",
     ]
     t.raw = {"rows": [{k: v for k, v in r.items() if not k.endswith("_nll")} for r in rows]}
@@ -272,6 +297,9 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--code-every", type=int, default=32, help="score every Nth held-out code window (not headline)")
     r.add_argument("--prose-every", type=int, default=2, help="score every Nth held-out prose window (not headline)")
     r.add_argument("--best", default="reap", help="criterion of the headline and variant rows")
+    r.add_argument("--refit-steps", type=int, default=200, help="heal groups: re-fit steps (router + kept experts)")
+    r.add_argument("--refit-windows", type=int, default=128, help="heal groups: train-split windows re-fitted on")
+    r.add_argument("--refit-lr", type=float, default=1e-3, help="heal groups: peak learning rate")
     sub.add_parser("table")
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -1,6 +1,7 @@
 """prune-experts: keep the most important experts of every MoE layer (uniform count or a global budget), by a
 calibration criterion, optionally merging each dropped expert into its most similar kept one and re-fitting the
-kept router rows to the unpruned model (KL on the calibration text).
+kept router rows (and, with refit_scope = "router+experts", the kept experts) to the unpruned model (KL on the
+calibration text; ``memc.passes.moe.refit``).
 
 Pure pruning is exact: the pruned program equals the original with the dropped experts' choice scores at -inf
 (``memc.passes.moe.rewrite``). Merging and re-fitting change the kept experts / router rows on purpose.
@@ -12,11 +13,12 @@ from typing import Any, Literal
 
 import torch
 
-from memc.errors import PassError
+from memc.errors import ConfigError, PassError
 from memc.passes.base import Pass, PassContext, PassResult, register_pass
-from memc.passes.moe.calibrate import CALIBRATION_KEY, MoECalibration
+from memc.passes.moe.calibrate import CALIBRATION_KEY, MoECalibration, calibration_text, token_windows, window_inputs
 from memc.passes.moe.detect import SITES_KEY, find_moe_sites
 from memc.passes.moe.graph import get_attr_tensor, set_attr_tensor
+from memc.passes.moe.refit import RefitPlan, refit, teacher_model
 from memc.passes.moe.rewrite import keep_experts
 from memc.passes.moe.select import CRITERIA, check_keep, choose, global_budget, keep_count, random_values, scores
 from memc.passes.moe.sites import MoESite
@@ -36,12 +38,21 @@ class PruneOptions:
     )
     criterion: Criterion = option("reap", f"importance: {', '.join(CRITERIA)} (all but random need moe-calibrate)")
     merge: bool = option(False, "merge each dropped expert into its most similar kept one (usage-weighted average)")
-    refit_steps: int = option(0, "Adam steps re-fitting the kept router rows (KL to the unpruned model); 0 = off")
-    refit_lr: float = option(1e-3, "learning rate of the router re-fit")
+    refit_steps: int = option(0, "Adam steps re-fitting the pruned model to the unpruned one (KL); 0 = off")
+    refit_lr: float = option(1e-3, "peak learning rate of the re-fit (linear warm-up, cosine decay to 10%)")
+    refit_scope: Literal["router", "router+experts"] = option(
+        "router", "what the re-fit trains: the kept router rows, or the kept router rows and the kept experts' weights"
+    )
+    refit_windows: int = option(
+        0, "re-fit text: 0 = the calibration windows; N = N windows of refit_context tokens of the calibration text"
+    )
+    refit_context: int = option(1024, "tokens per re-fit window (with refit_windows > 0)")
 
     def validate(self) -> None:
-        if self.keep < 0 or self.refit_steps < 0:
-            raise ValueError("keep and refit_steps must be >= 0")
+        if self.keep < 0 or self.refit_steps < 0 or self.refit_windows < 0:
+            raise ValueError("keep, refit_steps and refit_windows must be >= 0")
+        if self.refit_context < 2:
+            raise ValueError("refit_context must be >= 2")
         if not self.keep and not 0.0 < self.keep_fraction < 1.0:
             raise ValueError("set keep (experts per layer) or keep_fraction in (0, 1)")
         if self.keep and self.keep_fraction:
@@ -92,49 +103,6 @@ def merge_dropped(gm, site: MoESite, kept: list[int], usage: torch.Tensor) -> di
     return into
 
 
-def _first(out: Any) -> torch.Tensor:
-    return out[0] if isinstance(out, (tuple, list)) else out
-
-
-def refit_routers(program: Program, sites: list[MoESite], inputs: list[tuple], teacher: list[torch.Tensor],
-                  steps: int, lr: float, seed: int) -> dict[str, float]:
-    """Adam on the kept router rows (weights + biases) minimising KL(unpruned || pruned) of the output distribution."""
-    gm = program.module
-    names = [t for s in sites for t in (s.router_weight, s.router_bias) if t]
-    params = [get_attr_tensor(gm, t) for t in names]
-    flags = {id(p): p.requires_grad for p in gm.parameters()}
-    for p in gm.parameters():
-        p.requires_grad_(False)
-    for p in params:
-        p.requires_grad_(True)
-    opt = torch.optim.Adam(params, lr=lr)
-    gen = torch.Generator().manual_seed(seed)
-
-    def kl(i: int) -> torch.Tensor:
-        logq = _first(gm(*inputs[i])).float().log_softmax(-1)
-        logp = teacher[i].log_softmax(-1)
-        return (logp.exp() * (logp - logq)).sum(-1).mean()
-
-    with torch.no_grad():
-        before = sum(float(kl(i)) for i in range(len(inputs))) / len(inputs)
-    try:
-        with torch.enable_grad():
-            for _ in range(steps):
-                i = int(torch.randint(len(inputs), (1,), generator=gen))
-                opt.zero_grad()
-                loss = kl(i)
-                loss.backward()
-                opt.step()
-    finally:
-        for p in gm.parameters():
-            p.requires_grad_(flags.get(id(p), False))
-        for t, p in zip(names, params):
-            set_attr_tensor(gm, t, p.detach())
-    with torch.no_grad():
-        after = sum(float(kl(i)) for i in range(len(inputs))) / len(inputs)
-    return {"kl_before": before, "kl_after": after}
-
-
 @register_pass
 class PruneExperts(Pass):
     """Keep the most important experts per MoE layer (exact slicing; optional merge and router re-fit)."""
@@ -174,16 +142,26 @@ class PruneExperts(Pass):
                 check_keep(s, n)
         return [choose(s, v, n) if n < s.num_experts else list(range(n)) for s, v, n in zip(sites, values, counts)]
 
+    def refit_inputs(self, program: Program, calib: MoECalibration) -> list[tuple]:
+        """The re-fit batches: the calibration windows, or ``refit_windows`` fresh windows of the same text."""
+        cfg = self.config
+        if not cfg.refit_windows:
+            return calib.inputs
+        where = f"{self.name}.refit_windows"
+        if calib.text == "samples":
+            raise ConfigError(f"{where}: the calibration used [calibration] samples, which have no text to draw "
+                              "windows from; set refit_windows = 0 to re-fit on the samples")
+        windows = token_windows(program, calibration_text(calib.text, where), cfg.refit_windows, cfg.refit_context, where)
+        return window_inputs(program, windows, 1)
+
     def run(self, program: Program, ctx: PassContext) -> PassResult:
         cfg = self.config
         sites: list[MoESite] = program.annotations[SITES_KEY]
         kept = self.plan(program, ctx)
         calib: MoECalibration | None = program.annotations.get(CALIBRATION_KEY)
         gm = program.module
-        teacher = None
-        if cfg.refit_steps:
-            with torch.no_grad():
-                teacher = [_first(gm(*inp)).float() for inp in calib.inputs]
+        refit_inputs = self.refit_inputs(program, calib) if cfg.refit_steps else None
+        teacher = teacher_model(gm) if cfg.refit_steps else None
         merged: dict[str, dict[int, int]] = {}
         freed = 0
         for site, ids in zip(sites, kept):
@@ -201,7 +179,10 @@ class PruneExperts(Pass):
         if merged:
             metrics["merged_into"] = {p: {str(d): m for d, m in v.items()} for p, v in merged.items()}
         if teacher is not None:
-            metrics["refit"] = refit_routers(program, new_sites, calib.inputs, teacher, cfg.refit_steps, cfg.refit_lr, ctx.seed)
+            plan = RefitPlan(cfg.refit_steps, cfg.refit_lr, cfg.refit_scope, ctx.seed)
+            with ctx.progress(cfg.refit_steps, f"re-fitting ({cfg.refit_scope})") as advance:
+                metrics["refit"] = refit(gm, teacher, new_sites, refit_inputs, plan, advance)
+            del teacher
         program.annotations[SITES_KEY] = new_sites
         program.annotations[PRUNED_KEY] = {
             "uniform": len({len(k) for k in kept}) == 1, "kept": metrics["kept"],

@@ -119,6 +119,30 @@ def test_merge_and_refit_are_deterministic_and_change_weights(captured):
     assert not torch.equal(plain["model.layers.0.mlp.gate.weight"], states[0]["model.layers.0.mlp.gate.weight"])
 
 
+def test_refit_of_router_and_experts_trains_the_kept_experts_deterministically(captured):
+    runs = []
+    for _ in range(2):
+        res = _prune(captured("mixtral"), keep=2, criterion="soft-frequency", refit_steps=4, refit_lr=1e-2,
+                     refit_scope="router+experts")
+        runs.append((res.metrics, {k: v.clone() for k, v in res.program.module.state_dict().items()}))
+    (metrics, state), (_, again) = runs
+    assert all(torch.equal(state[k], again[k]) for k in state)
+    assert metrics["refit"]["scope"] == "router+experts" and metrics["refit"]["kl_after"] < metrics["refit"]["kl_before"]
+    router_only = _prune(captured("mixtral"), keep=2, criterion="soft-frequency", refit_steps=4, refit_lr=1e-2)
+    plain = router_only.program.module.state_dict()
+    experts = [k for k in state if "experts" in k]
+    assert experts and all(state[k].shape == plain[k].shape for k in experts)  # same graph, same bytes
+    assert all(not torch.equal(state[k], plain[k]) for k in experts)  # router-only leaves the experts alone
+    assert router_only.metrics["refit"]["tensors"] < metrics["refit"]["tensors"]
+
+
+def test_refit_windows_need_calibration_text(captured):
+    from memc.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="refit_windows.*samples"):
+        _prune(captured("mixtral"), keep=2, criterion="frequency", refit_steps=1, refit_windows=4)
+
+
 def test_global_budget_spreads_experts_by_importance(captured):
     res = _prune(captured("olmoe"), keep=3, criterion="frequency", budget="global")
     after = res.metrics["experts_after"]
