@@ -153,10 +153,22 @@ def decode_artifact(tiny_hf, tmp_path_factory: pytest.TempPathFactory) -> Callab
 def mc_compiled(tiny_hf, tmp_path_factory: pytest.TempPathFactory) -> CompileResult:
     """memc compile of the tiny Llama rewritten by detect-attention + memory-caching (tests.helpers.MC_OPTIONS,
     capped state) with ``decode_graph = true``: model.onnx + decode.onnx whose state has no context axis."""
-    tmp = tmp_path_factory.mktemp("mc-decode")
-    res = compile_model(tiny_hf("llama"), tmp / "out", "-c", mc_toolchain(tmp / "toolchain.toml"))
-    assert res.rc == 0, res.explain()
-    return res
+    from filelock import FileLock
+
+    # Built once per test run, not once per xdist worker (~90 s): the workers share the base temp dir's parent.
+    root = tmp_path_factory.getbasetemp()
+    root = root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root
+    tmp, record = root / "mc-decode-shared", root / "mc-decode-shared.json"
+    with FileLock(str(record) + ".lock"):
+        if record.is_file():
+            data = json.loads(record.read_text())
+            return CompileResult(data["rc"], data["stdout"], data["stderr"], Path(data["out_dir"]), data["report"])
+        tmp.mkdir(exist_ok=True)
+        res = compile_model(tiny_hf("llama"), tmp / "out", "-c", mc_toolchain(tmp / "toolchain.toml"))
+        assert res.rc == 0, res.explain()
+        record.write_text(json.dumps({"rc": res.rc, "stdout": res.stdout, "stderr": res.stderr,
+                                      "out_dir": str(res.out_dir), "report": res.report}))
+        return res
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:

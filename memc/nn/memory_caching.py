@@ -198,11 +198,15 @@ class MemoryCachingAttention(nn.Module):
         mass = e.sum(-1)
         live = e > 0
         if self.cfg.variant == "soup":
-            has = mass > 0
-            mass_safe = torch.where(has, mass, torch.ones_like(mass))
-            dbar = (e * den).sum(-1) / mass_safe + self.cfg.eps
-            dbar = torch.where(has, dbar, torch.ones_like(dbar))
-            return e / dbar.unsqueeze(-1), mass
+            # w = softmax(r) from r's own max, not the running max m: e = e^{r - m} can be subnormal when the
+            # memory is far below the window scores, and dividing by sum(e) then overflows in the backward pass
+            # (NaN gradients). The shift cancels in w exactly, so it carries no gradient (detached).
+            top = r.amax(-1, keepdim=True).detach()
+            has = torch.isfinite(top)
+            w = torch.exp(r - torch.where(has, top, torch.zeros_like(top)))
+            total = torch.where(has, w.sum(-1, keepdim=True), torch.ones_like(top))
+            dbar = (w * den).sum(-1, keepdim=True) / total + self.cfg.eps
+            return e / dbar, mass
         den_safe = torch.where(live, den + self.cfg.eps, torch.ones_like(den))
         return e / den_safe, mass
 

@@ -374,3 +374,20 @@ def test_bad_head_layout_names_the_option():
     with pytest.raises(ValueError, match="num_kv_heads"):
         MemoryCachingAttention(MemoryCachingConfig(window=4, segment=2), num_heads=4, num_kv_heads=3, head_dim=8,
                                hidden_size=8)
+
+
+@pytest.mark.parametrize("variant", ["gated", "soup"])
+def test_read_weights_keep_finite_gradients_when_the_memory_is_far_below_the_window(variant):
+    """Router logits ~100 below the running max make e^{r - m} subnormal; soup once divided by its sum and got
+    inf / NaN gradients there (ref-llama's soup distillation diverged). Forward values keep the mixture read."""
+    mod = MemoryCachingAttention(MemoryCachingConfig(window=4, segment=4, feature_dim=8, variant=variant),
+                                 num_heads=1, num_kv_heads=1, head_dim=4, hidden_size=4)
+    r = torch.tensor([[[[-100.0, -101.0, float("-inf")]]]], requires_grad=True)
+    den = torch.tensor([[[[0.5, 2.0, 0.0]]]], requires_grad=True)
+    a, mass = mod.read_weights(r, den, torch.zeros(1, 1, 1))
+    (a.sum() * 1e30 + mass.sum() * 1e30).backward()
+    assert torch.isfinite(r.grad).all() and torch.isfinite(den.grad).all()
+    if variant == "soup":  # a_i = e_i / (sum_j w_j den_j), w = softmax(r)
+        w = torch.softmax(torch.tensor([-100.0, -101.0]), 0)
+        dbar = float((w * torch.tensor([0.5, 2.0])).sum())
+        assert a[0, 0, 0, 0].item() * dbar == pytest.approx(torch.exp(torch.tensor(-100.0)).item(), rel=1e-3)
