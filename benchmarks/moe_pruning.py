@@ -284,9 +284,48 @@ def cmd_table(args) -> None:
         f"CPU: {cpu_model()}; {os.cpu_count()} cores shared with other jobs, 1 thread per run.",
     ]
     t.raw = {"rows": [{k: v for k, v in r.items() if not k.endswith("_nll")} for r in rows]}
+    points = []
+    for r in rows:
+        pair = bases.get((r["code_every"], r.get("prose_every", 1)))
+        if pair is not None and r["calib"] in ("code", "-") and not r.get("merge"):
+            points.append((r, _delta(r["code_nll"], pair["code_nll"])))
     path = t.write()
     print(t.markdown())
-    print(f"wrote {path}")
+    print(f"wrote {path} and {plot(points, path.with_suffix('.png'))}")
+
+
+def plot(points: list[tuple[dict, tuple[float, float]]], out: Path) -> Path:
+    """Δ held-out code per-byte perplexity (± paired SE) against the fraction of experts pruned, one line per
+    criterion (code calibration), re-fitted variants as their own lines; the bars of the issue as dotted marks."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series: dict[str, list[tuple[float, float, float]]] = {}
+    for r, (delta, se) in points:
+        if r["criterion"] == "unpruned":
+            continue
+        name = r["criterion"] + (f" + re-fit ({_refit_cell(r).split(',')[0]})" if r.get("refit") else "")
+        if r["code_every"] == 1:
+            name += " [whole set]"
+        series.setdefault(name, []).append((100 * r["pruned"], delta, se))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, pts in sorted(series.items()):
+        pts.sort()
+        ax.errorbar([p[0] for p in pts], [max(p[1], 0.05) for p in pts], yerr=[p[2] for p in pts], marker="o",
+                    capsize=3, label=name)
+    ax.scatter([50, 75], [2.5, 30], marker="_", s=400, color="black", label="bar (issue 10)")
+    ax.set_xlabel("experts pruned (%)")
+    ax.set_ylabel("Δ held-out code per-byte perplexity (%)")
+    ax.set_yscale("log")
+    ax.set_xticks([25, 50, 75])
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:
