@@ -167,6 +167,8 @@ def analyse(req: RoutingRequest) -> dict[str, Any]:
         "tokenizer": "hf" if _has_tokenizer(program) else "bytes",
         "windows_requested": req.windows,
         "context": req.context,
+        "batch": req.batch,
+        "threads": req.threads,
         "segments": req.segments,
         "cache_multiples_of_top_k": req.multiples,
         "accounting": "each window is an independent sequence; tokens in order, each needs its k experts resident; "

@@ -79,6 +79,17 @@ def test_tables_json_and_plot(byte_moe_dir: Path, tmp_path: Path) -> None:
     png = plots / f"{byte_moe_dir.name}_routing.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
+    # benchmarks/routing.py renders this JSON and rebuilds the command line that wrote it
+    from benchmarks.routing import command, markdown
+    from memc.cli import build_parser
+
+    cmd = command(result, str(out), str(plots))
+    args = build_parser().parse_args(cmd.split()[1:])
+    assert (args.texts, args.windows, args.context, args.segments, args.multiples) == (
+        ["heldout:code", "trainsplit:prose"], 3, 64, [4, 16], [1, 2, 3, 4])
+    md = markdown(result, cmd)
+    assert "## SRP (segment routing best F1)" in md and "| mean | trainsplit:prose |" in md and "| 2k |" in md
+
     # the traces are moe-calibrate's: the loads equal the pass's selection counts on the same text and windows
     program = DetectMoE().run(capture(str(byte_moe_dir), ToolchainConfig()), PassContext()).program
     opts = CalibrateOptions(text="trainsplit:prose", windows=3, context=64)
