@@ -6,6 +6,7 @@ statistics describe a model, they fit nothing to it, so held-out text is allowed
 """
 from __future__ import annotations
 
+import re
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -92,6 +93,8 @@ def check_request(req: RoutingRequest) -> None:
     if req.plot_dir:
         _check_writable(Path(req.plot_dir), "--plot")
     if req.json_out:
+        if Path(req.json_out).is_dir():
+            raise ConfigError(f"--json: {req.json_out} is a directory; give a file name")
         _check_writable(Path(req.json_out).parent, "--json")
 
 
@@ -278,7 +281,7 @@ def plot_result(result: dict[str, Any], out_dir: Path) -> Path:
     fig.suptitle(f"{Path(result['source']).name}: expert-cache hit rate", fontsize=10)
     fig.tight_layout()
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"{Path(result['source']).name or 'model'}_routing.png"
+    path = out_dir / f"{re.sub(r'[^A-Za-z0-9._-]', '_', Path(result['source']).name) or 'model'}_routing.png"
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=100)
     plt.close(fig)

@@ -138,6 +138,7 @@ def test_bad_outputs_and_options(byte_moe_dir: Path, tmp_path: Path) -> None:
     blocker.write_text("x")
     expect_error([byte_moe_dir, "--plot", blocker / "plots"], "--plot", "cannot write into")
     expect_error([byte_moe_dir, "--json", blocker / "out.json"], "--json", "cannot write into")
+    expect_error([byte_moe_dir, "--json", tmp_path], "--json", "is a directory")
     expect_error([byte_moe_dir, "--windows", 0], "--windows must be >= 1")
     code, _, stderr = run_cli(["routing", byte_moe_dir, "--segments", "0,4"])
     assert code == 2 and "values must be >= 1" in stderr  # argparse's usage error
