@@ -4,8 +4,9 @@
     python -m benchmarks.routing run --model models/NEW --name new_moe --text heldout:code --text ...
     python -m benchmarks.routing table --name ref_moe      # re-render results/routing_ref_moe.md from its JSON
 
-`run` is exactly `memc routing MODEL --text ... --json results/routing_NAME.json --plot DIR` (one thread), then
-the table; the PNG lands at results/routing_NAME.png. Any MoE model memc captures works (the domain-diverse model
+`run` is exactly `memc routing MODEL --text ... --json benchmarks/results/routing_NAME.json --plot
+benchmarks/results` (one thread; the JSON records that command line), then `table`, which renders the Markdown and
+the PNG (results/routing_NAME.png) from the JSON. Any MoE model memc captures works (the domain-diverse model
 of issue 11 too): the texts are the command's (trainsplit:/heldout: corpora or UTF-8 files).
 """
 from __future__ import annotations
@@ -13,8 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -25,22 +24,6 @@ DEFAULT_TEXTS = ["heldout:code", "heldout:prose", "trainsplit:code", "trainsplit
 # moe.md, "Routing consistency and expert caching": an earlier measurement on a Qwen3-MoE (E=16, k=2), mean LRU /
 # Belady hit rate at k, 2k, 3k, 4k slots
 MOE_MD = {1: (0.39, 0.43), 2: (0.64, 0.77), 3: (0.82, 0.90), 4: (0.93, 0.96)}
-
-
-def command(result: dict, json_path: str, plot_dir: str | None) -> str:
-    """The `memc routing` command line that produces ``result`` (rebuilt from what the JSON records)."""
-    args = ["memc", "routing", result["source"]]
-    for t in result["texts"]:
-        args += ["--text", t["text"]]
-    args += ["--windows", str(result["windows_requested"]), "--context", str(result["context"]),
-             "--segments", ",".join(map(str, result["segments"])),
-             "--cache", ",".join(map(str, result["cache_multiples_of_top_k"]))]
-    if result.get("batch", 1) != 1:
-        args += ["--batch", str(result["batch"])]
-    args += ["--threads", str(result.get("threads", 1)), "--json", json_path]
-    if plot_dir:
-        args += ["--plot", plot_dir]
-    return shlex.join(args)
 
 
 def _mean(xs: list[float]) -> float:
@@ -107,29 +90,31 @@ def markdown(result: dict, cmd: str) -> str:
 
 
 def table(name: str) -> Path:
-    json_path = RESULTS / f"routing_{name}.json"
-    result = json.loads(json_path.read_text())
-    png = RESULTS / f"routing_{name}.png"
-    cmd = command(result, os.path.relpath(json_path, ROOT), "PLOT_DIR" if png.exists() else None)
+    """results/routing_NAME.md and .png, both rendered from results/routing_NAME.json."""
+    from memc.eval.routing_command import plot_result
+
+    result = json.loads((RESULTS / f"routing_{name}.json").read_text())
+    with tempfile.TemporaryDirectory() as tmp:
+        plot_result(result, Path(tmp)).replace(RESULTS / f"routing_{name}.png")
     md = RESULTS / f"routing_{name}.md"
-    extra = f"\nThe plot (hit rate vs slots per layer) is results/{png.name}, the PNG `--plot PLOT_DIR` wrote.\n" \
-        if png.exists() else ""
-    md.write_text(markdown(result, cmd) + extra, encoding="utf-8")
+    md.write_text(markdown(result, result["command"]) + f"\nPlot (hit rate vs slots per layer): routing_{name}.png\n",
+                  encoding="utf-8")
     return md
 
 
 def run(model: str, name: str, texts: list[str], windows: int, context: int, batch: int) -> Path:
+    """`memc routing` into results/ (paths relative to the repository root, which the command line records)."""
     from memc.cli import main
 
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    json_path = RESULTS / f"routing_{name}.json"
-    with tempfile.TemporaryDirectory() as plots:
-        argv = ["routing", model, *[a for t in texts for a in ("--text", t)], "--windows", str(windows),
-                "--context", str(context), "--batch", str(batch), "--threads", "1", "--json", str(json_path),
-                "--plot", plots]
-        if main(argv) != 0:
-            raise SystemExit("memc routing failed")
-        shutil.copyfile(Path(plots) / f"{Path(model).name}_routing.png", RESULTS / f"routing_{name}.png")
+    os.chdir(ROOT)
+    results = RESULTS.relative_to(ROOT)
+    results.mkdir(parents=True, exist_ok=True)
+    argv = ["routing", model, *[a for t in texts for a in ("--text", t)], "--windows", str(windows),
+            "--context", str(context), "--batch", str(batch), "--threads", "1",
+            "--json", str(results / f"routing_{name}.json"), "--plot", str(results)]
+    if main(argv) != 0:
+        raise SystemExit("memc routing failed")
+    (results / f"{Path(model).name}_routing.png").unlink()  # the same plot, re-rendered from the JSON by table()
     return table(name)
 
 

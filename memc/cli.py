@@ -218,7 +218,7 @@ def cmd_routing(args: argparse.Namespace) -> int:
         segments=args.segments, multiples=args.multiples, batch=args.batch, threads=args.threads,
         trust_pickle=args.trust_pickle, json_out=args.json_out, plot_dir=args.plot_dir,
     )
-    result = analyse(req)
+    result = analyse(req, progress=lambda line: print(f"memc routing: {line}", file=sys.stderr))
     print_result(result)
     if args.json_out:
         save_json(result, Path(args.json_out))

@@ -7,12 +7,13 @@ statistics describe a model, they fit nothing to it, so held-out text is allowed
 from __future__ import annotations
 
 import re
+import shlex
 import tempfile
 import time
 from dataclasses import dataclass, field
 from itertools import combinations
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -41,6 +42,22 @@ class RoutingRequest:
     trust_pickle: bool = False
     json_out: str | None = None
     plot_dir: str | None = None
+
+
+def command_line(req: RoutingRequest) -> str:
+    """The `memc routing` command that runs ``req`` (recorded in the JSON, so a result says how to reproduce it)."""
+    args = ["memc", "routing", req.source]
+    for text in req.texts:
+        args += ["--text", text]
+    args += ["--windows", str(req.windows), "--context", str(req.context), "--segments", ",".join(map(str, req.segments)),
+             "--cache", ",".join(map(str, req.multiples)), "--batch", str(req.batch), "--threads", str(req.threads)]
+    if req.trust_pickle:
+        args.append("--trust-pickle")
+    if req.json_out:
+        args += ["--json", req.json_out]
+    if req.plot_dir:
+        args += ["--plot", req.plot_dir]
+    return shlex.join(args)
 
 
 # --- inputs, checked before the long work starts ------------------------------------------------------------------
@@ -146,7 +163,9 @@ def layer_metrics(trace: np.ndarray, num_experts: int, top_k: int, segments: lis
     }
 
 
-def analyse(req: RoutingRequest) -> dict[str, Any]:
+def analyse(req: RoutingRequest, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """The whole measurement; ``progress`` hears one line per stage (the CLI prints them to stderr)."""
+    say = progress or (lambda _line: None)
     check_request(req)
     torch.set_num_threads(req.threads)
     data = {spec: routing_text(spec) for spec in req.texts}
@@ -155,17 +174,22 @@ def analyse(req: RoutingRequest) -> dict[str, Any]:
     layers = [{"layer": s.layer, "path": s.path, "experts": s.num_experts, "top_k": s.top_k,
                "slots": [m * s.top_k for m in req.multiples], "texts": {}} for s in sites]
     texts = []
+    say(f"{req.source}: {len(sites)} MoE layers, captured in {time.perf_counter() - start:.0f} s")
     for spec, raw in data.items():
+        began = time.perf_counter()
         traces, n = text_traces(program, sites, raw, req, spec)
+        traced = time.perf_counter() - began
         texts.append({"text": spec, "windows": n, "tokens_per_window": int(traces[0].shape[1]),
                       "tokens": int(traces[0].shape[0] * traces[0].shape[1])})
         for entry, site, trace in zip(layers, sites, traces):
             entry["texts"][spec] = layer_metrics(trace, site.num_experts, site.top_k, req.segments, entry["slots"])
+        say(f"{spec}: {n} windows traced in {traced:.0f} s, measured in {time.perf_counter() - began - traced:.0f} s")
     for entry in layers:
         loads = {spec: np.array(v["load"]) for spec, v in entry["texts"].items()}
         entry["load_jsd_bits"] = [{"a": a, "b": b, "bits": routing.jsd_bits(loads[a], loads[b])}
                                   for a, b in combinations(req.texts, 2)]
     return {
+        "command": command_line(req),
         "source": req.source,
         "tokenizer": "hf" if _has_tokenizer(program) else "bytes",
         "windows_requested": req.windows,
@@ -174,7 +198,7 @@ def analyse(req: RoutingRequest) -> dict[str, Any]:
         "threads": req.threads,
         "segments": req.segments,
         "cache_multiples_of_top_k": req.multiples,
-        "accounting": "each window is an independent sequence; tokens in order, each needs its k experts resident; "
+        "accounting": "Each window is an independent sequence; tokens in order, each needs its k experts resident; "
                       "filling an empty slot is not a miss (caches start warm, as in moe-lrc)",
         "texts": texts,
         "layers": layers,
@@ -256,30 +280,34 @@ def _fmt(v: float) -> str:
 
 
 def plot_result(result: dict[str, Any], out_dir: Path) -> Path:
-    """One PNG: hit rate vs cache slots, one panel per MoE layer, LRU / LFU / Belady, one line style per text."""
+    """One PNG: hit rate vs cache slots, one panel per MoE layer, LRU / LFU / Belady by colour, texts by line style."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
     layers = result["layers"]
     styles = ["-", "--", ":", "-."]
     colors = {"lru": "tab:blue", "lfu": "tab:orange", "belady": "tab:green"}
-    fig, axes = plt.subplots(1, len(layers), figsize=(3.2 * len(layers), 3.2), sharey=True, squeeze=False)
+    fig, axes = plt.subplots(1, len(layers), figsize=(3.2 * len(layers), 3.6), sharey=True, squeeze=False)
     for ax, entry in zip(axes[0], layers):
         for i, t in enumerate(result["texts"]):
             m = entry["texts"][t["text"]]
             for p in routing.POLICIES:
                 ax.plot(entry["slots"], [m["cache"][p][str(c)] for c in entry["slots"]], styles[i % len(styles)],
-                        color=colors[p], marker="o", markersize=3, label=f"{p} {t['text']}")
+                        color=colors[p], marker="o", markersize=3)
         ax.set_title(f"layer {entry['layer']} (E={entry['experts']}, k={entry['top_k']})", fontsize=9)
         ax.set_xlabel("cache slots per layer")
         ax.set_xticks(entry["slots"])
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("hit rate")
-    axes[0][-1].legend(fontsize=6, loc="lower right")
+    handles = [Line2D([], [], color=c, label=p.upper() if p != "belady" else "Belady") for p, c in colors.items()]
+    handles += [Line2D([], [], color="gray", linestyle=styles[i % len(styles)], label=t["text"])
+                for i, t in enumerate(result["texts"])]
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=7, frameon=False)
     fig.suptitle(f"{Path(result['source']).name}: expert-cache hit rate", fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{re.sub(r'[^A-Za-z0-9._-]', '_', Path(result['source']).name) or 'model'}_routing.png"
     tmp = path.with_name(f".{path.name}.tmp.png")

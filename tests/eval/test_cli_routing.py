@@ -3,6 +3,7 @@ every bad input is one `memc: error:` line (and at most a hint) with exit code 2
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 
 import numpy as np
@@ -79,15 +80,15 @@ def test_tables_json_and_plot(byte_moe_dir: Path, tmp_path: Path) -> None:
     png = plots / f"{byte_moe_dir.name}_routing.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
-    # benchmarks/routing.py renders this JSON and rebuilds the command line that wrote it
-    from benchmarks.routing import command, markdown
+    # the JSON records the command line that wrote it (it parses back to the same request); benchmarks render it
+    from benchmarks.routing import markdown
     from memc.cli import build_parser
 
-    cmd = command(result, str(out), str(plots))
-    args = build_parser().parse_args(cmd.split()[1:])
-    assert (args.texts, args.windows, args.context, args.segments, args.multiples) == (
-        ["heldout:code", "trainsplit:prose"], 3, 64, [4, 16], [1, 2, 3, 4])
-    md = markdown(result, cmd)
+    args = build_parser().parse_args(shlex.split(result["command"])[1:])
+    assert (Path(args.model), args.texts, args.windows, args.context, args.segments, args.multiples, args.json_out,
+            args.plot_dir) == (byte_moe_dir, ["heldout:code", "trainsplit:prose"], 3, 64, [4, 16], [1, 2, 3, 4],
+                               str(out), str(plots))
+    md = markdown(result, result["command"])
     assert "## SRP (segment routing best F1)" in md and "| mean | trainsplit:prose |" in md and "| 2k |" in md
 
     # the traces are moe-calibrate's: the loads equal the pass's selection counts on the same text and windows
