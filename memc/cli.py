@@ -239,8 +239,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"generate": cmd_generate, "compile": cmd_compile, "inspect": cmd_inspect, "passes": cmd_passes, "eval": cmd_eval, "routing": cmd_routing,
-            "schema": cmd_schema}
+COMMANDS = {"generate": cmd_generate, "compile": cmd_compile, "inspect": cmd_inspect, "passes": cmd_passes, "eval": cmd_eval,
+            "routing": cmd_routing, "schema": cmd_schema}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

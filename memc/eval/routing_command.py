@@ -148,7 +148,8 @@ def text_traces(program, sites, data: bytes, req: RoutingRequest, spec: str) -> 
 
 
 # --- the measurements ---------------------------------------------------------------------------------------------
-def layer_metrics(trace: np.ndarray, num_experts: int, top_k: int, segments: list[int], slots: list[int]) -> dict[str, Any]:
+def layer_metrics(trace: np.ndarray, num_experts: int, segments: list[int], slots: list[int]) -> dict[str, Any]:
+    """One layer on one text: SRP and SCH per segment length, hit rate per policy and cache size, expert load."""
     srp = {}
     for m in segments:
         r = routing.srp(trace, num_experts, m)
@@ -182,7 +183,7 @@ def analyse(req: RoutingRequest, progress: Callable[[str], None] | None = None) 
         texts.append({"text": spec, "windows": n, "tokens_per_window": int(traces[0].shape[1]),
                       "tokens": int(traces[0].shape[0] * traces[0].shape[1])})
         for entry, site, trace in zip(layers, sites, traces):
-            entry["texts"][spec] = layer_metrics(trace, site.num_experts, site.top_k, req.segments, entry["slots"])
+            entry["texts"][spec] = layer_metrics(trace, site.num_experts, req.segments, entry["slots"])
         say(f"{spec}: {n} windows traced in {traced:.0f} s, measured in {time.perf_counter() - began - traced:.0f} s")
     for entry in layers:
         loads = {spec: np.array(v["load"]) for spec, v in entry["texts"].items()}
