@@ -1,4 +1,4 @@
-"""The `memc` command line: compile, inspect, passes, eval, generate. Errors are one clear message and a non-zero exit."""
+"""The `memc` command line: compile, inspect, passes, eval, routing, generate. Errors are one clear message and a non-zero exit."""
 from __future__ import annotations
 
 import argparse
@@ -62,6 +62,32 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", dest="json_out", help="write the results as JSON here")
     e.add_argument("--plot", help="write PNG plots into this directory")
     e.add_argument("--trust-pickle", action="store_true", help="allow loading a pickled .pt/.pth model (runs code!)")
+
+    r = sub.add_parser(
+        "routing", help="MoE routing consistency (SRP / SCH), expert-cache hit rates and per-text load divergence",
+        description="Trace the top-k routing of every MoE layer (memc's detect-moe and moe-calibrate passes on the "
+                    "captured model) over evenly spaced windows of each text, and report per layer and text: SRP "
+                    "and SCH (moe-lrc, arXiv 2505.16056) by segment length; LRU, LFU and Belady (best possible) "
+                    "hit rates of a cache of k, 2k, 3k, 4k expert slots per layer; the Jensen-Shannon divergence "
+                    "of the expert loads between every pair of texts. Routing statistics describe the model and "
+                    "fit nothing to it, so held-out text is allowed here (unlike calibration).",
+    )
+    r.add_argument("model", help="an MoE model `memc compile` accepts (Hugging Face dir, .pt2, package.module:function)")
+    r.add_argument("--text", action="append", dest="texts", metavar="SPEC",
+                   help="trainsplit:code | trainsplit:prose | heldout:code | heldout:prose | a UTF-8 file "
+                        "(repeatable; default heldout:code)")
+    r.add_argument("--windows", type=int, default=32, help="evenly spaced windows per text (default 32; fewer if the "
+                                                            "text is short)")
+    r.add_argument("--context", type=int, default=1024, help="tokens per window, capped by the model (default 1024)")
+    r.add_argument("--segments", type=_int_list, default=[4, 16, 64, 256], help="SRP / SCH segment lengths in tokens "
+                                                                                "(default 4,16,64,256)")
+    r.add_argument("--cache", type=_int_list, default=[1, 2, 3, 4], dest="multiples", metavar="MULTIPLES",
+                   help="cache slots per layer as multiples of top-k (default 1,2,3,4)")
+    r.add_argument("--batch", type=int, default=1, help="windows per forward (default 1)")
+    r.add_argument("--threads", type=int, default=1, help="CPU threads (default 1)")
+    r.add_argument("--json", dest="json_out", help="write the results as JSON here")
+    r.add_argument("--plot", dest="plot_dir", help="write a PNG of hit rate vs cache slots per layer into this directory")
+    r.add_argument("--trust-pickle", action="store_true", help="allow loading a pickled .pt/.pth model (runs code!)")
 
     g = sub.add_parser(
         "generate", help="generate text with a compiled artifact's decode graph (only the artifact directory is read)",
@@ -184,6 +210,24 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_routing(args: argparse.Namespace) -> int:
+    from memc.eval.routing_command import RoutingRequest, analyse, plot_result, print_result, save_json
+
+    req = RoutingRequest(
+        source=args.model, texts=args.texts or ["heldout:code"], windows=args.windows, context=args.context,
+        segments=args.segments, multiples=args.multiples, batch=args.batch, threads=args.threads,
+        trust_pickle=args.trust_pickle, json_out=args.json_out, plot_dir=args.plot_dir,
+    )
+    result = analyse(req, progress=lambda line: print(f"memc routing: {line}", file=sys.stderr))
+    print_result(result)
+    if args.json_out:
+        save_json(result, Path(args.json_out))
+        print(f"wrote {args.json_out}")
+    if args.plot_dir:
+        print(f"wrote {plot_result(result, Path(args.plot_dir))}")
+    return 0
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from memc.runtime.command import GenerateRequest, generate_command
 
@@ -195,7 +239,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"generate": cmd_generate, "compile": cmd_compile, "inspect": cmd_inspect, "passes": cmd_passes, "eval": cmd_eval, "schema": cmd_schema}
+COMMANDS = {"generate": cmd_generate, "compile": cmd_compile, "inspect": cmd_inspect, "passes": cmd_passes, "eval": cmd_eval,
+            "routing": cmd_routing, "schema": cmd_schema}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
