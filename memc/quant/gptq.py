@@ -45,7 +45,9 @@ def gptq(
     dead = torch.diag(H) == 0
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
-    scale, zeros = group_params(padded_groups(W, fmt.group), fmt)  # [rows, blocks] each
+    # ranges chosen on the original weight, each column's error weighted by its Hessian diagonal
+    importance = padded_groups(torch.diag(H).unsqueeze(0), fmt.group)  # [1, blocks, group]
+    scale, zeros = group_params(padded_groups(W, fmt.group), fmt, importance)  # [rows, blocks] each
     col_group = torch.arange(cols) // fmt.group
     perm = torch.argsort(torch.diag(H), descending=True, stable=True) if act_order else torch.arange(cols)
     W, H = W[:, perm], H[perm][:, perm]

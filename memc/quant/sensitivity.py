@@ -29,7 +29,7 @@ import torch
 from memc.program import Program
 from memc.quant.formats import Format, parse_format
 from memc.quant.record import Observer, first_output
-from memc.quant.rtn import rtn
+from memc.quant.rtn import RANGE_RULE, rtn
 from memc.quant.sites import TieGroup, WeightTensor
 
 
@@ -55,7 +55,7 @@ def _params(program: Program) -> dict[str, torch.Tensor]:
 
 
 def cache_key(program: Program, calib: list[tuple], candidates: list[str], kind: str, target: str, seed: int) -> str:
-    h = hashlib.sha256(f"v1|{kind}|{target}|{seed}|{','.join(candidates)}".encode())
+    h = hashlib.sha256(f"v1|{RANGE_RULE}|{kind}|{target}|{seed}|{','.join(candidates)}".encode())
     for name, t in sorted(program.module.state_dict().items()):
         h.update(name.encode())
         h.update(t.detach().contiguous().cpu().numpy().tobytes())
