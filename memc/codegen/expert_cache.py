@@ -60,11 +60,15 @@ class CachePlan:
 
 def check_expert_cache(program: Program, slots: int, key: str = "target.expert_cache.slots") -> CachePlan:
     """Everything that can refuse the expert-cache form, before anything is lowered."""
-    graph = decode_graph(program, "standard")
-    sites = find_moe_sites(graph.module)
-    if not sites:
+    if not find_moe_sites(program.module):
         raise UnsupportedError(f"{key}: {program.source.path} has no MoE layer (no router + top-k over experts "
                                "found), so there are no experts to cache", hint="remove target.expert_cache")
+    try:
+        graph = decode_graph(program, "standard")
+    except UnsupportedError as exc:
+        raise UnsupportedError(f"{key}: the expert cache runs the decode form of the program, and {exc.args[0]}",
+                               hint="remove target.expert_cache for this model") from None
+    sites = find_moe_sites(graph.module)
     for s in sites:
         if not s.top_k <= slots <= s.num_experts:
             raise ConfigError(f"{key}: {slots} slots for MoE site {s.path} (layer {s.layer}), which has "
