@@ -32,7 +32,7 @@ from torch.export import Dim
 
 from memc.atomic import atomic_file
 from memc.codegen.decode_rewrite import DecodeGraph, decode_graph, export_decode
-from memc.codegen.expert_region import ExpertRegion, experts_module, find_region
+from memc.codegen.expert_region import ExpertRegion, check_form, experts_module, find_region
 from memc.codegen.onnx import lower_exported, strip_exporter_metadata
 from memc.codegen.onnx_split import split_segments
 from memc.errors import ConfigError, UnsupportedError, first_line
@@ -59,21 +59,28 @@ class CachePlan:
 
 
 def check_expert_cache(program: Program, slots: int, key: str = "target.expert_cache.slots") -> CachePlan:
-    """Everything that can refuse the expert-cache form, before anything is lowered."""
-    if not find_moe_sites(program.module):
+    """Everything that can refuse the expert-cache form, before anything is lowered: a model without MoE layers,
+    a slot count outside k..E, a site whose experts are not fused tensors gathered by id, a program with no decode
+    form, a site that cannot be cut."""
+    found = find_moe_sites(program.module)
+    if not found:
         raise UnsupportedError(f"{key}: {program.source.path} has no MoE layer (no router + top-k over experts "
                                "found), so there are no experts to cache", hint="remove target.expert_cache")
+    for s in found:
+        if not s.top_k <= slots <= s.num_experts:
+            raise ConfigError(f"{key}: {slots} slots for MoE site {s.path} (layer {s.layer}), which has "
+                              f"{s.num_experts} experts and routes each token to {s.top_k}: slots must be in "
+                              f"{s.top_k}..{s.num_experts}")
+        check_form(s)
     try:
         graph = decode_graph(program, "standard")
     except UnsupportedError as exc:
         raise UnsupportedError(f"{key}: the expert cache runs the decode form of the program, and {exc.args[0]}",
                                hint="remove target.expert_cache for this model") from None
     sites = find_moe_sites(graph.module)
-    for s in sites:
-        if not s.top_k <= slots <= s.num_experts:
-            raise ConfigError(f"{key}: {slots} slots for MoE site {s.path} (layer {s.layer}), which has "
-                              f"{s.num_experts} experts and routes each token to {s.top_k}: slots must be in "
-                              f"{s.top_k}..{s.num_experts}")
+    if [s.path for s in sites] != [s.path for s in found]:
+        raise UnsupportedError(f"{key}: the decode form of {program.source.path} has MoE sites "
+                               f"{[s.path for s in sites]}, the program {[s.path for s in found]}")
     regions = [find_region(graph.module, s) for s in sites]
     return CachePlan(graph, sites, regions, slots)
 

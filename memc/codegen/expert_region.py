@@ -45,7 +45,7 @@ class ExpertRegion:
 
     @property
     def label(self) -> str:
-        return f"MoE site {self.site.path or '(top level)'} (layer {self.site.layer})"
+        return _label(self.site)
 
 
 def _expr(value: object) -> object:
@@ -92,16 +92,25 @@ def _post_dominates(candidate: fx.Node, starts: list[fx.Node], output: fx.Node) 
     return True
 
 
-def find_region(gm: fx.GraphModule, site: MoESite) -> ExpertRegion:
-    """The experts region of ``site`` in ``gm`` (see the module docstring); refuses what it cannot cut."""
-    label = f"MoE site {site.path or '(top level)'} (layer {site.layer})"
+def _label(site: MoESite) -> str:
+    return f"MoE site {site.path or '(top level)'} (layer {site.layer})"
+
+
+def check_form(site: MoESite) -> None:
+    """Refuse a site whose experts are not fused tensors gathered by expert id."""
     if site.experts_form != "fused":
         raise UnsupportedError(
-            f"expert_cache: {label} keeps its experts in a ModuleList and runs every expert on every token; the "
+            f"expert_cache: {_label(site)} keeps its experts in a ModuleList and runs every expert on every token; the "
             "expert cache needs fused expert tensors gathered by expert id (transformers' batched_mm form)",
             hint="load the model with experts_implementation='batched_mm' (memc's capture does for transformers MoE), "
                  "or compile without target.expert_cache",
         )
+
+
+def find_region(gm: fx.GraphModule, site: MoESite) -> ExpertRegion:
+    """The experts region of ``site`` in ``gm`` (see the module docstring); refuses what it cannot cut."""
+    label = _label(site)
+    check_form(site)
     by_name = {n.name: n for n in gm.graph.nodes}
     ids, router = by_name.get(site.indices_node), by_name.get(site.router_node)
     gathers = _gathers(gm, site)
