@@ -44,6 +44,12 @@ class _Layer:
     cache: SlotCache
     load_seconds: float = 0.0
 
+    def __post_init__(self) -> None:
+        by_role = lambda role: [s["name"] for s in self.inputs if s["role"] == role]  # noqa: E731
+        self.row_inputs, self.slots_input = by_role("rows"), by_role("slots")[0]
+        self.ids_input = (by_role("ids") or [None])[0]
+        self.weight_feeds = dict(zip(by_role("weight"), self.buffers))
+
     def load(self, loads: list[tuple[int, int]]) -> None:
         t0 = time.perf_counter()
         for expert, slot in loads:
@@ -73,6 +79,7 @@ class ExpertCacheEngine:
         self.state_specs = [StateSpec(s["name"], tuple("past" if d == "capacity" else d for d in s["shape"]),
                                       np.dtype(s["dtype"]).type, s.get("kind", "kv")) for s in manifest["state"]]
         self.output_names = manifest["outputs"]
+        self._presents = [s.output for s in self.state_specs]
         self.segments = [(create_session(root / s["file"], threads), s["inputs"], s["outputs"])
                          for s in manifest["segments"]]
         store = manifest["store"]
@@ -153,19 +160,12 @@ class ExpertCacheEngine:
             sub = ids if len(groups) == 1 else ids[group]
             needed = list(dict.fromkeys(int(e) for e in sub.reshape(-1)))
             layer.load(layer.cache.admit(needed))
-            slots = layer.cache.lookup(layer.cache.experts)[sub]
-            feeds, r = {}, 0
-            for spec in layer.inputs:
-                role = spec["role"]
-                if role == "rows":
-                    feeds[spec["name"]] = rows[r] if len(groups) == 1 else rows[r][group]
-                    r += 1
-                elif role == "ids":
-                    feeds[spec["name"]] = sub
-                elif role == "slots":
-                    feeds[spec["name"]] = slots
-            for spec, buf in zip((s for s in layer.inputs if s["role"] == "weight"), layer.buffers):
-                feeds[spec["name"]] = buf
+            feeds = dict(layer.weight_feeds)
+            feeds[layer.slots_input] = layer.cache.lookup()[sub]
+            if layer.ids_input:
+                feeds[layer.ids_input] = sub
+            for name, value in zip(layer.row_inputs, rows):
+                feeds[name] = value if len(groups) == 1 else value[group]
             (y,) = layer.session.run(None, feeds)
             if len(groups) == 1:
                 return y
@@ -193,7 +193,7 @@ class ExpertCacheEngine:
             if s < len(self.layers):
                 env[self.layers[s].out] = self._experts(s, env)
         logits = env[self.output_names[0]]
-        return logits, [env[s.output] for s in self.state_specs]
+        return logits, [env[name] for name in self._presents]
 
     def prefill(self, input_ids: Any) -> tuple[np.ndarray, list[np.ndarray]]:
         ids = self._ids(input_ids, "input_ids")

@@ -39,6 +39,7 @@ class SlotCache:
         self.slot_of: dict[int, int] = {}
         self._recency: OrderedDict[int, None] = OrderedDict()  # least recently used first
         self._free = list(range(slots))
+        self._table = np.full(experts, -1, dtype=np.int64)  # expert id -> slot, -1 where not resident
         self.stats = SlotStats()
 
     @property
@@ -67,18 +68,18 @@ class SlotCache:
                 victim = next(v for v in self._recency if v not in keep)
                 slot = self.slot_of.pop(victim)
                 del self._recency[victim]
+                self._table[victim] = -1
             self.slot_of[e] = slot
+            self._table[e] = slot
             self._recency[e] = None
             loads.append((e, slot))
         self.stats.loads += len(loads)
         return loads
 
-    def lookup(self, experts: int) -> np.ndarray:
-        """expert id -> slot (-1 where not resident), for mapping an ids array with one gather."""
-        table = np.full(experts, -1, dtype=np.int64)
-        for e, s in self.slot_of.items():
-            table[e] = s
-        return table
+    def lookup(self) -> np.ndarray:
+        """expert id -> slot (-1 where not resident), for mapping an ids array with one gather (read-only: it
+        changes with the next admit)."""
+        return self._table
 
 
 def token_groups(ids: np.ndarray, slots: int, resident: set[int] = frozenset()) -> list[np.ndarray]:

@@ -50,7 +50,7 @@ def test_exact_counts_on_a_crafted_trace():
     assert pairs.admit([2, 3]) == [(2, 2), (3, 0)]  # 3 replaces 0, the least recently used not asked for
     assert pairs.admit([0, 2]) == [(0, 1)]  # 2 hits; 0 replaces 1 (2 was just used)
     assert pairs.stats.as_dict() == {"requests": 6, "hits": 1, "loads": 5, "hit_rate": 1 / 6}
-    table = pairs.lookup(4)
+    table = pairs.lookup()
     assert table.tolist() == [1, -1, 2, 0]
 
 
