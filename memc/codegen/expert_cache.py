@@ -72,6 +72,13 @@ def check_expert_cache(program: Program, slots: int, key: str = "target.expert_c
                               f"{s.num_experts} experts and routes each token to {s.top_k}: slots must be in "
                               f"{s.top_k}..{s.num_experts}")
         check_form(s)
+        for p in s.expert_params:
+            dtype = get_attr_tensor(program.module, p).dtype
+            if dtype not in (torch.float32, torch.float16):
+                raise UnsupportedError(
+                    f"{key}: MoE site {s.path} keeps its experts in {_dtype_name(dtype)}; the expert cache's host "
+                    "copies them with numpy, which holds float32 and float16 only",
+                    hint="compile with model.dtype = \"float32\" (or float16)")
     try:
         graph = decode_graph(program, "standard")
     except UnsupportedError as exc:
@@ -173,7 +180,7 @@ def write_store(gm: fx.GraphModule, sites: list[MoESite], path: Path) -> list[di
     with atomic_file(path) as tmp, open(tmp, "wb") as f:
         for site in sites:
             tensors = [get_attr_tensor(gm, p).detach().contiguous() for p in site.expert_params]
-            arrays = [t.float().numpy() if t.dtype == torch.bfloat16 else t.numpy() for t in tensors]
+            arrays = [t.numpy() for t in tensors]
             parts, inner = [], 0
             for p, a in zip(site.expert_params, arrays):
                 parts.append({"param": p, "offset": inner, "shape": list(a.shape[1:]), "dtype": str(a.dtype)})
@@ -192,7 +199,8 @@ def write_store(gm: fx.GraphModule, sites: list[MoESite], path: Path) -> list[di
 
 def build_expert_cache(program: Program, out_dir: Path, slots: int, opset: int = 18, optimize: bool = True,
                        plan: CachePlan | None = None) -> dict[str, Any]:
-    """Write ``out_dir/expert_cache/`` (see the module docstring); returns the layout report.json records."""
+    """Write ``out_dir/expert_cache/`` (see the module docstring); returns the layout report.json records. A
+    ``plan`` from check_expert_cache is used up (its decode graph gets the cut values as extra outputs)."""
     plan = plan or check_expert_cache(program, slots)
     graph, regions, sites = plan.graph, plan.regions, plan.sites
     root = out_dir / DIR

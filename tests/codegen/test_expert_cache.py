@@ -112,6 +112,17 @@ def test_a_pruned_program_deploys_pruned(tiny_hf, tmp_path):
     assert float(np.abs(got - program_reference(original)(ids)).max()) > 1e-3
 
 
+def test_deepseek_v3_gates_read_the_true_ids(tiny_hf, tmp_path):
+    """DeepSeek-V3 gathers its gate weights from the sigmoid scores at the top-k ids inside the experts part: that
+    gather must keep the true ids while the expert gathers read slots (a dense first layer and a shared expert too)."""
+    program = capture(str(tiny_hf("deepseek-v3")), parse_config({}))
+    layout = build_expert_cache(program, tmp_path, 2, opset=18)
+    assert layout["experts"] == [8] and "ids" in layout["experts_graphs"][0]["inputs"]
+    ids = _ids(2, 14, seed=7)
+    got = decode_logits(ExpertCacheEngine(tmp_path), ids, 7)
+    assert float(np.abs(got - program_reference(program)(ids)).max()) <= DEFAULT_ATOL
+
+
 def test_refusals_name_the_key_and_the_site(tiny_hf, tiny_llama_dir):
     moe = capture(str(tiny_hf("qwen3-moe")), parse_config({}))
     for slots in (1, 5):

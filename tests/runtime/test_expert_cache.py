@@ -51,8 +51,9 @@ def test_every_step_asks_k_experts_per_layer(artifact):
 def test_greedy_tokens_equal_the_full_model(artifact):
     """Greedy through the cache (2 of 4 experts resident) == greedy by full forwards of model.onnx."""
     prompt = np.array([[5, 17, 99, 3]], dtype=np.int64)
-    got = ExpertCacheEngine(artifact).generate(prompt, 10)
     model, seq = load(artifact), prompt
+    assert model.has_expert_cache
+    got = model.expert_cache().generate(prompt, 10)
     for _ in range(10):
         (logits,) = model.run(seq)
         seq = np.concatenate([seq, logits[:, -1:].argmax(-1)], axis=1)
