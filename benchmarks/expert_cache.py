@@ -1,7 +1,8 @@
 """The expert-cache form of ref-moe (byte-level Qwen3-MoE, 16 experts top-2, 4 layers): exactness, hit rate per
 layer, bytes resident and decode ms/token against the full decode artifact.
 
-    python -m benchmarks.expert_cache compile            # memc compile ref-moe with C = 8 (+ decode.onnx) and C = 4
+    python -m benchmarks.expert_cache compile            # memc compile ref-moe with C = 8 (+ decode.onnx) and C = 4,
+                                                         # and decode.onnx in the concat KV layout
     python -m benchmarks.expert_cache run [--windows 16]
 
 Text: the first ``--windows`` non-overlapping 256-byte windows of the held-out code split (memc.eval.text,
@@ -53,6 +54,15 @@ def compile_artifacts() -> None:
         if slots == SLOTS[0]:
             args += ["--set", "target.decode_graph=true", "--set", "target.decode_steps=16"]
         subprocess.run(args, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    concat_decode()
+
+
+def concat_decode() -> None:
+    """decode.onnx of the same Program in the expert cache's KV layout (concat, no GroupQueryAttention)."""
+    from memc.codegen.decode import build_decode_artifact
+
+    (WORK / "ref-moe-concat").mkdir(parents=True, exist_ok=True)
+    build_decode_artifact(MODEL, WORK / "ref-moe-concat", 23, attention="standard")
 
 
 # -- cases (each in a fresh process, one thread) -------------------------------------------------------------------
@@ -114,13 +124,14 @@ def engines_case(count: int, ref_file: str) -> dict:
     from memc.runtime.expert_cache import ExpertCacheEngine
 
     ref = dict(np.load(ref_file))
-    runs = {"full": _Run(DecodeEngine(artifact(SLOTS[0]), threads=1), ref)}
+    runs = {"full": _Run(DecodeEngine(artifact(SLOTS[0]), threads=1), ref),
+            "concat": _Run(DecodeEngine(WORK / "ref-moe-concat", threads=1), ref)}
     for slots in SLOTS:
         runs[slots] = _Run(ExpertCacheEngine(artifact(slots), threads=1, trace=True), ref)
     for i, w in enumerate(windows(count)):
         for run in runs.values():
             run.window(i, w)
-    full = runs.pop("full").result()
+    full, concat = runs.pop("full").result(), runs.pop("concat").result()
     full["weight_bytes"] = int((artifact(SLOTS[0]) / "decode.onnx").stat().st_size)
     caches = []
     per_window = 1 + WINDOW - PREFILL  # traced calls per window: the prefill, then one per step
@@ -138,7 +149,7 @@ def engines_case(count: int, ref_file: str) -> dict:
                        "bytes_full": stats["bytes_full"], "slot_bytes": stats["slot_bytes"],
                        "segment_bytes": stats["segment_bytes"], "loads": stats["loads"]})
         caches.append(result)
-    return {"full": full, "caches": caches}
+    return {"full": full, "concat": concat, "caches": caches}
 
 
 def _belady(sets: list[list[int]], slots: int) -> float:
@@ -168,7 +179,7 @@ def run(count: int) -> None:
     ref_file = str(WORK / "reference.npz")
     ref = run_case("benchmarks.expert_cache:reference_case", count=count, out=ref_file)
     measured = run_case("benchmarks.expert_cache:engines_case", count=count, ref_file=ref_file)
-    full, caches = measured["full"], measured["caches"]
+    full, concat, caches = measured["full"], measured["concat"], measured["caches"]
     steps = full["steps"]
     table = Table(
         "expert_cache", f"python -m benchmarks.expert_cache run --windows {count}",
@@ -177,6 +188,9 @@ def run(count: int) -> None:
     )
     table.rows.append(["full decode.onnx (every expert)", "16 of 16", full["weight_bytes"], full["max_diff_torch"],
                        full["max_diff_onnx"], "-", "-", 0, full["ms_per_token"], 1.0])
+    table.rows.append(["full decode.onnx, concat KV (the cache's layout)", "16 of 16", full["weight_bytes"],
+                       concat["max_diff_torch"], concat["max_diff_onnx"], "-", "-", 0, concat["ms_per_token"],
+                       concat["ms_per_token"] / full["ms_per_token"]])
     for c in caches:
         table.rows.append([
             f"expert cache C = {c['slots']}", f"{c['slots']} of 16", c["bytes_resident"], c["max_diff_torch"],
@@ -198,19 +212,21 @@ def run(count: int) -> None:
         f"CPU: {cpu_info()}; one thread; medians over all steps; the engines take turns window by window in one "
         "process (the machine was shared with other jobs: compare the ratios, not the absolute times).",
     ]
-    table.raw = {"reference": ref, "full": full, "caches": caches, "windows": count, "window": WINDOW,
+    table.raw = {"reference": ref, "full": full, "concat": concat, "caches": caches, "windows": count, "window": WINDOW,
                  "prefill": PREFILL}
     print(table.write().read_text())
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("what", choices=["compile", "run"])
+    parser.add_argument("what", choices=["compile", "concat", "run"])
     parser.add_argument("--windows", type=int, default=16)
     args = parser.parse_args()
     WORK.mkdir(parents=True, exist_ok=True)
     if args.what == "compile":
         compile_artifacts()
+    elif args.what == "concat":
+        concat_decode()
     else:
         run(args.windows)
 
