@@ -117,7 +117,7 @@ def generate_command(req: GenerateRequest, out: TextIO | None = None, err: TextI
         raise MemcError("--stop: a stop string must not be empty")
     prompt = read_prompt(req)
     path, engine = open_engine(req.artifact, req.threads, req.slots, req.expert_cache)
-    tokenizer = load_tokenizer(path)
+    tokenizer = load_tokenizer(path, engine.vocab_size)
     ids = tokenizer.encode(prompt)
     if ids.size == 0:
         raise MemcError("the prompt encodes to no tokens; give some text")

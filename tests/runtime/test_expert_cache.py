@@ -77,3 +77,17 @@ def test_the_engine_does_not_import_torch(artifact):
             f"e = ExpertCacheEngine({str(artifact)!r}); e.generate([1, 2, 3], 3); "
             "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_byte_level_models_read_text_as_bytes(tmp_path):
+    """ref-moe (vocabulary 256) ships no tokenizer: `memc generate` reads and writes its text as UTF-8 bytes."""
+    from memc.errors import ArtifactError
+    from memc.runtime.text import TextStream, load_tokenizer
+
+    tok = load_tokenizer(tmp_path, 256)
+    ids = tok.encode("déf x")
+    assert ids.tolist() == list("déf x".encode("utf-8")) and tok.decode(ids) == "déf x"
+    stream = TextStream(tok.decode)
+    assert "".join(stream.push(i) for i in ids) + stream.finish() == "déf x"
+    with pytest.raises(ArtifactError, match="has no tokenizer"):
+        load_tokenizer(tmp_path, 128)
