@@ -95,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "to stdout; the context note and the final timing line (prefill tokens/s, decode ms/token) go "
                     "to stderr.",
     )
-    g.add_argument("artifact", help="a `memc compile` output directory with decode.onnx ([target] decode_graph = true)")
+    g.add_argument("artifact", help="a `memc compile` output directory with decode.onnx ([target] decode_graph = true) "
+                                    "or an expert cache ([target] expert_cache = { slots = C }), which is preferred")
     src = g.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="the prompt text")
     src.add_argument("--prompt-file", help="a UTF-8 text file holding the prompt")
@@ -108,6 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop before any of these strings (the tokenizer's end-of-text token always stops)")
     g.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0 = its default)")
     g.add_argument("--json", action="store_true", help="print one JSON object (tokens, text, timings, state bytes)")
+    g.add_argument("--slots", type=int, default=None,
+                   help="artifacts with an expert cache: experts resident per MoE layer (k..E; default: as compiled)")
+    g.add_argument("--no-expert-cache", action="store_true",
+                   help="run decode.onnx (every expert resident) even when the artifact has an expert cache")
     return parser
 
 
@@ -234,7 +239,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     generate_command(GenerateRequest(
         artifact=args.artifact, prompt=args.prompt, prompt_file=args.prompt_file, max_new_tokens=args.max_new_tokens,
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=args.stop,
-        threads=args.threads, as_json=args.json,
+        threads=args.threads, as_json=args.json, slots=args.slots, expert_cache=not args.no_expert_cache,
     ))
     return 0
 

@@ -64,7 +64,9 @@ class Plan:
             opts = ", ".join(f"{k}={v!r}" for k, v in vars(p.config).items())
             lines.append(f"  {i}. {p.name}" + (f" ({opts})" if opts else ""))
         t = self.config.target
-        lines.append(f"target:  {t.name} (opset {t.opset}, atol {t.atol:g}" + (", + decode.onnx)" if t.decode_graph else ")"))
+        extras = ([", + decode.onnx"] if t.decode_graph else []) + (
+            [f", + expert_cache/ ({t.expert_cache.slots} slots per MoE layer)"] if t.expert_cache.slots else [])
+        lines.append(f"target:  {t.name} (opset {t.opset}, atol {t.atol:g}{''.join(extras)})")
         lines.append(f"output:  {self.out_dir}")
         return lines
 

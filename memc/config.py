@@ -94,6 +94,18 @@ class InstrumentsConfig:
 
 
 @dataclass
+class ExpertCacheConfig:
+    slots: int = option(
+        0, "MoE models: also write expert_cache/, the model run with this many experts per MoE layer resident in "
+           "slots and the others loaded on demand from a memory-mapped store (exact; k <= slots <= experts); 0 = off",
+    )
+
+    def validate(self) -> None:
+        if self.slots < 0:
+            raise ValueError(f"slots must be >= 0 (0 = no expert cache), got {self.slots}")
+
+
+@dataclass
 class TargetConfig:
     name: Literal["onnx"] = option("onnx", "deployment target (onnx: ONNX run and verified with onnxruntime)")
     opset: int = option(23, "ONNX opset version (18..23); 23 emits native Attention / RotaryEmbedding / RMSNormalization")
@@ -108,6 +120,10 @@ class TargetConfig:
         "causal LMs: also write decode.onnx, the stateful decode graph of the program after its passes (input_ids + "
         "past state -> logits + present state: KV caches, memory-caching states; memc.runtime.DecodeEngine runs it), "
         "verified as prefill + one-token steps against the program's full-sequence logits and by greedy tokens",
+    )
+    expert_cache: ExpertCacheConfig = option(
+        factory=ExpertCacheConfig, doc="the expert-cache form of an MoE model (memc.runtime.ExpertCacheEngine): "
+        "segment graphs cut at the routers, experts graphs over slot buffers, a store of expert records",
     )
     decode_steps: int = option(64, "decode_graph: greedy tokens (and prefill + as many steps of logits) compared with "
                                    "the torch program's (capped by context)")

@@ -54,6 +54,7 @@ VALID: dict[str, tuple[str, Any, Any]] = {
     "target.debug_metadata": ("true", True, True),
     "target.decode_graph": ("true", True, True),
     "target.decode_steps": ("16", 16, 16),
+    "target.expert_cache.slots": ("8", 8, 8),
     "output.dir": ("out/x", "out/x", "out/x"),
     "output.hf_checkpoint": ("true", True, True),
 }

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
@@ -17,6 +17,9 @@ from memc.report_schema import REPORT_SCHEMA_ID
 from memc.runtime.engine import DECODE_FILE, DecodeEngine, DecodeStateError
 from memc.runtime.sampling import SamplingError
 from memc.targets.session import create_session
+
+if TYPE_CHECKING:
+    from memc.runtime.expert_cache import ExpertCacheEngine
 
 MODEL_FILE = "model.onnx"
 REPORT_FILE = "report.json"
@@ -86,6 +89,24 @@ class CompiledModel:
             except (DecodeStateError, OSError) as exc:
                 raise ArtifactError(f"{self.path / DECODE_FILE}: {exc}") from None
         return self._decode
+
+    @property
+    def has_expert_cache(self) -> bool:
+        from memc.runtime.expert_cache import has_expert_cache
+
+        return has_expert_cache(self.path)
+
+    def expert_cache(self, slots: int | None = None, trace: bool = False) -> "ExpertCacheEngine":
+        """The ExpertCacheEngine over expert_cache/ (``slots``: experts resident per layer, default as compiled)."""
+        from memc.runtime.expert_cache import ExpertCacheEngine
+
+        if not self.has_expert_cache:
+            raise ArtifactError(f"{self.path} has no expert cache: it was compiled without one",
+                                hint="compile an MoE model with --set target.expert_cache.slots=C")
+        try:
+            return ExpertCacheEngine(self.path, self._threads, slots, trace)
+        except (DecodeStateError, OSError, ValueError) as exc:
+            raise ArtifactError(f"{self.path}: expert cache: {exc}") from None
 
     def _feeds(self, args: Sequence[Any], named: dict[str, Any]) -> dict[str, np.ndarray]:
         if len(args) > len(self.input_names):

@@ -15,6 +15,7 @@ from typing import Any, TextIO
 
 from memc.errors import ArtifactError, MemcError
 from memc.runtime.engine import DECODE_FILE, DecodeEngine, DecodeStateError
+from memc.runtime.expert_cache import ExpertCacheEngine, has_expert_cache
 from memc.runtime.generate import Generation
 from memc.runtime.sampling import SamplingConfig
 from memc.runtime.text import TextStream, load_tokenizer
@@ -36,6 +37,8 @@ class GenerateRequest:
     stop: list[str] = field(default_factory=list)
     threads: int = 0
     as_json: bool = False
+    slots: int | None = None  # expert cache: resident experts per layer (None: as compiled)
+    expert_cache: bool = True  # use the artifact's expert cache when it has one
 
 
 def read_prompt(req: GenerateRequest) -> str:
@@ -59,13 +62,24 @@ def read_prompt(req: GenerateRequest) -> str:
     return text
 
 
-def open_engine(artifact: str, threads: int) -> tuple[Path, DecodeEngine]:
+def open_engine(artifact: str, threads: int, slots: int | None = None, expert_cache: bool = True
+                ) -> tuple[Path, DecodeEngine | ExpertCacheEngine]:
+    """The artifact's expert cache when it has one (and ``expert_cache``), else its decode graph."""
     path = Path(artifact)
     if path.is_file() and path.name == DECODE_FILE:
         path = path.parent
     if not path.is_dir():
         raise ArtifactError(f"{artifact} is not a memc artifact directory: it does not exist"
                             if not path.exists() else f"{artifact} is not a memc artifact directory")
+    if expert_cache and has_expert_cache(path):
+        try:
+            return path, ExpertCacheEngine(path, threads, slots)
+        except (DecodeStateError, OSError, ValueError) as exc:
+            raise ArtifactError(f"{path}: expert cache: {exc}") from None
+    if slots is not None:
+        raise MemcError(f"--slots: {path} has no expert cache" + (" (or --no-expert-cache was given)"
+                                                                   if has_expert_cache(path) else ""),
+                        hint="compile with `--set target.expert_cache.slots=C`")
     if not (path / DECODE_FILE).is_file():
         raise ArtifactError(f"{path} has no decode graph ({DECODE_FILE}), so it cannot generate", hint=DECODE_HINT)
     try:
@@ -76,7 +90,12 @@ def open_engine(artifact: str, threads: int) -> tuple[Path, DecodeEngine]:
         raise ArtifactError(f"{path / DECODE_FILE} is not a loadable ONNX model: {type(exc).__name__}: {exc}") from None
 
 
-def context_note(engine: DecodeEngine, prompt_tokens: int, new_tokens: int) -> str:
+def context_note(engine: DecodeEngine | ExpertCacheEngine, prompt_tokens: int, new_tokens: int) -> str:
+    if isinstance(engine, ExpertCacheEngine):
+        experts = sorted({l.cache.experts for l in engine.layers})
+        return (f"expert cache: {engine.slots} of {'/'.join(map(str, experts))} experts resident per MoE layer "
+                f"({engine.num_layers} layers), the others loaded on demand; context limit "
+                f"{engine.max_seq_len or 'none recorded'} (KV cache)")
     if engine.bounded_state:
         return (f"bounded state: every attention site is memory-caching with a capped state "
                 f"({engine.state_bytes_at(0):,} bytes at any context), so there is no context limit")
@@ -97,8 +116,8 @@ def generate_command(req: GenerateRequest, out: TextIO | None = None, err: TextI
     if any(not s for s in req.stop):
         raise MemcError("--stop: a stop string must not be empty")
     prompt = read_prompt(req)
-    path, engine = open_engine(req.artifact, req.threads)
-    tokenizer = load_tokenizer(path)
+    path, engine = open_engine(req.artifact, req.threads, req.slots, req.expert_cache)
+    tokenizer = load_tokenizer(path, engine.vocab_size)
     ids = tokenizer.encode(prompt)
     if ids.size == 0:
         raise MemcError("the prompt encodes to no tokens; give some text")
@@ -147,6 +166,8 @@ def generate_command(req: GenerateRequest, out: TextIO | None = None, err: TextI
         "context_limit": limit if not engine.bounded_state else None,
         "note": note,
     }
+    if isinstance(engine, ExpertCacheEngine):
+        result["expert_cache"] = engine.stats()
     if req.as_json:
         out.write(json.dumps(result) + "\n")
     else:
@@ -160,6 +181,13 @@ def final_line(result: dict[str, Any]) -> str:
     t = result["timings"]
     decode = (f"decode {t['decode_steps']} steps at {t['decode_ms_per_token']:.2f} ms/token"
               if t["decode_steps"] else "decode: no steps (one new token comes from the prefill)")
-    return (f"memc generate: prefill {t['prefill_tokens']:,} tokens at {t['prefill_tokens_per_s']:,.0f} tokens/s | "
+    line = (f"memc generate: prefill {t['prefill_tokens']:,} tokens at {t['prefill_tokens_per_s']:,.0f} tokens/s | "
             f"{decode} | {len(result['tokens'])} new tokens | state {result['state_bytes']:,} bytes | "
             f"stopped: {result['stop_reason']}")
+    cache = result.get("expert_cache")
+    if cache:
+        rates = " ".join(f"{l['hit_rate']:.2f}" if l["hit_rate"] is not None else "-" for l in cache["layers"])
+        line += (f"\nmemc generate: expert cache {cache['slots']} slots: hit rate {cache['hit_rate']:.3f} "
+                 f"(per layer {rates}), {cache['loads']:,} loads, {cache['bytes_resident']:,} of "
+                 f"{cache['bytes_full']:,} weight bytes resident")
+    return line

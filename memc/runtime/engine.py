@@ -63,6 +63,40 @@ class StateSpec:
         return np.zeros([batch if d == "batch" else 0 if d == "past" else d for d in self.shape], dtype=self.dtype)
 
 
+def check_state(specs: Sequence[StateSpec], state: Sequence[np.ndarray], batch: int) -> int:
+    """Validate ``state`` (arrays in the order of ``specs``) for a batch of ``batch`` rows; returns its past length (0
+    without a KV cache). Shared by every engine over a state layout."""
+    if not isinstance(state, (list, tuple)):
+        raise DecodeStateError(
+            f"state must be the list of present arrays from the last call, got {type(state).__name__}"
+        )
+    if len(state) != len(specs):
+        raise DecodeStateError(
+            f"state has {len(state)} arrays; this decode graph takes {len(specs)} "
+            f"({', '.join(s.name for s in specs[:4])}, ...)"
+        )
+    past = None
+    for i, (array, spec) in enumerate(zip(state, specs)):
+        if not isinstance(array, np.ndarray):
+            raise DecodeStateError(f"state[{i}] ({spec.name}) is a {type(array).__name__}, not a numpy array")
+        if array.dtype != spec.dtype:
+            raise DecodeStateError(
+                f"state[{i}] ({spec.name}) has dtype {array.dtype}; the graph takes {np.dtype(spec.dtype)}"
+            )
+        if past is None and "past" in spec.shape and array.ndim == len(spec.shape):
+            past = int(array.shape[spec.shape.index("past")])
+        want = tuple(batch if d == "batch" else past if d == "past" else d for d in spec.shape)
+        if array.shape != want:
+            labels = ("batch", "heads", "past", "head_dim") if spec.kind == "kv" and len(want) == 4 else spec.shape
+            names = ", ".join(f"{label}={size}" if isinstance(label, str) else str(size)
+                              for label, size in zip(labels, want))
+            raise DecodeStateError(
+                f"state[{i}] ({spec.name}) has shape {tuple(array.shape)}; expected ({names}): every state "
+                "array must match the token batch and share one past length"
+            )
+    return int(past or 0)
+
+
 CAPACITY_STEP = 256  # preallocated KV buffers: capacity rounded up to this, doubled when full
 
 
@@ -191,35 +225,7 @@ class DecodeEngine:
 
     def check_state(self, state: Sequence[np.ndarray], batch: int) -> int:
         """Validate ``state`` for a batch of ``batch`` rows; returns its past length (0 without a KV cache)."""
-        if not isinstance(state, (list, tuple)):
-            raise DecodeStateError(
-                f"state must be the list of present arrays from the last call, got {type(state).__name__}"
-            )
-        if len(state) != len(self.state_specs):
-            raise DecodeStateError(
-                f"state has {len(state)} arrays; this decode graph takes {len(self.state_specs)} "
-                f"({', '.join(s.name for s in self.state_specs[:4])}, ...)"
-            )
-        past = None
-        for i, (array, spec) in enumerate(zip(state, self.state_specs)):
-            if not isinstance(array, np.ndarray):
-                raise DecodeStateError(f"state[{i}] ({spec.name}) is a {type(array).__name__}, not a numpy array")
-            if array.dtype != spec.dtype:
-                raise DecodeStateError(
-                    f"state[{i}] ({spec.name}) has dtype {array.dtype}; the graph takes {np.dtype(spec.dtype)}"
-                )
-            if past is None and "past" in spec.shape and array.ndim == len(spec.shape):
-                past = int(array.shape[spec.shape.index("past")])
-            want = tuple(batch if d == "batch" else past if d == "past" else d for d in spec.shape)
-            if array.shape != want:
-                labels = ("batch", "heads", "past", "head_dim") if spec.kind == "kv" and len(want) == 4 else spec.shape
-                names = ", ".join(f"{label}={size}" if isinstance(label, str) else str(size)
-                                  for label, size in zip(labels, want))
-                raise DecodeStateError(
-                    f"state[{i}] ({spec.name}) has shape {tuple(array.shape)}; expected ({names}): every state "
-                    "array must match the token batch and share one past length"
-                )
-        return int(past or 0)
+        return check_state(self.state_specs, state, batch)
 
     # -- running ---------------------------------------------------------------------------------------------------
     @staticmethod

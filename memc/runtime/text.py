@@ -41,10 +41,19 @@ def _special_token(config: dict, key: str) -> str | None:
     return value.get("content") if isinstance(value, dict) else value
 
 
-def load_tokenizer(directory: str | Path) -> ArtifactTokenizer:
-    """The tokenizer shipped in ``directory``; ArtifactError when there is none."""
+def byte_tokenizer() -> ArtifactTokenizer:
+    """A byte-level model's text codec (ids = UTF-8 bytes), as memc eval reads text for such models."""
+    return ArtifactTokenizer(lambda text: list(text.encode("utf-8")),
+                             lambda ids: bytes(ids).decode("utf-8", errors="replace"), None, "bytes")
+
+
+def load_tokenizer(directory: str | Path, vocab_size: int | None = None) -> ArtifactTokenizer:
+    """The tokenizer shipped in ``directory``; without one, raw UTF-8 bytes for a model whose vocabulary is exactly
+    the 256 byte values (byte-level models such as ref-moe ship no tokenizer); ArtifactError otherwise."""
     directory = Path(directory)
     if not has_tokenizer(directory):
+        if vocab_size == 256:
+            return byte_tokenizer()
         raise ArtifactError(f"{directory} has no tokenizer, so text cannot be turned into token ids", hint=_HINT)
     config_file = directory / "tokenizer_config.json"
     try:

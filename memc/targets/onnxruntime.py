@@ -25,6 +25,7 @@ from memc.targets.base import Artifact, BuildResult, SampleCheck, Target, Verifi
 
 MODEL_FILE = "model.onnx"
 DECODE_OUTPUT = "decode.logits"  # the name decode checks carry in the report's max |Δ| tables
+EXPERT_CACHE_OUTPUT = "expert_cache.logits"  # the expert-cache form's logits vs the program's
 
 
 def _op_histogram(model: onnx.ModelProto) -> dict[str, int]:
@@ -59,6 +60,7 @@ class OnnxRuntimeTarget(Target):
         self._ep: torch.export.ExportedProgram | None = None
         self._session: ort.InferenceSession | None = None
         self._fused: list[str] = []
+        self._cache_plan = None
 
     def _exported(self, program: Program) -> torch.export.ExportedProgram:
         """The program re-exported, its plain causal attention sites fused for onnxruntime (codegen.attention)."""
@@ -77,6 +79,10 @@ class OnnxRuntimeTarget(Target):
             from memc.codegen.decode_rewrite import check_decodable
 
             check_decodable(program)  # refuses sites without a decode form before anything is built
+        if self.config.expert_cache.slots:
+            from memc.codegen.expert_cache import check_expert_cache
+
+            self._cache_plan = check_expert_cache(program, self.config.expert_cache.slots)
         check_quant_formats(program, self.name)
         check_exportable(self._exported(program), self.config.opset)
 
@@ -92,7 +98,23 @@ class OnnxRuntimeTarget(Target):
         artifacts = [Artifact(MODEL_FILE, path.stat().st_size, "onnx model")]
         if self.config.decode_graph:
             artifacts.append(self._build_decode(program, out_dir, metrics))
+        if self.config.expert_cache.slots:
+            artifacts += self._build_expert_cache(program, out_dir, metrics)
         return BuildResult(artifacts, metrics)
+
+    def _build_expert_cache(self, program: Program, out_dir: Path, metrics: dict) -> list[Artifact]:
+        from memc.codegen.expert_cache import build_expert_cache, check_expert_cache
+
+        plan = self._cache_plan or check_expert_cache(program, self.config.expert_cache.slots)
+        layout = build_expert_cache(program, out_dir, plan.slots, self.config.opset, self.config.optimize, plan)
+        metrics["expert_cache"] = layout
+        root = out_dir / layout["dir"]
+        roles = {"segment": "expert cache: graph segment between MoE routers",
+                 "experts": "expert cache: experts graph over slot buffers", "expert_cache.json": "expert cache layout",
+                 "experts.bin": "expert cache: store of expert records (memory-mapped)"}
+        return [Artifact(f"{layout['dir']}/{f.name}", f.stat().st_size,
+                         next(r for k, r in roles.items() if f.name.startswith(k)))
+                for f in sorted(root.iterdir())]
 
     def _build_decode(self, program: Program, out_dir: Path, metrics: dict) -> Artifact:
         from memc.codegen.decode import decode_graph, lower_decode, save_onnx_atomic, state_layout
@@ -126,7 +148,37 @@ class OnnxRuntimeTarget(Target):
                 f"decode: prefill {greedy.prompt} + {greedy.steps} steps along the greedy path",
             ))
             result.decode = {"greedy": greedy.as_dict()}
+        if self.config.expert_cache.slots:
+            result.samples.extend(self._verify_expert_cache(program, out_dir, samples))
         return result
+
+    def _verify_expert_cache(self, program: Program, out_dir: Path, samples: list[tuple[torch.Tensor, ...]]
+                             ) -> list[SampleCheck]:
+        """Each sample through the expert cache (prefill of the first half, then one step per token, experts
+        loaded on demand into the compiled slot count) vs the program's full-sequence logits."""
+        from memc.codegen.decode import program_reference
+        from memc.runtime.engine import decode_logits
+        from memc.runtime.expert_cache import ExpertCacheEngine
+
+        reference = program_reference(program)
+        checks, shape = [], []
+        try:
+            engine = ExpertCacheEngine(out_dir, slots=self.config.expert_cache.slots)
+            for inputs in samples:
+                ids = inputs[0].numpy().astype(np.int64)
+                if ids.ndim != 2 or ids.shape[1] < 2:
+                    continue
+                shape = list(ids.shape)
+                prefill = (ids.shape[1] + 1) // 2
+                got = decode_logits(engine, ids, prefill)
+                diff = float(np.abs(got.astype(np.float64) - reference(ids).astype(np.float64)).max())
+                checks.append(SampleCheck({"input_ids": shape}, {EXPERT_CACHE_OUTPUT: diff},
+                                          f"expert cache ({engine.slots} slots): prefill {prefill} + "
+                                          f"{ids.shape[1] - prefill} steps"))
+        except Exception as exc:
+            where = f" on input_ids of shape {shape}" if shape else ""
+            raise VerificationError(f"the expert cache failed to run{where}: {first_line(exc)}") from None
+        return checks
 
     def _verify_greedy(self, program: Program, out_dir: Path, ids: torch.Tensor):
         """``decode_steps`` greedy tokens (and prefill + as many steps of logits) after the first sample's first
