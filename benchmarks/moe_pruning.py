@@ -273,11 +273,12 @@ def cmd_table(args) -> None:
     t.notes += [
         f"ref-moe (4.08M params, 16 experts top-2 x 4 layers), held-out split of the offline corpus: code "
         f"{len(corpus.held_out_bytes('code')) // CONTEXT} windows, prose {len(corpus.held_out_bytes('prose')) // CONTEXT} "
-        f"windows of {CONTEXT} bytes. '1/N' marks an unselected sample (windows 0, N, 2N, ...), paired with the "
-        "unpruned model on the same windows: the 2-core machine was shared by six jobs, which left ~0.1 core for this "
-        "benchmark, too little for the whole sets.",
+        f"windows of {CONTEXT} bytes. Rows with plain window counts score the whole held-out sets; '1/N' marks an "
+        "unselected sample (windows 0, N, 2N, ...; the shared 2-core machine had too little CPU for every "
+        "configuration on the whole sets). Every row is paired with the unpruned model on the same windows.",
         f"Calibration: moe-calibrate on {CALIB_WINDOWS} train-split windows of {CONTEXT} bytes; pass time "
-        + ", ".join(f"{d}: {s:.0f} s" for d, s in calib) + " (batched_mm graph, 1 thread, shared CPU). "
+        + ", ".join(f"{d}: {s:.0f} s" for d, s in calib) + " (batched_mm graph, 1 thread, shared CPU; the grouped-experts "
+        "form moe-calibrate runs now took 64 s for the code windows in `memc compile`). "
         "Re-fit: KL to the unpruned model by Adam (linear warm-up, cosine decay): 'router' trains the kept router rows "
         "on the calibration windows (lr 5e-3); 'router+experts' also the kept experts' weights, on fresh train-split "
         "windows of the calibration domain (one window per step). The re-fit time is inside the pass time.",

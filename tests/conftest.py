@@ -121,15 +121,44 @@ def tiny_bert_dir(tiny_hf) -> Path:
     return tiny_hf("bert")
 
 
+def _run_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The directory every xdist worker of this test run shares (the base temp dir's parent under xdist)."""
+    root = tmp_path_factory.getbasetemp()
+    return root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root
+
+
+def shared_compile(tmp_path_factory: pytest.TempPathFactory, key: str, build: Callable[[Path], CompileResult],
+                   ) -> CompileResult:
+    """``build(dir)`` once per test run for ``key``, whichever worker asks first; the others wait and read its
+    result (artifacts built for several test files are read-only for the tests, which copy before changing them)."""
+    import hashlib
+
+    from filelock import FileLock
+
+    root = _run_root(tmp_path_factory) / "shared-compiles"
+    root.mkdir(exist_ok=True)
+    name = hashlib.sha256(key.encode()).hexdigest()[:16]
+    record = root / f"{name}.json"
+    with FileLock(str(record) + ".lock"):
+        if record.is_file():
+            data = json.loads(record.read_text())
+            return CompileResult(data["rc"], data["stdout"], data["stderr"], Path(data["out_dir"]), data["report"])
+        (root / name).mkdir(exist_ok=True)
+        res = build(root / name)
+        record.write_text(json.dumps({"rc": res.rc, "stdout": res.stdout, "stderr": res.stderr,
+                                      "out_dir": str(res.out_dir), "report": res.report}))
+        return res
+
+
 @pytest.fixture(scope="session")
 def compiled(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., CompileResult]:
-    cache: dict[tuple, CompileResult] = {}
+    """compiled(model, *args): ``memc compile`` once per test run for the same model and arguments (a worker's own
+    temp-dir prefix is not part of the key, so the tiny models every worker builds alike share one compile)."""
+    base = str(tmp_path_factory.getbasetemp())
 
     def get(model: Any, *extra: Any) -> CompileResult:
-        key = (str(model), *map(str, extra))
-        if key not in cache:
-            cache[key] = compile_model(model, tmp_path_factory.mktemp("compiled") / "out", *extra)
-        return cache[key]
+        key = "|".join([str(model).replace(base, "<tmp>"), *map(str, extra)])
+        return shared_compile(tmp_path_factory, key, lambda d: compile_model(model, d / "out", *extra))
 
     return get
 
@@ -153,22 +182,13 @@ def decode_artifact(tiny_hf, tmp_path_factory: pytest.TempPathFactory) -> Callab
 def mc_compiled(tiny_hf, tmp_path_factory: pytest.TempPathFactory) -> CompileResult:
     """memc compile of the tiny Llama rewritten by detect-attention + memory-caching (tests.helpers.MC_OPTIONS,
     capped state) with ``decode_graph = true``: model.onnx + decode.onnx whose state has no context axis."""
-    from filelock import FileLock
-
-    # Built once per test run, not once per xdist worker (~90 s): the workers share the base temp dir's parent.
-    root = tmp_path_factory.getbasetemp()
-    root = root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root
-    tmp, record = root / "mc-decode-shared", root / "mc-decode-shared.json"
-    with FileLock(str(record) + ".lock"):
-        if record.is_file():
-            data = json.loads(record.read_text())
-            return CompileResult(data["rc"], data["stdout"], data["stderr"], Path(data["out_dir"]), data["report"])
-        tmp.mkdir(exist_ok=True)
-        res = compile_model(tiny_hf("llama"), tmp / "out", "-c", mc_toolchain(tmp / "toolchain.toml"))
+    def build(d: Path) -> CompileResult:
+        d.mkdir(exist_ok=True)
+        res = compile_model(tiny_hf("llama"), d / "out", "-c", mc_toolchain(d / "toolchain.toml"))
         assert res.rc == 0, res.explain()
-        record.write_text(json.dumps({"rc": res.rc, "stdout": res.stdout, "stderr": res.stderr,
-                                      "out_dir": str(res.out_dir), "report": res.report}))
         return res
+
+    return shared_compile(tmp_path_factory, "memory-caching decode (tests.helpers.MC_OPTIONS)", build)
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:

@@ -109,32 +109,31 @@ def test_bounded_state_says_there_is_no_limit(mc_artifact):
     assert result["state_bytes"] == engine.state_bytes_at(0) == engine.state_bytes_at(10**6)
 
 
-def test_fresh_shell_with_only_the_artifact(mc_artifact, tiny_llama_dir, tmp_path):
-    """Copy a compiled artifact, hide the source model, run the console command from another cwd."""
+def test_fresh_shell_with_only_the_artifact(mc_artifact, tmp_path):
+    """Copy a compiled artifact, point its recorded source at a path that does not exist, run the console command
+    from another cwd (the source model itself is shared with other tests and other test workers: not moved)."""
     copy = tmp_path / "deploy" / "artifact"
     shutil.copytree(mc_artifact, copy)
-    assert json.loads((copy / "report.json").read_text())["source"]["path"] == str(tiny_llama_dir)
-    hidden = tmp_path / "hidden"
-    shutil.move(str(tiny_llama_dir), hidden)  # the source model is gone while the command runs
-    try:
-        elsewhere = tmp_path / "cwd"
-        elsewhere.mkdir()
-        args = ["generate", str(copy), "--prompt", PROMPT, "--max-new-tokens", "6"]
-        rc, stdout, stderr = run_memc([*args, "--json"], cwd=elsewhere)
-        assert rc == 0, stderr
-        result = json.loads(stdout)
-        assert len(result["tokens"]) == 6 and result["prompt_tokens"] == len(PROMPT) and result["bounded_state"]
-        assert set(result["timings"]) >= {"prefill_tokens_per_s", "decode_ms_per_token"}
-        rc, stdout, stderr = run_memc(args, cwd=elsewhere)
-        assert rc == 0 and stdout == result["text"] + "\n", stderr
-        assert "ms/token" in stderr.splitlines()[-1] and "no context limit" in stderr
-        code = ("import sys; from memc.cli import main; rc = main(sys.argv[1:]); "
-                "assert 'torch' not in sys.modules, 'memc generate imported torch'; sys.exit(rc)")
-        proc = subprocess.run([sys.executable, "-c", code, *args], cwd=elsewhere, capture_output=True, text=True,
-                              timeout=300)
-        assert proc.returncode == 0 and proc.stdout == stdout, proc.stderr[-2000:]
-    finally:
-        shutil.move(str(hidden), tiny_llama_dir)
+    report = json.loads((copy / "report.json").read_text())
+    assert Path(report["source"]["path"]).is_dir()  # the artifact records the model it came from
+    report["source"]["path"] = str(tmp_path / "moved-away")
+    (copy / "report.json").write_text(json.dumps(report))
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+    args = ["generate", str(copy), "--prompt", PROMPT, "--max-new-tokens", "6"]
+    rc, stdout, stderr = run_memc([*args, "--json"], cwd=elsewhere)
+    assert rc == 0, stderr
+    result = json.loads(stdout)
+    assert len(result["tokens"]) == 6 and result["prompt_tokens"] == len(PROMPT) and result["bounded_state"]
+    assert set(result["timings"]) >= {"prefill_tokens_per_s", "decode_ms_per_token"}
+    rc, stdout, stderr = run_memc(args, cwd=elsewhere)
+    assert rc == 0 and stdout == result["text"] + "\n", stderr
+    assert "ms/token" in stderr.splitlines()[-1] and "no context limit" in stderr
+    code = ("import sys; from memc.cli import main; rc = main(sys.argv[1:]); "
+            "assert 'torch' not in sys.modules, 'memc generate imported torch'; sys.exit(rc)")
+    proc = subprocess.run([sys.executable, "-c", code, *args], cwd=elsewhere, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0 and proc.stdout == stdout, proc.stderr[-2000:]
 
 
 # -- bad input: one message, exit 2 ---------------------------------------------------------------------------------
