@@ -111,12 +111,13 @@ def bits_per_byte(
 
 
 def quick_bits_per_byte(
-    model: PreTrainedModel, tokens: np.ndarray, lengths: np.ndarray, n: int, context: int = CONTEXT
+    model: PreTrainedModel, tokens: np.ndarray, lengths: np.ndarray, n: int, context: int = CONTEXT,
+    autocast: bool = True,
 ) -> float:
-    """Cheap estimate during training: n full windows spread evenly over `tokens`, bf16 autocast."""
+    """Cheap estimate during training: n full windows spread evenly over `tokens` (bf16 autocast by default)."""
     starts = np.linspace(0, len(tokens) - context - 1, n).astype(int)
     x = torch.from_numpy(np.stack([tokens[s : s + context + 1] for s in starts]))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         return round(nll_bits(model, x) / target_bytes(x, lengths), 4)
 
 

@@ -18,8 +18,8 @@ from memc.reference import corpus
 from memc.tokenizer_files import has_tokenizer
 
 
-def train_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
-    """Byte-level BPE of `vocab_size` ids learned from the train documents of both domains, in name order."""
+def train_tokenizer(vocab_size: int, domains: tuple[str, ...] = corpus.DOMAINS) -> PreTrainedTokenizerFast:
+    """Byte-level BPE of `vocab_size` ids learned from the train documents of `domains`, in name order."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
@@ -28,7 +28,7 @@ def train_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
     )
-    docs = (doc.data.decode("utf-8") for d in corpus.DOMAINS for doc in corpus.split(d, held_out=False))
+    docs = (doc.data.decode("utf-8") for d in domains for doc in corpus.split(d, held_out=False))
     tok.train_from_iterator(docs, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, clean_up_tokenization_spaces=False)
 
