@@ -178,35 +178,52 @@ class MoEPatterns(Pass):
         ids = token_windows(program, data, windows, cfg.context, where)
         return collect(program, sites, window_inputs(program, ids, cfg.batch))
 
-    def build(self, program: Program, sites: list[MoESite]) -> PatternLibrary:
-        """The library of this pass's corpora and settings (reused from the program when it holds the same one)."""
+    def _texts(self, program: Program) -> list[bytes]:
+        """Every calibration corpus, checked (train text only, distinct names) before anything is routed."""
         cfg = self.config
         if program.source.task != "causal-lm":
             raise ConfigError(f"{self.option_path('corpora')}: patterns route text; this model is not a causal LM")
         names = [pattern_name(t) for t in cfg.corpora]
         if len(set(names)) != len(names):
             raise ConfigError(f"{self.option_path('corpora')}: two corpora have the same pattern name ({names})")
+        return [calibration_text(spec, self.option_path(f"corpora[{i}]")) for i, spec in enumerate(cfg.corpora)]
+
+    def corpus_stats(self, program: Program, sites: list[MoESite]) -> list[list[LayerStats]]:
+        """moe-calibrate's statistics of every corpus, per layer."""
+        self._keep(sites)
+        return [self._route(program, sites, data, self.config.windows, self.option_path(f"corpora[{i}]"))
+                for i, data in enumerate(self._texts(program))]
+
+    def library(self, sites: list[MoESite], stats: list[list[LayerStats]]) -> PatternLibrary:
+        """One pattern per corpus from its statistics."""
+        cfg = self.config
         keep = self._keep(sites)
         library = PatternLibrary(cfg.criterion, cfg.budget, keep, [s.path for s in sites])
-        texts = [calibration_text(spec, self.option_path(f"corpora[{i}]")) for i, spec in enumerate(cfg.corpora)]
+        for spec, layer_stats in zip(cfg.corpora, stats):
+            library.patterns.append(Pattern(
+                pattern_name(spec), spec, int(layer_stats[0].trace.shape[0]),
+                kept_sets(sites, layer_stats, cfg.criterion, keep, cfg.budget), signature(layer_stats)))
+        return library
+
+    def build(self, program: Program, sites: list[MoESite]) -> PatternLibrary:
+        """The library of this pass's corpora and settings (reused from the program when it holds the same one)."""
+        cfg = self.config
+        keep = self._keep(sites)
+        self._texts(program)
         stored: PatternLibrary | None = program.annotations.get(PATTERNS_KEY)
-        wanted = library.key()[:4] + (tuple(cfg.corpora),)
+        wanted = (cfg.criterion, cfg.budget, tuple(keep), tuple(s.path for s in sites), tuple(cfg.corpora))
         if stored is not None and stored.key() == wanted:
             return stored
-        for i, (spec, name, data) in enumerate(zip(cfg.corpora, names, texts)):
-            stats = self._route(program, sites, data, cfg.windows, self.option_path(f"corpora[{i}]"))
-            library.patterns.append(Pattern(name, spec, int(stats[0].trace.shape[0]),
-                                            kept_sets(sites, stats, cfg.criterion, keep, cfg.budget), signature(stats)))
-        return library
+        return self.library(sites, self.corpus_stats(program, sites))
 
     def choose(self, program: Program, sites: list[MoESite], library: PatternLibrary) -> tuple[str, dict[str, float], int]:
         """(chosen pattern, similarity to every pattern, target tokens routed)."""
-        from memc.eval.text import load_text
+        from memc.eval.text import TRAIN_PREFIX, load_text, load_train_text
 
         cfg = self.config
         where = self.option_path("target")
         try:
-            data = load_text(cfg.target)
+            data = load_train_text(cfg.target, where) if cfg.target.startswith(TRAIN_PREFIX) else load_text(cfg.target)
         except ConfigError:
             raise
         except MemcError as exc:  # e.g. a missing file: name the option

@@ -156,3 +156,12 @@ def test_bad_inputs_name_the_option(program, corpora) -> None:
         create_pass("moe-patterns", {"keep_fraction": 1.5}, "pipeline[2]")
     with pytest.raises(ConfigError, match=r"pipeline\[2\].*at least two"):
         create_pass("moe-patterns", {"corpora": ["trainsplit:code"]}, "pipeline[2]")
+
+
+def test_shipped_toolchain_is_valid(tmp_path):
+    from tests.helpers import REPO_ROOT, run_cli
+
+    rc, out, err = run_cli(["compile", REPO_ROOT / "models" / "ref-moe-domains", "-c",
+                            REPO_ROOT / "toolchains" / "moe-patterns.toml", "-o", tmp_path / "o", "--dry-run"])
+    assert rc == 0, err
+    assert "moe-patterns (corpora=['trainsplit:prose', 'trainsplit:code', 'trainsplit:vimhelp', 'trainsplit:c']" in out
