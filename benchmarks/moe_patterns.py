@@ -9,7 +9,7 @@ windows of that domain's TRAIN split, 8 of 16 experts kept per layer by TCESS. T
 criterion on the same windows of all four domains together (calibrated on the mix). Each domain's pattern is
 chosen by the pass from a sample of the workload (``--target-windows`` held-out windows; the choice from a train-
 split sample is reported next to it). Scoring: transformers' Qwen3-MoE (eager experts, float32) with the pruned
-weights, on non-overlapping windows of 512 tokens of the domain's held-out split: all of them, or every N-th where
+weights, on non-overlapping windows of its training context (256 tokens) of the domain's held-out split: all of them, or every N-th where
 a domain has more than ``--max-windows`` (an unselected sample). Every variant scores the same windows, so
 differences are paired (memc.eval.paired: Δ bits/byte and its standard error).
 """
@@ -113,7 +113,9 @@ def main(argv: list[str] | None = None) -> None:
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    context = 512
+    from memc.reference.metrics import checkpoint_training
+
+    context = checkpoint_training(MODEL)[1]  # the training context (256 for ref-moe-domains)
     t0 = time.perf_counter()
     program = _program()
     sites = program.annotations["sites.moe"]

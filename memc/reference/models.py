@@ -36,6 +36,7 @@ class TrainSettings:
     eval_every: int = 100
     eval_windows: int = 16  # per domain, for the periodic held-out estimate only
     tokenizer_vocab: int | None = None  # a byte-level BPE of this many ids; None: raw bytes
+    tokenizer_sample_bytes: int | None = None  # learn the BPE from the first train documents (name order) up to this
     # Corpus domains read (memc.reference.corpus) and each one's share of the batch rows; empty: the stdlib
     # domains with P(prose) = prose_fraction.
     domain_weights: tuple[tuple[str, float], ...] = ()
@@ -103,18 +104,19 @@ def ref_moe_config() -> Qwen3MoeConfig:
 
 def ref_moe_domains_config() -> Qwen3MoeConfig:
     """Qwen3-MoE on a BPE of 4,096 ids learned from four domains (stdlib prose and code, Vim help, Linux C
-    headers), so that its experts can specialise by domain rather than by byte kind: 4 layers x hidden 256,
-    16 experts (intermediate MOE_DOMAINS_EXPERT) with top-2 renormalised routing in every layer, tied
-    embeddings, context MOE_DOMAINS_CONTEXT. The load-balancing loss is on in training."""
+    headers), so that its experts can specialise by domain rather than by byte kind: 4 layers x hidden 128,
+    16 experts (intermediate 64) with top-2 renormalised routing in every layer, tied embeddings, context 256.
+    Sized for ~40 minutes of one CPU thread shared by several jobs (hidden 256 at context 512 ran ~2.5x slower
+    per token). The load-balancing loss is on in training."""
     return Qwen3MoeConfig(
         vocab_size=BPE_VOCAB,
-        hidden_size=256,
-        intermediate_size=768,  # unused: every layer is sparse
-        moe_intermediate_size=MOE_DOMAINS_EXPERT,
+        hidden_size=128,
+        intermediate_size=512,  # unused: every layer is sparse
+        moe_intermediate_size=64,
         num_hidden_layers=4,
         num_attention_heads=4,
         num_key_value_heads=2,
-        head_dim=64,
+        head_dim=32,
         num_experts=16,
         num_experts_per_tok=2,
         norm_topk_prob=True,
@@ -143,8 +145,7 @@ def ref_llama_recall_config() -> LlamaConfig:
     )
 
 
-MOE_DOMAINS_EXPERT = 128
-MOE_DOMAINS_CONTEXT = 512
+MOE_DOMAINS_CONTEXT = 256
 
 CONFIGS: dict[str, Callable[[], PreTrainedConfig]] = {
     "ref-llama": ref_llama_config, "ref-moe": ref_moe_config, "ref-moe-domains": ref_moe_domains_config,
@@ -158,8 +159,8 @@ TRAIN: dict[str, TrainSettings] = {
     # Three large domains evenly; prose is only ~110K train tokens, so an even quarter would repeat it ~15 times
     # in the run and overfit it: 0.1 keeps it near 6 epochs.
     "ref-moe-domains": TrainSettings(
-        batch_size=8, context=MOE_DOMAINS_CONTEXT, tokenizer_vocab=BPE_VOCAB, eval_windows=8, warmup_steps=50,
-        autocast=False,
+        batch_size=16, context=MOE_DOMAINS_CONTEXT, tokenizer_vocab=BPE_VOCAB, tokenizer_sample_bytes=2_000_000,
+        eval_windows=16, warmup_steps=40, eval_every=50, autocast=False,
         domain_weights=(("prose", 0.1), ("code", 0.3), ("vimhelp", 0.3), ("c", 0.3)),
     ),
 }

@@ -77,7 +77,7 @@ def train(name: str, steps: int, seed: int, out: Path, minutes: float | None, co
     model = AutoModelForCausalLM.from_config(model_config(name))
     moe = getattr(model.config, "num_experts", None) is not None
     opt = make_optimizer(model, s)
-    tok = tokenizer.train_tokenizer(s.tokenizer_vocab, s.domains) if s.tokenizer_vocab else None
+    tok = tokenizer.train_tokenizer(s.tokenizer_vocab, s.domains, s.tokenizer_sample_bytes) if s.tokenizer_vocab else None
     if tok is not None and len(tok) != model.config.vocab_size:
         raise RuntimeError(f"the tokenizer has {len(tok)} ids but the model's vocabulary is {model.config.vocab_size}")
     lengths = tokenizer.byte_lengths(tok)

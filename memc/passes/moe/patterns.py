@@ -155,7 +155,7 @@ class MoEPatterns(Pass):
     name = "moe-patterns"
     Config = PatternsOptions
     requires = frozenset({SITES_KEY})
-    provides = frozenset({SITES_KEY, PATTERNS_KEY, PRUNED_KEY})
+    provides = frozenset({SITES_KEY, PATTERNS_KEY})  # and moe.pruned (PRUNED_KEY) when a target prunes
     invalidates = frozenset({CALIBRATION_KEY})
     tolerance = None  # removes experts on purpose; quality is measured by benchmarks/moe_patterns.py
 

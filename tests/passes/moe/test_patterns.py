@@ -139,6 +139,18 @@ def test_a_stored_library_is_reused_and_building_is_deterministic(program, corpo
     assert other.program.annotations[PATTERNS_KEY].keep == [3, 3]
 
 
+@pytest.mark.parametrize("target", ["", "symbols-target"])
+def test_runs_in_a_pass_pipeline_with_or_without_a_target(program, corpora, target) -> None:
+    from memc.passes.manager import PassManager
+
+    p = fresh(program)
+    p.annotations = {}
+    opts = options(corpora, target=str(corpora[target]) if target else "")
+    out = PassManager([DetectMoE(), MoEPatterns(opts)]).run(p, PassContext())
+    assert PATTERNS_KEY in out.annotations and (PRUNED_KEY in out.annotations) == bool(target)
+    assert [s.num_experts for s in out.annotations[SITES_KEY]] == ([4, 4] if target else [EXPERTS, EXPERTS])
+
+
 def test_bad_inputs_name_the_option(program, corpora) -> None:
     files = [str(corpora[n]) for n in ALPHABETS]
     with pytest.raises(ConfigError, match=r"moe-patterns\.corpora\[1\]: unknown corpus 'trainsplit:klingon'"):
