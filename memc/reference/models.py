@@ -170,8 +170,8 @@ TRAIN: dict[str, TrainSettings] = {
 # while other work ran: ref-llama (BPE) ~2,950 tok/s in its 3,600-step run, ref-moe ~3,200 tok/s in its
 # 1,300-step run. The exact commands are in each checkpoint's train_config.json.
 # ref-moe-domains trains in float32: on the AVX2-only EPYC it was trained on, bf16 autocast made a step ~4x slower
-# (ref-moe's step: 3.2 s fp32 vs 13.4 s bf16 of CPU time); ~1,140 tokens per CPU second, 4,096 tokens a step.
-STEPS_PER_MINUTE: dict[str, float] = {"ref-llama": 44.0, "ref-moe": 47.2, "ref-moe-domains": 16.7}
+# (ref-moe's step: 3.2 s fp32 vs 13.4 s bf16 of CPU time); ~1,550 tok/s (16 x 256 tokens a step) on the shared cores.
+STEPS_PER_MINUTE: dict[str, float] = {"ref-llama": 44.0, "ref-moe": 47.2, "ref-moe-domains": 22.7}
 
 
 def model_config(name: str) -> PreTrainedConfig:
