@@ -2,7 +2,7 @@
 bits/byte per domain of the full model vs the matched pattern at 50% of the experts vs one global pruning at the
 same expert count.
 
-    python -m benchmarks.moe_patterns [--max-windows 256] [--calib-windows 16]
+    python -m benchmarks.moe_patterns [--max-windows 512] [--calib-windows 32]
 
 The pattern library is memc's moe-patterns pass: per domain, moe-calibrate's statistics on ``--calib-windows``
 windows of that domain's TRAIN split, 8 of 16 experts kept per layer by TCESS. The global pruning ranks by the same
@@ -19,6 +19,7 @@ import argparse
 import copy
 import math
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -97,8 +98,8 @@ def _nll(model, rows: np.ndarray, batch: int = 8) -> np.ndarray:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--max-windows", type=int, default=256, help="per domain; above it every N-th window is scored")
-    ap.add_argument("--calib-windows", type=int, default=16, help="train-split windows per domain for the patterns")
+    ap.add_argument("--max-windows", type=int, default=512, help="per domain; above it every N-th window is scored")
+    ap.add_argument("--calib-windows", type=int, default=32, help="train-split windows per domain for the patterns")
     ap.add_argument("--target-windows", type=int, default=4, help="workload-sample windows routed to pick a pattern")
     ap.add_argument("--match", default="first-layer", choices=("first-layer", "all-layers"))
     ap.add_argument("--model", type=Path, help="a Qwen3-MoE directory trained on the four domains (default: ref-moe-domains)")
@@ -133,7 +134,7 @@ def main(argv: list[str] | None = None) -> None:
     full = _hf_model(None, sites[0].num_experts)
     global_model = _pruned(program, sites, global_kept, keep[0])
     table = Table(
-        "moe_patterns", "python -m benchmarks.moe_patterns " + " ".join(argv if argv is not None else []),
+        "moe_patterns", " ".join(["python -m benchmarks.moe_patterns", *(sys.argv[1:] if argv is None else argv)]),
         ["domain", "windows", "full bits/byte", "pattern (from held-out / train sample)", "matched bits/byte",
          "Δ matched − full (± SE)", "global bits/byte", "Δ global − full (± SE)", "Δ matched − global (± SE)",
          "matched beats global"])

@@ -95,8 +95,9 @@ def test_missing_package_text_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, 
     from memc.eval.text import load_text, load_train_text
 
     monkeypatch.setattr(corpus, "VIM_DOC_GLOB", str(tmp_path / "vim9*" / "doc"))
-    corpus.documents.cache_clear()
-    corpus.train_bytes.cache_clear()
+    caches = (corpus.documents, corpus.train_bytes, corpus.held_out_bytes)
+    for cache in caches:
+        cache.cache_clear()
     try:
         assert "vim-runtime" in corpus.missing_reason("vimhelp")
         with pytest.raises(corpus.CorpusUnavailable, match="vim-runtime"):
@@ -106,8 +107,8 @@ def test_missing_package_text_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, 
         with pytest.raises(corpus.CorpusUnavailable):
             load_text("heldout:vimhelp")
     finally:
-        corpus.documents.cache_clear()
-        corpus.train_bytes.cache_clear()
+        for cache in caches:
+            cache.cache_clear()
 
 
 @pytest.mark.parametrize("domain", corpus.EXTRA_DOMAINS)

@@ -132,7 +132,7 @@ class PatternsOptions:
     criterion: Criterion = option("tcess", "expert ranking of each pattern (TCESS is PreMoe's)")
     match: Literal["first-layer", "all-layers"] = option(
         "first-layer", "signature compared: the first MoE layer's TCESS vector (PreMoe) or the mean cosine over layers")
-    windows: int = option(16, "calibration windows per corpus, evenly spaced over its text")
+    windows: int = option(32, "calibration windows per corpus, evenly spaced over its text")
     target_windows: int = option(4, "windows of the target sample routed for matching")
     context: int = option(512, "tokens per window (capped by the model's maximum and the text's length)")
     batch: int = option(4, "windows per forward")
