@@ -17,13 +17,13 @@ TRAIN_PREFIX = "trainsplit:"
 
 
 def load_text(spec: str) -> bytes:
-    """``heldout:code`` / ``heldout:prose`` (the reference corpus split by file) or a path to a text file."""
+    """``heldout:<domain>`` (the reference corpus split by file: prose, code, vimhelp, c) or a path to a text file."""
     if spec.startswith(HELD_OUT_PREFIX):
         from memc.reference import corpus
 
         domain = spec[len(HELD_OUT_PREFIX):]
-        if domain not in corpus.DOMAINS:
-            raise MemcError(f"unknown corpus {spec!r}; choose heldout:{' or heldout:'.join(corpus.DOMAINS)}")
+        if domain not in corpus.ALL_DOMAINS:
+            raise MemcError(f"unknown corpus {spec!r}; choose heldout:{' or heldout:'.join(corpus.ALL_DOMAINS)}")
         return corpus.held_out_bytes(domain)
     path = Path(spec)
     if not path.is_file():
@@ -39,7 +39,8 @@ def load_text(spec: str) -> bytes:
 
 
 def load_train_text(spec: str, option: str) -> bytes:
-    """Text a pass may learn from: ``trainsplit:code`` / ``trainsplit:prose`` or a UTF-8 file, never held-out text.
+    """Text a pass may learn from: ``trainsplit:<domain>`` (prose, code, vimhelp, c) or a UTF-8 file, never held-out
+    text.
 
     Learning from the evaluation text would make every held-out measurement of the compiled model optimistic, so a
     file that contains held-out documents of the reference corpus is refused too. ``option`` is the option's key
@@ -47,21 +48,24 @@ def load_train_text(spec: str, option: str) -> bytes:
     """
     from memc.reference import corpus
 
-    train = f"{TRAIN_PREFIX}{f' or {TRAIN_PREFIX}'.join(corpus.DOMAINS)}"
+    train = f"{TRAIN_PREFIX}{f' or {TRAIN_PREFIX}'.join(corpus.ALL_DOMAINS)}"
     if spec.startswith(HELD_OUT_PREFIX):
         raise ConfigError(f"{option}: {spec!r} is held-out evaluation text; passes learn from the train split only "
                           f"(use {train}, or a file of your own training text)")
     if spec.startswith(TRAIN_PREFIX):
         domain = spec[len(TRAIN_PREFIX):]
-        if domain not in corpus.DOMAINS:
+        if domain not in corpus.ALL_DOMAINS:
             raise ConfigError(f"{option}: unknown corpus {spec!r}; use {train}")
-        return corpus.train_bytes(domain)
+        try:
+            return corpus.train_bytes(domain)
+        except corpus.CorpusUnavailable as exc:
+            raise ConfigError(f"{option}: {exc}") from None
     try:
         data = load_text(spec)
     except MemcError as exc:
         raise ConfigError(f"{option}: {exc}") from None
     stripped = data.strip()
-    for domain in corpus.DOMAINS:
+    for domain in (d for d in corpus.ALL_DOMAINS if corpus.available(d)):
         held = corpus.held_out_bytes(domain)
         if (len(stripped) >= 256 and stripped in held) or any(
                 len(d.data) >= 64 and d.data in data for d in corpus.split(domain, True)):

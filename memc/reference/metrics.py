@@ -95,12 +95,12 @@ def nll_bits(model: PreTrainedModel, x: torch.Tensor, routing: RoutingStats | No
 
 def bits_per_byte(
     model: PreTrainedModel, tokens: np.ndarray, lengths: np.ndarray, context: int = CONTEXT, batch: int = 8,
-    routing: RoutingStats | None = None,
+    routing: RoutingStats | None = None, every: int = 1,
 ) -> tuple[float, int]:
-    """(bits/byte, bytes scored) over `tokens` in non-overlapping windows; `lengths[id]` is the bytes an id
-    spans. float32 unless autocast is on."""
+    """(bits/byte, bytes scored) over `tokens` in non-overlapping windows (windows 0, every, 2*every, ... : an
+    unselected sample when every > 1); `lengths[id]` is the bytes an id spans. float32 unless autocast is on."""
     total, count = 0.0, 0
-    chunks = windows(tokens, context)
+    chunks = windows(tokens, context)[::every]
     for length in sorted({len(w) for w in chunks}):  # the last window may be shorter
         same = [w for w in chunks if len(w) == length]
         for i in range(0, len(same), batch):
@@ -111,12 +111,13 @@ def bits_per_byte(
 
 
 def quick_bits_per_byte(
-    model: PreTrainedModel, tokens: np.ndarray, lengths: np.ndarray, n: int, context: int = CONTEXT
+    model: PreTrainedModel, tokens: np.ndarray, lengths: np.ndarray, n: int, context: int = CONTEXT,
+    autocast: bool = True,
 ) -> float:
-    """Cheap estimate during training: n full windows spread evenly over `tokens`, bf16 autocast."""
+    """Cheap estimate during training: n full windows spread evenly over `tokens` (bf16 autocast by default)."""
     starts = np.linspace(0, len(tokens) - context - 1, n).astype(int)
     x = torch.from_numpy(np.stack([tokens[s : s + context + 1] for s in starts]))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         return round(nll_bits(model, x) / target_bytes(x, lengths), 4)
 
 
@@ -134,39 +135,90 @@ def compressor_bits_per_byte(docs: tuple[corpus.Document, ...]) -> dict[str, flo
     }
 
 
-def measure(path: str | Path, context: int = CONTEXT) -> dict:
-    """Full held-out measurement of a checkpoint (float32), per domain; routing stats for MoE."""
+def js_divergence_bits(p: np.ndarray, q: np.ndarray) -> float:
+    """Jensen-Shannon divergence (bits, 0..1) of two distributions given as counts or weights."""
+    p, q = p / p.sum(), q / q.sum()
+    m = (p + q) / 2
+
+    def kl(a: np.ndarray) -> float:
+        nz = a > 0
+        return float((a[nz] * np.log2(a[nz] / m[nz])).sum())
+
+    return 0.5 * kl(p) + 0.5 * kl(q)
+
+
+def load_divergence(routing: dict[str, RoutingStats]) -> list[dict]:
+    """Per layer: the JS divergence (bits) of the expert loads of every pair of domains, and their mean."""
+    names = list(routing)
+    rows = []
+    for layer in range(next(iter(routing.values())).counts.shape[0]):
+        pairs = {f"{a}|{b}": round(js_divergence_bits(routing[a].counts[layer].astype(float),
+                                                      routing[b].counts[layer].astype(float)), 4)
+                 for i, a in enumerate(names) for b in names[i + 1:]}
+        rows.append({"layer": layer, "pairs": pairs, "mean": round(float(np.mean(list(pairs.values()))), 4)})
+    return rows
+
+
+def checkpoint_training(path: str | Path) -> tuple[tuple[str, ...], int]:
+    """The corpus domains and context a checkpoint was trained on (its train_config.json)."""
+    f = Path(path) / "train_config.json"
+    cfg = json.loads(f.read_text()) if f.is_file() else {}
+    return tuple(cfg.get("corpus", {}).get("domains", corpus.DOMAINS)), int(cfg.get("settings", {}).get("context", CONTEXT))
+
+
+def measure(path: str | Path, context: int | None = None, max_windows: int | None = None) -> dict:
+    """Held-out measurement of a checkpoint (float32) on the domains it was trained on; routing stats for MoE.
+    Every window is scored unless a domain has more than ``max_windows``: then every N-th (N = the smallest
+    that fits), an unselected sample recorded in the result."""
     model = load(path)
     tok = tokenizer.load_tokenizer(path)
     lengths = tokenizer.byte_lengths(tok)
+    domains, trained_context = checkpoint_training(path)
+    context = context or trained_context
     result: dict = {"context": context, "windows": "non-overlapping", "dtype": "float32",
-                    "tokenizer": tokenizer.describe(tok), "split_hash": corpus.split_hash(), "domains": {}}
+                    "tokenizer": tokenizer.describe(tok), "split_hash": corpus.split_hash(domains), "domains": {}}
     routing_by_domain = {}
-    for domain in corpus.DOMAINS:
+    for domain in domains:
         docs = corpus.split(domain, held_out=True)
         routing = RoutingStats(model.config.num_hidden_layers, model.config.num_experts) if is_moe(model) else None
         tokens = tokenizer.encode(corpus.join(docs), tok)
-        bpb, scored = bits_per_byte(model, tokens, lengths, context, routing=routing)
+        total = len(windows(tokens, context))
+        every = 1 if max_windows is None else max(1, math.ceil(total / max_windows))
+        bpb, scored = bits_per_byte(model, tokens, lengths, context, routing=routing, every=every)
         result["domains"][domain] = {
-            "bytes": scored, "tokens": len(tokens), "bits_per_byte": round(bpb, 4), "ppl_per_byte": round(2**bpb, 4),
+            "bytes": scored, "tokens": len(tokens), "windows": len(range(0, total, every)), "windows_total": total,
+            "every": every, "bits_per_byte": round(bpb, 4), "ppl_per_byte": round(2**bpb, 4),
             **compressor_bits_per_byte(docs),
         }
         if routing is not None:
             routing_by_domain[domain] = routing
     if routing_by_domain:
         result["routing"] = {d: r.summary() for d, r in routing_by_domain.items()}
+        if len(routing_by_domain) > 1:
+            result["load_divergence_bits"] = load_divergence(routing_by_domain)
     return result
 
 
 def print_table(result: dict, console: Console) -> None:
     table = Table(title=f"held-out bits/byte (context {result['context']} tokens, {result.get('tokenizer', 'bytes')}, "
                         f"{result['windows']} windows)")
-    for col in ("domain", "bytes", "model", "ppl/byte", "gzip -9", "xz -9e", "gzip/doc", "xz/doc"):
+    for col in ("domain", "windows", "bytes", "model", "ppl/byte", "gzip -9", "xz -9e", "gzip/doc", "xz/doc"):
         table.add_column(col, justify="right")
     for domain, m in result["domains"].items():
-        table.add_row(domain, f"{m['bytes']:,}", f"{m['bits_per_byte']:.3f}", f"{m['ppl_per_byte']:.3f}",
+        sample = "all" if m.get("every", 1) == 1 else f"1/{m['every']}"
+        table.add_row(domain, f"{m.get('windows', '')} ({sample})", f"{m['bytes']:,}", f"{m['bits_per_byte']:.3f}", f"{m['ppl_per_byte']:.3f}",
                       *(f"{m[k]:.3f}" for k in ("gzip9", "xz9e", "gzip9_per_doc", "xz9e_per_doc")))
     console.print(table)
+    if "load_divergence_bits" in result:
+        jt = Table(title="Jensen-Shannon divergence of expert loads between domains (bits; 0 = same, 1 = disjoint)")
+        rows = result["load_divergence_bits"]
+        jt.add_column("pair")
+        for r in rows:
+            jt.add_column(f"layer {r['layer']}", justify="right")
+        for pair in rows[0]["pairs"]:
+            jt.add_row(pair, *(f"{r['pairs'][pair]:.3f}" for r in rows))
+        jt.add_row("mean", *(f"{r['mean']:.3f}" for r in rows))
+        console.print(jt)
     for domain, layers in result.get("routing", {}).items():
         rt = Table(title=f"routing on held-out {domain}")
         for col in ("layer", "token entropy", "load entropy", "top-expert share", "load histogram"):
@@ -180,10 +232,11 @@ def print_table(result: dict, console: Console) -> None:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("path", type=Path)
-    p.add_argument("--context", type=int, default=CONTEXT)
+    p.add_argument("--context", type=int, help="tokens per window (default: the checkpoint's training context)")
+    p.add_argument("--max-windows", type=int, help="score every N-th window where a domain has more than this many")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
-    result = measure(a.path, a.context)
+    result = measure(a.path, a.context, a.max_windows)
     print_table(result, Console())
     (a.path / "metrics.json").write_text(json.dumps(result, indent=1) + "\n")
 

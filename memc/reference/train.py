@@ -26,10 +26,16 @@ from memc.reference.models import STEPS_PER_MINUTE, TRAIN, TrainSettings, model_
 
 
 def sample_batch(rng: np.random.Generator, streams: dict[str, np.ndarray], s: TrainSettings) -> torch.Tensor:
-    """(batch, context + 1) token windows; each row's domain is drawn with P(prose) = prose_fraction."""
+    """(batch, context + 1) token windows; each row's domain is drawn by s.domain_weights, or with
+    P(prose) = prose_fraction between the two stdlib domains."""
     rows = []
+    names = [d for d, _ in s.domain_weights]
+    weights = np.array([w for _, w in s.domain_weights], np.float64)
     for _ in range(s.batch_size):
-        data = streams["prose" if rng.random() < s.prose_fraction else "code"]
+        if names:
+            data = streams[names[int(rng.choice(len(names), p=weights / weights.sum()))]]
+        else:
+            data = streams["prose" if rng.random() < s.prose_fraction else "code"]
         start = int(rng.integers(0, len(data) - s.context - 1))
         rows.append(data[start : start + s.context + 1])
     return torch.from_numpy(np.stack(rows).astype(np.int64))
@@ -51,9 +57,11 @@ def make_optimizer(model: PreTrainedModel, s: TrainSettings) -> torch.optim.Adam
     return torch.optim.AdamW(groups, lr=s.lr, betas=s.betas)
 
 
-def train_step(model: PreTrainedModel, batch: torch.Tensor, moe: bool) -> tuple[torch.Tensor, float]:
+def train_step(
+    model: PreTrainedModel, batch: torch.Tensor, moe: bool, autocast: bool = True
+) -> tuple[torch.Tensor, float]:
     """Next-token cross-entropy (plus the load-balancing loss for MoE); returns (total loss, CE)."""
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         out = model(input_ids=batch[:, :-1], output_router_logits=moe or None)
     ce = F.cross_entropy(out.logits.float().flatten(0, 1), batch[:, 1:].flatten())
     loss = ce + model.config.router_aux_loss_coef * out.aux_loss if moe else ce
@@ -69,13 +77,13 @@ def train(name: str, steps: int, seed: int, out: Path, minutes: float | None, co
     model = AutoModelForCausalLM.from_config(model_config(name))
     moe = getattr(model.config, "num_experts", None) is not None
     opt = make_optimizer(model, s)
-    tok = tokenizer.train_tokenizer(s.tokenizer_vocab) if s.tokenizer_vocab else None
+    tok = tokenizer.train_tokenizer(s.tokenizer_vocab, s.domains, s.tokenizer_sample_bytes) if s.tokenizer_vocab else None
     if tok is not None and len(tok) != model.config.vocab_size:
         raise RuntimeError(f"the tokenizer has {len(tok)} ids but the model's vocabulary is {model.config.vocab_size}")
     lengths = tokenizer.byte_lengths(tok)
-    streams = {d: tokenizer.encode(corpus.train_bytes(d), tok) for d in corpus.DOMAINS}
-    held = {d: tokenizer.encode(corpus.held_out_bytes(d), tok) for d in corpus.DOMAINS}
-    history, t0 = [], time.perf_counter()
+    streams = {d: tokenizer.encode(corpus.train_bytes(d), tok) for d in s.domains}
+    held = {d: tokenizer.encode(corpus.held_out_bytes(d), tok) for d in s.domains}
+    history, t0, cpu0 = [], time.perf_counter(), time.process_time()
     columns = [TextColumn(name), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
                TimeRemainingColumn()]
     with Progress(*columns) as bar:
@@ -85,7 +93,7 @@ def train(name: str, steps: int, seed: int, out: Path, minutes: float | None, co
                 group["lr"] = lr_at(step, steps, s)
             model.train()
             batch = sample_batch(rng, streams, s)
-            loss, ce = train_step(model, batch, moe)
+            loss, ce = train_step(model, batch, moe, s.autocast)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip)
             opt.step()
@@ -95,7 +103,8 @@ def train(name: str, steps: int, seed: int, out: Path, minutes: float | None, co
             info = f"loss {train_bpb:.3f} bits/byte  {tok_s:,.0f} tok/s"
             if (step + 1) % s.eval_every == 0 or step + 1 == steps:
                 model.eval()
-                bpb = {d: metrics.quick_bits_per_byte(model, held[d], lengths, s.eval_windows, s.context) for d in held}
+                bpb = {d: metrics.quick_bits_per_byte(model, held[d], lengths, s.eval_windows, s.context, s.autocast)
+                       for d in held}
                 history.append({"step": step + 1, "train_bits_per_byte": round(train_bpb, 4), **bpb})
                 bar.console.log(json.dumps(history[-1]))
             bar.update(task, advance=1, info=info)
@@ -108,13 +117,14 @@ def train(name: str, steps: int, seed: int, out: Path, minutes: float | None, co
         tok.save_pretrained(out)
     train_config = {
         "model": name, "command": command, "seed": seed, "steps": steps, "minutes_requested": minutes,
-        "minutes_elapsed": round(elapsed / 60, 2), "tokens_seen": steps * s.batch_size * s.context,
+        "minutes_elapsed": round(elapsed / 60, 2), "cpu_minutes": round((time.process_time() - cpu0) / 60, 2), "tokens_seen": steps * s.batch_size * s.context,
         "tokens_per_s": round(steps * s.batch_size * s.context / elapsed),
         "params": sum(p.numel() for p in model.parameters()), "settings": s.to_dict(),
-        "precision": "fp32 weights, bf16 autocast; saved as bf16", "threads": 1,
+        "precision": f"fp32 weights{', bf16 autocast' if s.autocast else ''}; saved as bf16", "threads": 1,
         "tokenizer": tokenizer.describe(tok) + (" trained on the train split" if tok is not None else ""),
         "train_tokens": {d: len(t) for d, t in streams.items()},
-        "corpus": {"split_hash": corpus.split_hash(), "held_out_mod": corpus.HELD_OUT_MOD, **corpus.summary()},
+        "corpus": {"split_hash": corpus.split_hash(s.domains), "domains": list(s.domains),
+                   "held_out_mod": {d: corpus.HELD_OUT_MOD[d] for d in s.domains}, **corpus.summary(s.domains)},
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
         "history": history,
     }

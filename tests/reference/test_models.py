@@ -23,6 +23,9 @@ SLICE_WINDOWS = 2  # per domain: 2 x 1024 held-out tokens keep the test fast and
 # room for the noise of a 4 KB slice.
 MAX_TOP_EXPERT_SHARE = 0.4
 MIN_LOAD_ENTROPY_BITS = 2.5
+# ref-moe-domains: the mean pairwise JS divergence of expert loads between domains, per layer (measured: see
+# models/ref-moe-domains/metrics.json); far above the <= 0.02 bits of the byte-level ref-moe.
+MIN_DOMAIN_JSD_BITS = 0.05
 
 
 @pytest.fixture(autouse=True)
@@ -140,3 +143,69 @@ def test_training_data_and_schedule_are_deterministic() -> None:
     lrs = [lr_at(i, 1000, s) for i in range(1000)]
     assert lrs[0] < lrs[s.warmup_steps - 1] == pytest.approx(s.lr)
     assert lrs[-1] == pytest.approx(s.lr * s.min_lr_ratio, rel=1e-3)
+
+
+# --- ref-moe-domains: four domains, experts that specialise by domain ---------------------------------------------
+DOMAIN_MOE = MODELS / "ref-moe-domains"
+
+
+def require_domain_corpus() -> tuple[str, ...]:
+    """The domains ref-moe-domains was trained on, when this machine has the same texts (else skip, saying why)."""
+    train_config = json.loads((DOMAIN_MOE / "train_config.json").read_text())
+    domains = tuple(train_config["corpus"]["domains"])
+    for d in domains:
+        if corpus.missing_reason(d):
+            pytest.skip(corpus.missing_reason(d))
+    if train_config["corpus"]["split_hash"] != corpus.split_hash(domains):
+        pytest.skip(f"the corpus differs from the one ref-moe-domains was trained on ({train_config['corpus']['split_hash']}"
+                    f" != {corpus.split_hash(domains)})")
+    return domains
+
+
+def test_domain_weights_mix_the_rows() -> None:
+    s = TRAIN["ref-moe-domains"]
+    weights = dict(s.domain_weights)
+    streams = {d: np.full(4 * s.context, i, np.int64) for i, d in enumerate(weights)}
+    rng = np.random.default_rng(0)
+    rows = torch.cat([sample_batch(rng, streams, s)[:, 0] for _ in range(200)])
+    share = torch.bincount(rows, minlength=len(weights)).double() / len(rows)
+    assert torch.allclose(share, torch.tensor(list(weights.values()), dtype=torch.float64), atol=0.03), share
+
+
+def test_domain_moe_is_committed_with_divergent_expert_loads() -> None:
+    for f in ("config.json", "model.safetensors", "tokenizer.json", "train_config.json", "metrics.json"):
+        assert (DOMAIN_MOE / f).is_file(), f
+    assert (DOMAIN_MOE / "model.safetensors").stat().st_size < 10 * 2**20
+    train_config = json.loads((DOMAIN_MOE / "train_config.json").read_text())
+    result = json.loads((DOMAIN_MOE / "metrics.json").read_text())
+    assert train_config["model"] == "ref-moe-domains" and len(train_config["corpus"]["domains"]) >= 3
+    assert list(result["domains"]) == train_config["corpus"]["domains"]
+    assert result["split_hash"] == train_config["corpus"]["split_hash"]
+    config = model_config("ref-moe-domains")
+    assert config.num_experts >= 16 and config.num_experts_per_tok == 2 and config.norm_topk_prob
+    pairs = len(result["domains"]) * (len(result["domains"]) - 1) // 2
+    for layer in result["load_divergence_bits"]:
+        assert len(layer["pairs"]) == pairs
+        assert layer["mean"] > MIN_DOMAIN_JSD_BITS, layer  # ref-moe's byte-level experts: <= 0.02 bits
+    for m in result["domains"].values():
+        assert m["bits_per_byte"] < m["gzip9_per_doc"], m
+
+
+def test_domain_moe_loads_offline_and_routes_domains_apart() -> None:
+    domains = require_domain_corpus()
+    model = metrics.load(DOMAIN_MOE)
+    tok = tokenizer.load_tokenizer(DOMAIN_MOE)
+    lengths = tokenizer.byte_lengths(tok)
+    context = model.config.max_position_embeddings
+    routing = {}
+    for domain in domains:
+        data = corpus.held_out_bytes(domain)
+        ids = tokenizer.encode(data, tok)
+        mid = len(ids) // 2
+        window = ids[mid : mid + 2 * context + 1]
+        assert tok.decode(window.tolist()).encode() in data  # the tokenizer is lossless on held-out text
+        routing[domain] = metrics.RoutingStats(model.config.num_hidden_layers, model.config.num_experts)
+        bpb, _ = metrics.bits_per_byte(model, window, lengths, context, routing=routing[domain])
+        assert bpb < 4.0, (domain, bpb)
+    rows = metrics.load_divergence(routing)
+    assert max(r["mean"] for r in rows) > MIN_DOMAIN_JSD_BITS, rows
