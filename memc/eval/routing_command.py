@@ -65,15 +65,15 @@ def routing_text(spec: str) -> bytes:
     """``trainsplit:DOMAIN``, ``heldout:DOMAIN`` or a UTF-8 file; errors name ``--text``."""
     from memc.reference import corpus
 
-    named = f"{' | '.join(p + d for p in (TRAIN_PREFIX, HELD_OUT_PREFIX) for d in corpus.DOMAINS)} or a UTF-8 file"
+    named = f"{' | '.join(p + d for p in (TRAIN_PREFIX, HELD_OUT_PREFIX) for d in corpus.ALL_DOMAINS)} or a UTF-8 file"
     if spec.startswith(TRAIN_PREFIX):
         domain = spec[len(TRAIN_PREFIX):]
-        if domain not in corpus.DOMAINS:
+        if domain not in corpus.ALL_DOMAINS:
             raise ConfigError(f"--text: unknown corpus {spec!r}; use {named}")
         return corpus.train_bytes(domain)
     if spec.startswith(HELD_OUT_PREFIX):
         domain = spec[len(HELD_OUT_PREFIX):]
-        if domain not in corpus.DOMAINS:
+        if domain not in corpus.ALL_DOMAINS:
             raise ConfigError(f"--text: unknown corpus {spec!r}; use {named}")
     elif not Path(spec).exists() and ":" in spec:
         raise ConfigError(f"--text: unknown text {spec!r}; use {named}")
