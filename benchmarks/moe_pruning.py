@@ -311,7 +311,7 @@ def plot(points: list[tuple[dict, tuple[float, float]]], out: Path) -> Path:
         if r["code_every"] == 1:
             name += " [whole set]"
         series.setdefault(name, []).append((100 * r["pruned"], delta, se))
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(10, 4.5))
     for name, pts in sorted(series.items()):
         pts.sort()
         ax.errorbar([p[0] for p in pts], [max(p[1], 0.05) for p in pts], yerr=[p[2] for p in pts], marker="o",
@@ -322,7 +322,7 @@ def plot(points: list[tuple[dict, tuple[float, float]]], out: Path) -> Path:
     ax.set_yscale("log")
     ax.set_xticks([25, 50, 75])
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
