@@ -90,9 +90,10 @@ def test_merged_statistics_equal_one_calibration_of_all_the_text(program) -> Non
     merged = merge_stats([collect(program, sites, window_inputs(program, x, 4)) for x in (a, b)])
     together = collect(program, sites, window_inputs(program, torch.cat([a, b]), 8))
     for m, t in zip(merged, together):
+        # float64 sums of float32 values; the grouped experts' matmuls round with the batch's row count (~1e-7)
         for k in ("count", "soft", "tcess", "ean"):
-            assert torch.allclose(getattr(m, k), getattr(t, k), rtol=1e-9, atol=1e-12), k
-        assert torch.allclose(torch.nan_to_num(m.reap), torch.nan_to_num(t.reap), rtol=1e-9)
+            assert torch.allclose(getattr(m, k), getattr(t, k), rtol=1e-5, atol=1e-9), k
+        assert torch.allclose(torch.nan_to_num(m.reap), torch.nan_to_num(t.reap), rtol=1e-5)
         assert torch.equal(m.trace, t.trace)
 
 
