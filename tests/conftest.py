@@ -183,7 +183,6 @@ def mc_compiled(tiny_hf, tmp_path_factory: pytest.TempPathFactory) -> CompileRes
     """memc compile of the tiny Llama rewritten by detect-attention + memory-caching (tests.helpers.MC_OPTIONS,
     capped state) with ``decode_graph = true``: model.onnx + decode.onnx whose state has no context axis."""
     def build(d: Path) -> CompileResult:
-        d.mkdir(exist_ok=True)
         res = compile_model(tiny_hf("llama"), d / "out", "-c", mc_toolchain(d / "toolchain.toml"))
         assert res.rc == 0, res.explain()
         return res

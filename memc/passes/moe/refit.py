@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 from torch.fx import GraphModule
@@ -20,6 +20,7 @@ from torch.fx import GraphModule
 from memc.passes.moe.graph import get_attr_tensor, set_attr_tensor
 from memc.passes.moe.grouped import grouped_form
 from memc.passes.moe.sites import MoESite
+from memc.quant.record import first_output
 
 Progress = Callable[[int], None]
 _TARGET_CACHE_BYTES = 512 * 2**20  # teacher distributions kept in memory up to this size, else recomputed
@@ -32,10 +33,6 @@ class RefitPlan:
     scope: str  # "router" | "router+experts"
     seed: int
     warmup: float = 0.1  # fraction of the steps with a linear warm-up; cosine decay to 10% after it
-
-
-def first_output(out: Any) -> torch.Tensor:
-    return out[0] if isinstance(out, (tuple, list)) else out
 
 
 def teacher_model(gm: GraphModule) -> GraphModule:
