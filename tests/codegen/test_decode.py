@@ -170,15 +170,8 @@ def test_sliding_window_cache_is_refused(tmp_path):
 
 
 # -- memc compile with [target] decode_graph = true --------------------------------------------------------------
-def test_compile_emits_and_verifies_the_decode_graph(tiny_hf, tmp_path):
-    cfg = write_toml(tmp_path / "toolchain.toml", """
-        [[pipeline]]
-        pass = "eliminate-dead-code"
-
-        [target]
-        decode_graph = true
-    """)
-    res = compile_model(tiny_hf("llama"), tmp_path / "out", "-c", cfg)
+def test_compile_emits_and_verifies_the_decode_graph(tiny_hf, compiled):
+    res = compiled(str(tiny_hf("llama")), "--set", "target.decode_graph=true")  # shared with tests/eval
     assert res.rc == 0, res.explain()
     assert (res.out_dir / "decode.onnx").is_file()
     report = res.report

@@ -129,11 +129,9 @@ def test_median_seconds_runs_warmup_and_repeats() -> None:
     assert len(calls) == 6 and t >= 0
 
 
-def test_speed_uses_the_decode_graph_when_the_artifact_has_one(tiny_llama_dir, compiled, tmp_path_factory) -> None:
+def test_speed_uses_the_decode_graph_when_the_artifact_has_one(tiny_llama_dir, compiled) -> None:
     """With decode.onnx next to model.onnx, decode is timed as KV-state steps, not recompute over the prefix."""
-    toml = tmp_path_factory.mktemp("decode-cfg") / "decode.toml"
-    toml.write_text("[target]\ndecode_graph = true\n")
-    artifact = compiled(tiny_llama_dir, "-c", str(toml))
+    artifact = compiled(tiny_llama_dir, "--set", "target.decode_graph=true")  # shared with tests/codegen
     assert artifact.rc == 0, artifact.explain()
     backend = load_backend(str(artifact.out_dir), threads=1)
     assert backend.decode_graph == artifact.out_dir / "decode.onnx"

@@ -33,14 +33,15 @@ def _toml(tmp_path, text="samples", prune="keep = 2", hf="false", name="t.toml")
     return write_toml(tmp_path / name, PIPELINE.format(text=text, prune=prune, hf=hf))
 
 
-def test_pruned_artifact_and_hf_checkpoint(tmp_path, tiny_hf):
+def test_pruned_artifact_and_hf_checkpoint(tmp_path, tiny_hf, compiled):
     src = tiny_hf("qwen3-moe")
     res = compile_model(src, tmp_path / "out", "-c", _toml(tmp_path, hf="true"))
     assert res.rc == 0, res.explain()
     assert res.report["verification"]["passed"]
     prune = next(p for p in res.report["passes"] if p["name"] == "prune-experts")["metrics"]
     assert prune["experts_after"] == [2, 2] and all(len(k) == 2 for k in prune["kept"].values())
-    full = compile_model(src, tmp_path / "full")
+    # the unpruned model.onnx: the session's expert-cache compile of the same model (tests/codegen/test_expert_cache.py)
+    full = compiled(src, "--set", "target.expert_cache.slots=2")
     assert full.rc == 0, full.explain()
     saved = full.onnx_path.stat().st_size - res.onnx_path.stat().st_size
     assert abs(saved - prune["bytes_freed"]) <= 0.01 * prune["bytes_freed"]  # smaller by what the report predicts
