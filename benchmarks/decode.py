@@ -262,8 +262,9 @@ def _compile(model: str, out: Path, *args: str) -> None:
                    check=True, stdout=subprocess.DEVNULL)
 
 
-def _build_genai(model: str, tmp: Path) -> dict[str, str]:
-    """onnxruntime-genai fp32 / int4 from a copy of the model directory (with the eos_token_id its builder wants)."""
+def _build_genai(model: str, tmp: Path, precisions: tuple[str, ...] = ("fp32", "int4")) -> dict[str, str]:
+    """onnxruntime-genai models (fp32 / int4) from a copy of the model directory (with the eos_token_id its builder
+    wants)."""
     if importlib.util.find_spec("onnxruntime_genai") is None:
         return {}
     src = tmp / "genai-src"
@@ -273,7 +274,7 @@ def _build_genai(model: str, tmp: Path) -> dict[str, str]:
     cfg["bos_token_id"] = cfg.get("bos_token_id") or 0
     (src / "config.json").write_text(json.dumps(cfg))
     built = {}
-    for precision in ("fp32", "int4"):
+    for precision in precisions:
         out = tmp / f"genai-{precision}"
         subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(src), "-o", str(out),
                         "-p", precision, "-e", "cpu", "-c", str(tmp / "genai-cache")],
