@@ -21,6 +21,7 @@ numpy + onnxruntime only: a deployment process never imports torch.
 from __future__ import annotations
 
 import json
+import operator
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -346,6 +347,31 @@ class DecodeEngine:
             self._io_shape = (batch, seq)
         return self._io_cache
 
+    def _loop_step(self, token: np.ndarray, last: _Last) -> tuple[np.ndarray, State] | None:
+        """step() in a decode loop: ``token`` [batch] int64 after the engine's own last state, whose buffers (and
+        the token / length / logits arrays of a one-token call) are bound already. None when anything is not so
+        (the general path then checks, binds, or says what is wrong)."""
+        n = last.past + 1
+        if n > last.capacity or (self.max_seq_len is not None and n > self.max_seq_len) or not self._all_kv \
+                or self._io_shape != (last.batch, 1) or len(last.state) != len(last.arrays) \
+                or not all(map(operator.is_, last.state, last.arrays)):
+            return None
+        if token.size == 1:
+            if not 0 <= int(token[0]) < (self.vocab_size or 0):
+                return None
+        elif not (self.vocab_size and token.min() >= 0 and token.max() < self.vocab_size):
+            return None
+        ids_in, length, logits = self._io_cache
+        if logits is None:
+            return None
+        ids_in[:, 0] = token
+        length[...] = last.past
+        self.session.run_with_iobinding(self._io)
+        new_state = [b[:, :, :n] for b in last.buffers]
+        views = tuple(new_state)
+        self._last = _Last(new_state, views, last.batch, n, last.buffers, views, last.capacity)
+        return logits.copy(), new_state
+
     def _continue_in_place(self, ids: np.ndarray, last: _Last) -> tuple[np.ndarray, State]:
         """The decode loop's path: the last state's buffers are bound already and have room; only the token, the
         length and the new views change (what a step costs in Python matters next to a small model's layers)."""
@@ -414,6 +440,12 @@ class DecodeEngine:
 
     def step(self, token: np.ndarray | Sequence[int] | int, state: Sequence[np.ndarray]) -> tuple[np.ndarray, State]:
         """One new token per row (an int, ``[batch]`` or ``[batch, 1]``) -> logits [batch, 1, vocab] and the state."""
+        last = self._last
+        if last is not None and state is last.state and last.buffers and type(token) is np.ndarray \
+                and token.dtype == np.int64 and token.shape == (last.batch,):
+            done = self._loop_step(token, last)
+            if done is not None:
+                return done
         tok = self._ids(token, "token")
         if tok.ndim > 2 or (tok.ndim == 2 and tok.shape[1] != 1):
             raise DecodeStateError(

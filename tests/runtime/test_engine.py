@@ -123,6 +123,9 @@ def test_the_decode_loop_path_equals_the_checked_path(engine):
 def test_a_changed_state_list_is_checked_again(engine):
     _, state = engine.prefill(_prompt(1, 4))
     _, state = engine.step(1, state)
+    _, state = engine.step(np.array([2]), state)  # the decode loop's path from here on
+    with pytest.raises(DecodeStateError, match=rf"token ids must be in \[0, {VOCAB}\)"):
+        engine.step(np.array([VOCAB]), state)
     state[0] = state[0][:, :, :3]  # the engine's own list, one array replaced
     with pytest.raises(DecodeStateError, match=r"state\[1\] \(past_value_0\) has shape"):
         engine.step(2, state)
