@@ -10,7 +10,8 @@ in blocks of ``--block`` steps (a decode loop's own cache behaviour) with the or
   layout, a buffer of the context length; genai: its shared past/present buffers of ``context_length``);
 * the engine: ``DecodeEngine.step`` vs genai's ``Generator.generate_next_token`` (which also picks the greedy
   token); the difference to the graph alone is each engine's own per-step cost;
-* onnxruntime's profiler (SessionOptions.enable_profiling): kernel microseconds per step by op type, and node
+* onnxruntime's profiler (SessionOptions.enable_profiling): kernel microseconds per step by op type (the sum of
+  each node's median over the profiled steps), and node
   counts of each file and of the graph onnxruntime actually runs (optimized_model_filepath).
 
 Wall and CPU (process time) are both reported: on a shared, oversubscribed machine a step's wall time includes
@@ -134,16 +135,20 @@ def _profile(bound_of, path: str, steps: int, tmp: Path, tag: str) -> dict[str, 
         run()
     elapsed = time.perf_counter() - start
     events = json.loads(Path(session.end_profiling()).read_text())
-    by_type: dict[str, float] = collections.defaultdict(float)
+    per_node: dict[str, list[float]] = collections.defaultdict(list)
+    op_of: dict[str, str] = {}
     for e in events:
         if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
-            by_type[e["args"]["op_name"]] += e["dur"]
+            per_node[e["name"]].append(e["dur"])
+            op_of[e["name"]] = e["args"]["op_name"]
+    by_type: dict[str, float] = collections.defaultdict(float)
+    for name, durations in per_node.items():  # each node's median over the steps: a preempted step does not count
+        by_type[op_of[name]] += statistics.median(durations)
     runs = [e["dur"] for e in events if e.get("cat") == "Session" and e["name"] == "model_run"][3:]
-    scale = 1.0 / (steps + 3)
     return {
         "nodes_file": len(onnx.load(path, load_external_data=False).graph.node),
         "nodes_run": len(onnx.load(optimized, load_external_data=False).graph.node),
-        "kernel_us": {k: v * scale for k, v in sorted(by_type.items(), key=lambda kv: -kv[1])},
+        "kernel_us": dict(sorted(by_type.items(), key=lambda kv: -kv[1])),
         "model_run_us": statistics.median(runs) if runs else float("nan"),
         "profiled_step_ms": elapsed / steps * 1e3,
     }
@@ -192,9 +197,9 @@ def profile_case(kv: str, genai: str, model: str, past: int, steps: int, block: 
     with tempfile.TemporaryDirectory() as tmp_dir:
         tmp = Path(tmp_dir)
         out["profile"] = {
-            "memc": _profile(lambda s: _memc_bound(kv, past, s), str(engine.path), 20, tmp, "memc"),
+            "memc": _profile(lambda s: _memc_bound(kv, past, s), str(engine.path), 40, tmp, "memc"),
             "genai": _profile(lambda s: _genai_bound(genai, past, s), str(Path(genai) / cfg["decoder"]["filename"]),
-                              20, tmp, "genai"),
+                              40, tmp, "genai"),
         }
     import onnxruntime
 
@@ -260,7 +265,7 @@ def main(argv: list[str] | None = None) -> None:
     row("engine step, wall ms (median)", e["memc"]["wall_ms"], e["genai"]["wall_ms"])
     row("engine's own cost, CPU ms (engine - graph)", e["memc"]["cpu_ms"] - g["memc"]["cpu_ms"],
         e["genai"]["cpu_ms"] - g["genai"]["cpu_ms"])
-    row("profiled kernels, us (sum)", sum(p["memc"]["kernel_us"].values()), sum(p["genai"]["kernel_us"].values()))
+    row("profiled kernels, us (sum of node medians)", sum(p["memc"]["kernel_us"].values()), sum(p["genai"]["kernel_us"].values()))
     types = list(dict.fromkeys([*p["memc"]["kernel_us"], *p["genai"]["kernel_us"]]))
     for op in types:
         a, b = p["memc"]["kernel_us"].get(op, 0.0), p["genai"]["kernel_us"].get(op, 0.0)
@@ -269,8 +274,8 @@ def main(argv: list[str] | None = None) -> None:
         f"CPU: {cpu_info()}; one thread; onnxruntime {res['versions']['onnxruntime']}, onnxruntime-genai "
         f"{res['versions']['onnxruntime-genai']}. {args.steps} timed steps per side and view, blocks of "
         f"{args.block} in turns (order reversed each turn); engine steps restart from a {args.past}-token prefill "
-        "every block. Kernel times come from onnxruntime's profiler (20 steps; profiling adds per-node overhead, "
-        "so compare them with each other, not with the timings above).")
+        "every block. Kernel times come from onnxruntime's profiler (40 steps, each node's median; profiling adds "
+        "per-node overhead, so compare them with each other, not with the timings above).")
     t.raw = res
     path = t.write()
     print(t.markdown())

@@ -8,7 +8,7 @@ ONNX graph (no onnxruntime needed to apply them):
   (a layer's q / k / v projections, its gate / up projections) become one MatMul over the weights concatenated
   along the output axis and a Split back into the original outputs. Each weight must be used by that MatMul only
   (so the packed weight replaces, not duplicates, them).
-* **skip RMS norm**: ``Add(a, b)`` (both of the norm's size on their last axis, the sum not a graph output) feeding the standard ``RMSNormalization`` over the last axis (the residual add
+* **skip RMS norm**: ``Add(a, b)`` (both computed [batch, seq, hidden] values, the sum not a graph output) feeding the standard ``RMSNormalization`` over the last axis (the residual add
   before a layer's norm) becomes ``com.microsoft`` SkipSimplifiedLayerNormalization, whose fourth output is the
   sum for the residual stream. onnxruntime 1.32 fuses this pattern only for its own SimplifiedLayerNormalization,
   not for opset-23 RMSNormalization (its optimized graph keeps the Add).
@@ -111,7 +111,7 @@ def _attr(node: onnx.NodeProto, name: str, default):
 
 def _skip_norm_once(model: onnx.ModelProto) -> bool:
     graph = model.graph
-    hidden = _last_dims(model)
+    shapes = _shapes(model)
     idx = _Index(graph)
     producer = {o: n for n in graph.node for o in n.output}
     for norm in graph.node:
@@ -121,12 +121,15 @@ def _skip_norm_once(model: onnx.ModelProto) -> bool:
         if add is None or add.op_type != "Add" or add.domain not in ("", "ai.onnx") or len(norm.output) != 1:
             continue
         scale = idx.inits.get(norm.input[1])
-        size = hidden.get(add.input[0]), hidden.get(add.input[1])
-        if scale is None or len(scale.dims) != 1 or size[0] != scale.dims[0] or size[1] != scale.dims[0] \
+        want = (3, scale.dims[0]) if scale is not None and len(scale.dims) == 1 else None  # [batch, seq, hidden]
+        if want is None or shapes.get(add.input[0]) != want or shapes.get(add.input[1]) != want \
                 or _attr(norm, "axis", -1) != -1 or _attr(norm, "stash_type", 1) != 1:
             continue
         total = add.output[0]
         if total in idx.outputs:  # the sum is a graph output: leave the pair (its name must stay)
+            continue
+        if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for u in idx.users.get(total, [])
+               for a in u.attribute):  # read inside a subgraph: renaming there is not worth the rule
             continue
         keep_sum = any(u is not norm for u in idx.users.get(total, []))
         fused_sum = _unique(graph, total + "_skip") if keep_sum else ""
@@ -144,41 +147,46 @@ def _skip_norm_once(model: onnx.ModelProto) -> bool:
     return False
 
 
-def _last_dims(model: onnx.ModelProto) -> dict[str, int]:
-    """The static size of each value's last axis, for values of rank >= 2 that a node computes (not initializers,
-    whose broadcast the fused op does not take): the exporter's value_info where a standard op made the value, and
-    through MatMul weights, Add and the fused norm where it did not (contrib ops' recorded shapes are placeholders)."""
+def _shapes(model: onnx.ModelProto) -> dict[str, tuple[int, int]]:
+    """(rank, static size of the last axis) of the values a node computes or the graph takes: the exporter's
+    value_info where a standard op made the value, and through MatMul weights, embedding Gathers, elementwise ops, norms,
+    rotary embeddings and GroupQueryAttention where it did not (contrib ops' recorded shapes are placeholders). Initializers are left out: the fused op
+    does not take a broadcast skip."""
     graph = model.graph
-    recorded = {}
+    recorded: dict[str, tuple[int, int | None]] = {}
     for v in list(graph.value_info) + list(graph.input) + list(graph.output):
         t = v.type.tensor_type
-        if t.HasField("shape") and len(t.shape.dim) >= 2 and t.shape.dim[-1].HasField("dim_value"):
-            recorded[v.name] = int(t.shape.dim[-1].dim_value)
+        if t.HasField("shape") and t.shape.dim:
+            last = t.shape.dim[-1]
+            recorded[v.name] = (len(t.shape.dim), int(last.dim_value) if last.HasField("dim_value") else None)
     inits = {t.name: t for t in graph.initializer}
-    dims: dict[str, int] = {}
+    shapes = {i.name: recorded[i.name] for i in graph.input if i.name in recorded}
     for n in graph.node:  # topological order: a node's inputs are sized before its outputs
         out = n.output[0] if n.output else ""
-        size = None
-        if n.op_type == "MatMul" and n.input[1] in inits:
-            size = int(inits[n.input[1]].dims[-1])
+        shape = None
+        if n.op_type == "MatMul" and n.input[1] in inits and len(inits[n.input[1]].dims) == 2 and n.input[0] in shapes:
+            shape = (shapes[n.input[0]][0], int(inits[n.input[1]].dims[-1]))
         elif n.op_type == "Gather" and n.input[0] in inits and _attr(n, "axis", 0) == 0 and \
-                len(inits[n.input[0]].dims) == 2:  # an embedding lookup
-            size = int(inits[n.input[0]].dims[-1])
-        elif n.op_type == "Add" and all(i in dims for i in n.input) and dims[n.input[0]] == dims[n.input[1]]:
-            size = dims[n.input[0]]
-        elif n.op_type == "SkipSimplifiedLayerNormalization" and n.input[0] in dims:
+                len(inits[n.input[0]].dims) == 2 and n.input[1] in shapes:  # an embedding lookup
+            shape = (shapes[n.input[1]][0] + 1, int(inits[n.input[0]].dims[-1]))
+        elif n.op_type in ("Add", "Mul") and len(n.input) == 2 and n.input[0] in shapes and \
+                shapes[n.input[0]] == shapes.get(n.input[1]):
+            shape = shapes[n.input[0]]
+        elif n.op_type in ("RMSNormalization", "RotaryEmbedding", "Relu", "Sigmoid", "Cast") and n.input \
+                and n.input[0] in shapes:  # the input's shape
+            shape = shapes[n.input[0]]
+        elif n.op_type == "GroupQueryAttention" and len(n.input) > 2 and n.input[1] and n.input[0] in shapes:
+            shape = shapes[n.input[0]]  # [batch, seq, heads * head_dim], the query's (unpacked)
+        elif n.op_type == "SkipSimplifiedLayerNormalization" and n.input[0] in shapes:
             for o in n.output:
                 if o:
-                    dims[o] = dims[n.input[0]]
+                    shapes[o] = shapes[n.input[0]]
             continue
         elif n.domain in ("", "ai.onnx") and out in recorded:
-            size = recorded[out]
-        if size is not None and out:
-            dims[out] = size
-    for i in graph.input:
-        if i.name in recorded:
-            dims[i.name] = recorded[i.name]
-    return dims
+            shape = recorded[out]
+        if shape is not None and out:
+            shapes[out] = shape
+    return shapes
 
 
 def _drop_unused_initializers(graph: onnx.GraphProto) -> None:
@@ -213,5 +221,7 @@ def fuse_skip_rms_norm(model: onnx.ModelProto) -> int:
 
 
 def fuse_for_onnxruntime(model: onnx.ModelProto) -> dict[str, int]:
-    """Both rules; returns what each did."""
-    return {"packed_matmuls": pack_matmuls(model), "skip_rms_norms": fuse_skip_rms_norm(model)}
+    """Both rules (the norms first: they read value shapes that packing would route through Splits); returns what
+    each did."""
+    norms = fuse_skip_rms_norm(model)
+    return {"packed_matmuls": pack_matmuls(model), "skip_rms_norms": norms}
