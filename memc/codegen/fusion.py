@@ -29,7 +29,6 @@ class _Index:
     """Producers, users and initializers of a graph (rebuilt after each change; graphs here are small)."""
 
     def __init__(self, graph: onnx.GraphProto):
-        self.graph = graph
         self.inits = {t.name: t for t in graph.initializer}
         self.outputs = {o.name for o in graph.output}
         self.users: dict[str, list[onnx.NodeProto]] = {}
