@@ -1,11 +1,12 @@
 """Decode on ref-llama: torch eager (KV cache) vs memc's KV decode.onnx vs memc's memory-caching decode, plus
 onnxruntime-genai peers built from the same weights, engines taking turns in one process.
 
-    python -m benchmarks.decode [--model models/ref-llama] [--steps 32] [--rounds 4] [--contexts 1024,8192,32768]
-                                [--no-peers]
+    python -m benchmarks.decode [--model models/ref-llama] [--steps 32] [--rounds 4] [--slice 4]
+                                [--contexts 1024,8192,32768] [--no-peers] [--engines memc-kv,memc-mc,genai-fp32,...]
 
-Per engine: prefill tokens/s of a 990-token held-out prompt, decode ms/token (median of ``--steps`` greedy steps
-after it, taken ``--rounds`` slices at a time in turns with the other engines), the state's bytes, bytes on disk
+Per engine: prefill tokens/s of a 990-token held-out prompt (``--rounds`` prefills in turns), decode ms/token and
+CPU ms/token (medians of ``--steps`` greedy steps after it, ``--slice`` steps at a time in turns with the other
+engines, the order reversed every turn), the state's bytes, bytes on disk
 and greedy agreement with torch over those steps. At each longer context the engines that can reach it step from a
 synthesised state of that length: random KV caches for torch / memc KV (positions beyond the trained 1024 are
 fine for speed and state size, never for quality); for memory caching the prefilled state with its counters set
@@ -35,6 +36,7 @@ from benchmarks.harness import Table, cpu_info, run_case
 
 PROMPT = 990
 CONTEXTS = [1024, 8192, 32768]
+ENGINES = ["memc-kv", "memc-mc", "genai-fp32", "genai-int4"]  # torch eager always runs: it is the reference
 
 
 def _prompt(model: str) -> Any:
@@ -159,14 +161,13 @@ class Genai:
         return self.buffer
 
 
-def _greedy_run(engine, prompt, steps: int, rounds: int):
-    """``steps`` greedy steps after ``prompt`` in ``rounds`` slices: yields (step times, new tokens, state) after
-    each slice, so the caller lets the engines take turns."""
+def _greedy_run(engine, prompt, steps: int, per: int):
+    """``steps`` greedy steps after ``prompt`` in slices of ``per``: yields (step times, new tokens, state, CPU
+    times) after each slice, so the caller lets the engines take turns."""
     import numpy as np
 
     logits, state = engine.prefill(prompt)
     tokens, times, cpu = [], [], []
-    per = max(1, steps // rounds)
     for i in range(steps):
         token = np.array([int(logits[0].argmax())], np.int64) if logits is not None else None
         if token is not None:
@@ -175,12 +176,12 @@ def _greedy_run(engine, prompt, steps: int, rounds: int):
         logits, state = engine.step(token, state)
         times.append(time.perf_counter() - t)
         cpu.append(time.process_time() - c)
-        if (i + 1) % per == 0:
+        if (i + 1) % per == 0 or i + 1 == steps:
             yield times, tokens, state, cpu
 
 
-def turns_case(model: str, kv: str, mc: str, segment: int, peers: dict, steps: int, rounds: int,
-               contexts: list[int]) -> dict:
+def turns_case(model: str, kv: str | None, mc: str | None, segment: int, peers: dict, steps: int, rounds: int,
+               contexts: list[int], slice_steps: int = 4) -> dict:
     import statistics
 
     import numpy as np
@@ -188,8 +189,11 @@ def turns_case(model: str, kv: str, mc: str, segment: int, peers: dict, steps: i
 
     torch.set_num_threads(1)
     prompt = _prompt(model)
-    engines = {"torch": TorchEager(model), "memc-kv": Memc(kv, "memc decode.onnx fp32 (KV, DecodeEngine)"),
-               "memc-mc": Memc(mc, "memc memory-caching decode.onnx fp32 (max_segments 8)", segment)}
+    engines: dict[str, Any] = {"torch": TorchEager(model)}
+    if kv:
+        engines["memc-kv"] = Memc(kv, "memc decode.onnx fp32 (KV, DecodeEngine)")
+    if mc:
+        engines["memc-mc"] = Memc(mc, "memc memory-caching decode.onnx fp32 (max_segments 8)", segment)
     for key, path in peers.items():
         engines[key] = Genai(path, f"onnxruntime-genai {key.split('-', 1)[1]} (model builder)")
     out: dict = {k: {"name": e.name, "disk_bytes": e.disk, "prefill_s": [], "decode_ms": {}, "state_bytes": {}}
@@ -200,11 +204,13 @@ def turns_case(model: str, kv: str, mc: str, segment: int, peers: dict, steps: i
             t = time.perf_counter()
             e.prefill(prompt)
             out[key]["prefill_s"].append(time.perf_counter() - t)
-    # greedy steps after the prompt (~1k context), slices in turns
-    runs = {k: _greedy_run(e, prompt, steps, rounds) for k, e in engines.items()}
+    # greedy steps after the prompt (~1k context), slices in turns, the order reversed every turn (on a shared
+    # machine, which engine waits for a core depends on where the preemptions land in the rotation)
+    runs = {k: _greedy_run(e, prompt, steps, slice_steps) for k, e in engines.items()}
     last: dict = {}
-    for _ in range(rounds):
-        for key in engines:
+    keys = list(engines)
+    for turn in range(-(-steps // slice_steps)):
+        for key in keys if turn % 2 == 0 else keys[::-1]:
             last[key] = next(runs[key])
     ref_tokens = last["torch"][1]
     for key, e in engines.items():
@@ -213,6 +219,7 @@ def turns_case(model: str, kv: str, mc: str, segment: int, peers: dict, steps: i
             tokens = e.tokens(state, prompt.shape[1])
         out[key]["decode_ms"][str(PROMPT)] = statistics.median(times) * 1e3
         out[key]["decode_cpu_ms"] = statistics.mean(cpu) * 1e3  # process CPU time: what the step costs, unqueued
+        out[key]["decode_cpu_median_ms"] = statistics.median(cpu) * 1e3
         out[key]["state_bytes"][str(PROMPT + steps)] = e.state_bytes(state)
         out[key]["greedy_equal"] = int(sum(a == b for a, b in zip(tokens, ref_tokens)))
         out[key]["greedy_of"] = len(ref_tokens)
@@ -262,8 +269,9 @@ def _compile(model: str, out: Path, *args: str) -> None:
                    check=True, stdout=subprocess.DEVNULL)
 
 
-def _build_genai(model: str, tmp: Path) -> dict[str, str]:
-    """onnxruntime-genai fp32 / int4 from a copy of the model directory (with the eos_token_id its builder wants)."""
+def _build_genai(model: str, tmp: Path, precisions: tuple[str, ...] = ("fp32", "int4")) -> dict[str, str]:
+    """onnxruntime-genai models (fp32 / int4) from a copy of the model directory (with the eos_token_id its builder
+    wants)."""
     if importlib.util.find_spec("onnxruntime_genai") is None:
         return {}
     src = tmp / "genai-src"
@@ -273,7 +281,7 @@ def _build_genai(model: str, tmp: Path) -> dict[str, str]:
     cfg["bos_token_id"] = cfg.get("bos_token_id") or 0
     (src / "config.json").write_text(json.dumps(cfg))
     built = {}
-    for precision in ("fp32", "int4"):
+    for precision in precisions:
         out = tmp / f"genai-{precision}"
         subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(src), "-o", str(out),
                         "-p", precision, "-e", "cpu", "-c", str(tmp / "genai-cache")],
@@ -296,27 +304,42 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rounds", type=int, default=4, help="turns: prefills per engine, and slices of the steps")
     ap.add_argument("--contexts", default=",".join(map(str, CONTEXTS)))
     ap.add_argument("--no-peers", action="store_true", help="skip building onnxruntime-genai models")
+    ap.add_argument("--engines", default=",".join(ENGINES),
+                    help=f"engines besides torch eager (the reference), comma-separated from {','.join(ENGINES)}")
+    ap.add_argument("--slice", type=int, default=4, help="greedy steps per engine per turn")
     args = ap.parse_args(argv)
     contexts = [int(c) for c in args.contexts.split(",")]
+    chosen = [e.strip() for e in args.engines.split(",") if e.strip()]
+    unknown = sorted(set(chosen) - set(ENGINES))
+    if unknown:
+        ap.error(f"--engines: unknown {', '.join(unknown)} (choose from {', '.join(ENGINES)})")
 
     with tempfile.TemporaryDirectory() as tmp_dir:
         tmp = Path(tmp_dir)
         t = time.perf_counter()
-        _compile(args.model, tmp / "kv", "-c", "toolchain.toml", "--set", "target.decode_graph=true")
-        _compile(args.model, tmp / "mc", "-c", "toolchains/memory-caching-pretrained.toml")
-        segment = next(p["options"]["segment"] for p in json.loads((tmp / "mc" / "report.json").read_text())["passes"]
-                       if p["name"] == "memory-caching")
-        peers = {} if args.no_peers else _build_genai(args.model, tmp)
+        kv = mc = None
+        segment = 0
+        if "memc-kv" in chosen:
+            kv = tmp / "kv"
+            _compile(args.model, kv, "-c", "toolchain.toml", "--set", "target.decode_graph=true")
+        if "memc-mc" in chosen:
+            mc = tmp / "mc"
+            _compile(args.model, mc, "-c", "toolchains/memory-caching-pretrained.toml")
+            segment = next(p["options"]["segment"] for p in json.loads((mc / "report.json").read_text())["passes"]
+                           if p["name"] == "memory-caching")
+        precisions = tuple(e.split("-", 1)[1] for e in chosen if e.startswith("genai-"))
+        peers = {} if args.no_peers or not precisions else _build_genai(args.model, tmp, precisions)
         build_s = time.perf_counter() - t
-        res = run_case("benchmarks.decode:turns_case", model=args.model, kv=str(tmp / "kv"), mc=str(tmp / "mc"),
-                       segment=segment, peers=peers, steps=args.steps, rounds=args.rounds, contexts=contexts)
-        kv_report = json.loads((tmp / "kv" / "report.json").read_text())["verification"]
-        mc_report = json.loads((tmp / "mc" / "report.json").read_text())["verification"]
+        res = run_case("benchmarks.decode:turns_case", model=args.model, kv=str(kv) if kv else None,
+                       mc=str(mc) if mc else None, segment=segment, peers=peers, steps=args.steps,
+                       rounds=args.rounds, contexts=contexts, slice_steps=args.slice)
+        reports = {k: json.loads((d / "report.json").read_text())["verification"] for k, d in
+                   (("KV", kv), ("memory caching", mc)) if d is not None}
 
     versions = res.pop("versions")
     cmd = "python -m benchmarks.decode " + " ".join(argv if argv is not None else sys.argv[1:])
     longer = [c for c in contexts if c > max(PROMPT + args.steps, 1024)]
-    cols = ["engine", "bytes on disk", f"prefill tok/s ({PROMPT})", f"decode CPU ms/token @{PROMPT}"]
+    cols = ["engine", "bytes on disk", f"prefill tok/s ({PROMPT})", f"decode CPU ms/token @{PROMPT} (median)"]
     cols += [f"decode ms/token @{c}" for c in [PROMPT, *longer]]
     cols += [f"state @{c}" for c in [PROMPT + args.steps, *longer]]
     cols += [f"greedy = torch (of {args.steps})"]
@@ -324,25 +347,27 @@ def main(argv: list[str] | None = None) -> None:
     keys = [k for k in ("torch", "memc-kv", "memc-mc", "genai-fp32", "genai-int4") if k in res]
     for key in keys:
         r = res[key]
-        row = [r["name"], _mb(r["disk_bytes"]), r["prefill_tok_s"], r["decode_cpu_ms"]]
+        row = [r["name"], _mb(r["disk_bytes"]), r["prefill_tok_s"], r["decode_cpu_median_ms"]]
         row += [r["decode_ms"].get(str(c), "n/a") for c in cols_ctx(cols)]
         row += [_mb(r["state_bytes"][str(c)]) if str(c) in r["state_bytes"] else "n/a" for c in state_ctx(cols)]
         row.append(r["greedy_equal"])
         t.rows.append(row)
-    if "genai-fp32" not in res:
+    if precisions and not any(k.startswith("genai-") for k in res):
         t.rows.append(["onnxruntime-genai", "not installed", *["n/a"] * (len(cols) - 2)])
     t.rows.append(["llama.cpp (llama-cpp-python)", versions["llama-cpp-python"], *["n/a"] * (len(cols) - 2)])
-    kv_ms, mc_ms = res["memc-kv"]["decode_ms"], res["memc-mc"]["decode_ms"]
+    kv_ms = res["memc-kv"]["decode_ms"] if "memc-kv" in res else {}
+    mc_ms = res["memc-mc"]["decode_ms"] if "memc-mc" in res else {}
     longest = str(max(contexts))
     ratios = []
-    if longest in mc_ms:
-        ratios.append(f"memory caching decode @{longest} / @{PROMPT}: {mc_ms[longest] / mc_ms[str(PROMPT)]:.2f}x "
-                      f"(bar: <= 1.5x); KV decode.onnx: {kv_ms[longest] / kv_ms[str(PROMPT)]:.2f}x; torch eager: "
-                      f"{res['torch']['decode_ms'][longest] / res['torch']['decode_ms'][str(PROMPT)]:.2f}x")
-    if "genai-fp32" in res:
+    growth = [f"{label}: {ms[longest] / ms[str(PROMPT)]:.2f}x" for label, ms in
+              (("memory caching (bar: <= 1.5x)", mc_ms), ("KV decode.onnx", kv_ms),
+               ("torch eager", res["torch"]["decode_ms"])) if longest in ms]
+    if growth:
+        ratios.append(f"decode @{longest} / @{PROMPT}: " + "; ".join(growth))
+    if "genai-fp32" in res and kv_ms:
         g = res["genai-fp32"]
         ratios.append(f"memc KV / genai fp32 decode ms/token @{PROMPT}: {kv_ms[str(PROMPT)] / g['decode_ms'][str(PROMPT)]:.2f}x, "
-                      f"CPU ms/token {res['memc-kv']['decode_cpu_ms'] / g['decode_cpu_ms']:.2f}x "
+                      f"CPU ms/token {res['memc-kv']['decode_cpu_median_ms'] / g['decode_cpu_median_ms']:.2f}x "
                       f"(bar: <= 1); memc KV / torch eager prefill tok/s: "
                       f"{res['memc-kv']['prefill_tok_s'] / res['torch']['prefill_tok_s']:.2f}x (bar: >= 1)")
     t.notes += ratios
@@ -351,18 +376,19 @@ def main(argv: list[str] | None = None) -> None:
         + ", ".join(f"{k} {v}" for k, v in versions.items()) + ".")
     t.notes.append(
         f"Prompt: {PROMPT} held-out code tokens; prefill tok/s is the median of {args.rounds} prefills per engine in "
-        f"turns; decode ms/token @{PROMPT} the median of {args.steps} greedy steps after it ({args.rounds} slices in "
-        "turns), CPU ms/token the mean process CPU time of those steps (wall times on this shared, oversubscribed "
-        "machine include waiting for a core; CPU time is the work). Longer contexts: synthesised states (see the module docstring), median of "
+        f"turns; decode ms/token @{PROMPT} the median of {args.steps} greedy steps after it (slices of {args.slice} "
+        "steps in turns, the order reversed every turn), CPU ms/token the median process CPU time of those steps "
+        "(wall times on this shared, oversubscribed machine include waiting for a core; CPU time is the work). "
+        "Longer contexts: synthesised states (see the module docstring), median of "
         f"{max(args.rounds, args.steps // 2)} steps in turns; genai's context_length is the model's 1024. The memory-"
         "caching engine feeds a prompt token by token (its graph is single-token), and it is a different model "
         "(distilled memory-caching layers), so its greedy agreement with torch is a quality figure, not a bug.")
+    checks = "; ".join(
+        f"{label} max |Δ| {r['max_abs_diff'].get('decode.logits', float('nan')):.2g}, greedy "
+        f"{r.get('decode', {}).get('greedy', {}).get('equal')}" for label, r in reports.items())
     t.notes.append(
-        f"memc decode graphs verified at compile (prefill + single steps vs the Program's full-sequence logits): KV "
-        f"max |Δ| {kv_report['max_abs_diff'].get('decode.logits', float('nan')):.2g}, greedy "
-        f"{kv_report.get('decode', {}).get('greedy', {}).get('equal')}; memory caching max |Δ| "
-        f"{mc_report['max_abs_diff'].get('decode.logits', float('nan')):.2g}, greedy "
-        f"{mc_report.get('decode', {}).get('greedy', {}).get('equal')}. Build and peer set-up {build_s:.0f} s.")
+        f"memc decode graphs verified at compile (prefill + single steps vs the Program's full-sequence logits): "
+        f"{checks or 'none built'}. Build and peer set-up {build_s:.0f} s.")
     t.raw = {**res, "versions": versions}
     path = t.write()
     print(t.markdown())

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import onnx
 import torch
 
+from memc.codegen.fusion import fuse_for_onnxruntime
 from memc.codegen.peephole import simplify_gqa_layouts
 from memc.codegen.quant import share_reshaped_initializers, store_half_scales
 from memc.errors import UnsupportedError
@@ -194,10 +195,18 @@ def lower_exported(
     share_reshaped_initializers(model)
     rename_dims(model, dim_names)
     simplify_gqa_layouts(model)
+    if uses_onnxruntime_ops(model):
+        fuse_for_onnxruntime(model)
     if not debug_metadata:
         strip_exporter_metadata(model)
     model.producer_name = "memc"
     return model
+
+
+def uses_onnxruntime_ops(model: onnx.ModelProto) -> bool:
+    """The graph was lowered for onnxruntime (it has com.microsoft ops, e.g. GroupQueryAttention): onnxruntime's
+    fused kernels (memc.codegen.fusion) then apply too."""
+    return any(n.domain == "com.microsoft" for n in model.graph.node)
 
 
 def export_onnx(

@@ -21,6 +21,7 @@ numpy + onnxruntime only: a deployment process never imports torch.
 from __future__ import annotations
 
 import json
+import operator
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,9 +101,38 @@ def check_state(specs: Sequence[StateSpec], state: Sequence[np.ndarray], batch: 
 CAPACITY_STEP = 256  # preallocated KV buffers: capacity rounded up to this, doubled when full
 
 
+@dataclass(slots=True)
+class _Last:
+    """The state the engine returned last: its list and arrays (to recognise it when it comes back), its batch and
+    past length, and (preallocated graphs) the KV buffers its arrays view, in state order."""
+
+    state: list
+    arrays: tuple
+    batch: int
+    past: int
+    buffers: tuple = ()
+    views: tuple = ()  # the arrays viewing ``buffers``, in the same order
+    capacity: int = 0  # the smallest buffer's
+
+    def __post_init__(self) -> None:
+        if self.buffers and not self.capacity:
+            self.capacity = min(b.shape[2] for b in self.buffers)
+
+    def is_(self, state: Sequence[np.ndarray], batch: int) -> bool:
+        if state is not self.state or batch != self.batch or len(state) != len(self.arrays):
+            return False
+        for a, b in zip(state, self.arrays):
+            if a is not b:
+                return False
+        return True
+
+
 class _Buffers:
     """The KV buffers behind a preallocated graph's states, each with the one view of it that is a state's newest
-    array (the only array that may extend the buffer in place: any other view is an older state, a branch)."""
+    array (the only array that may extend the buffer in place: any other view is an older state, a branch).
+
+    The newest views of the last state's buffers are that state's arrays (``_Last``); a buffer is recorded here
+    when the last state moves to other buffers, so a decode loop's steps record nothing."""
 
     def __init__(self) -> None:
         self._latest: dict[int, tuple[weakref.ref, weakref.ref]] = {}  # id(buffer) -> (buffer, newest view)
@@ -112,12 +142,28 @@ class _Buffers:
             self._latest = {k: v for k, v in self._latest.items() if v[0]() is not None}
         self._latest[id(buf)] = (weakref.ref(buf), weakref.ref(view))
 
-    def buffer_for(self, array: np.ndarray, needed: int, limit: int | None) -> np.ndarray:
+    def leave(self, old: _Last | None, new_buffers: tuple) -> None:
+        """``old`` stops being the last state: record its arrays as the newest views of its buffers that the new
+        last state does not use."""
+        if old is None or old.buffers is new_buffers:
+            return
+        for buf, view in zip(old.buffers, old.views):
+            if not any(buf is b for b in new_buffers):
+                self.mark(buf, view)
+
+    def newest(self, buf: np.ndarray, last: _Last | None) -> np.ndarray | None:
+        if last is not None:
+            for b, a in zip(last.buffers, last.views):
+                if b is buf:
+                    return a
+        entry = self._latest.get(id(buf))
+        return entry[1]() if entry is not None and entry[0]() is buf else None
+
+    def buffer_for(self, array: np.ndarray, needed: int, limit: int | None, last: _Last | None) -> np.ndarray:
         """A buffer holding ``array`` [b, h, past, d] in its first ``past`` positions with room for ``needed``:
         the array's own buffer when ``array`` is that buffer's newest view, else a copy (a grown one if needed)."""
         base = array.base
-        entry = self._latest.get(id(base)) if base is not None else None
-        if entry is not None and entry[0]() is base and entry[1]() is array and base.shape[2] >= needed:
+        if base is not None and base.ndim == 4 and base.shape[2] >= needed and self.newest(base, last) is array:
             return base
         old = base.shape[2] if isinstance(base, np.ndarray) and base.ndim == 4 else 0
         capacity = max(2 * old, -(-needed // CAPACITY_STEP) * CAPACITY_STEP)
@@ -174,6 +220,8 @@ class DecodeEngine:
         self._bound: dict[tuple[str, bool], np.ndarray] = {}
         self._io_shape: tuple[int, int] | None = None
         self._io_cache: tuple = ()
+        self._last: _Last | None = None
+        self._all_kv = all(s.kind == "kv" for s in self.state_specs)
 
     def _specs(self, recorded: str | None, inputs: list) -> list[StateSpec]:
         """The state layout from the graph's metadata, checked against its inputs (or read from the inputs)."""
@@ -230,6 +278,8 @@ class DecodeEngine:
     # -- running ---------------------------------------------------------------------------------------------------
     @staticmethod
     def _ids(ids: np.ndarray | Sequence[int] | int, what: str) -> np.ndarray:
+        if type(ids) is np.ndarray and ids.dtype == np.int64:  # the common case, cheaply
+            return ids
         arr = np.asarray(ids)
         if not (np.issubdtype(arr.dtype, np.integer) or arr.size == 0):
             raise DecodeStateError(f"{what} must be integer token ids, got dtype {arr.dtype}")
@@ -240,30 +290,43 @@ class DecodeEngine:
         ids = self._ids(input_ids, "input_ids")
         if ids.ndim != 2 or ids.shape[0] < 1 or ids.shape[1] < 1:
             raise DecodeStateError(f"input_ids must have shape [batch, seq] with both >= 1, got {tuple(ids.shape)}")
-        past = self.check_state(state, ids.shape[0])
+        last = self._last if self._last is not None and self._last.is_(state, ids.shape[0]) else None
+        past = last.past if last is not None else self.check_state(state, ids.shape[0])
         if self.max_seq_len is not None and past + ids.shape[1] > self.max_seq_len:
             raise DecodeStateError(
                 f"past {past} + {ids.shape[1]} new token(s) exceeds the model's maximum sequence length "
                 f"{self.max_seq_len}"
             )
-        if self.vocab_size is not None and ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
+        if self.vocab_size is not None and ids.size and not self._ids_in_vocab(ids):
             raise DecodeStateError(f"token ids must be in [0, {self.vocab_size}), got {ids.min()}..{ids.max()}")
         # a one-token graph, or GroupQueryAttention continuing a batch > 1 cache: the sequence goes token by token
         by_token = self.single_token or (self.length_input is not None and ids.shape[0] > 1 and past > 0)
         if by_token and ids.shape[1] > 1:
-            parts, state = [], list(state)
+            parts = []
             for t in range(ids.shape[1]):
-                logits, state = self._run(ids[:, t:t + 1], state)
+                logits, state = self._run(ids[:, t:t + 1], state, past + t, last)
+                last = self._last if self._last is not None and self._last.state is state else None
                 parts.append(logits)
             return np.concatenate(parts, axis=1), state
-        return self._run(ids, state)
+        return self._run(ids, state, past, last)
 
-    def _run(self, ids: np.ndarray, state: Sequence[np.ndarray]) -> tuple[np.ndarray, State]:
+    def _ids_in_vocab(self, ids: np.ndarray) -> bool:
+        if ids.size == 1:  # a decode step: two numpy reductions cost more than the rest of the check
+            return 0 <= int(ids.reshape(-1)[0]) < self.vocab_size
+        return bool(ids.min() >= 0 and ids.max() < self.vocab_size)
+
+    def _run(self, ids: np.ndarray, state: Sequence[np.ndarray], past: int,
+             last: _Last | None) -> tuple[np.ndarray, State]:
+        """``last``: the engine's last state when ``state`` is it (checked when it was made; not checked again)."""
         if self.length_input:
-            return self._run_in_place(ids, state)
+            if last is not None and self._all_kv and last.buffers and last.capacity >= past + ids.shape[1]:
+                return self._continue_in_place(ids, last)
+            return self._run_in_place(ids, state, past, last)
         feeds = {"input_ids": ids}
         feeds.update((spec.name, array) for spec, array in zip(self.state_specs, state))
         logits, *present = self.session.run(self.output_names, feeds)
+        if self.kv_layout is not None:
+            self._last = _Last(present, tuple(present), ids.shape[0], past + ids.shape[1])
         return logits, present
 
     def _bind(self, name: str, array: np.ndarray, output: bool) -> None:
@@ -284,11 +347,55 @@ class DecodeEngine:
             self._io_shape = (batch, seq)
         return self._io_cache
 
-    def _run_in_place(self, ids: np.ndarray, state: Sequence[np.ndarray]) -> tuple[np.ndarray, State]:
+    def _loop_step(self, token: np.ndarray, last: _Last) -> tuple[np.ndarray, State] | None:
+        """step() in a decode loop: ``token`` [batch] int64 after the engine's own last state, whose buffers (and
+        the token / length / logits arrays of a one-token call) are bound already. None when anything is not so
+        (the general path then checks, binds, or says what is wrong)."""
+        n = last.past + 1
+        if n > last.capacity or (self.max_seq_len is not None and n > self.max_seq_len) or not self._all_kv \
+                or self._io_shape != (last.batch, 1) or len(last.state) != len(last.arrays) \
+                or not all(map(operator.is_, last.state, last.arrays)):
+            return None
+        if token.size == 1:
+            if not 0 <= int(token[0]) < (self.vocab_size or 0):
+                return None
+        elif not (self.vocab_size and token.min() >= 0 and token.max() < self.vocab_size):
+            return None
+        ids_in, length, logits = self._io_cache
+        if logits is None:
+            return None
+        ids_in[:, 0] = token
+        length[...] = last.past
+        self.session.run_with_iobinding(self._io)
+        new_state = [b[:, :, :n] for b in last.buffers]
+        views = tuple(new_state)
+        self._last = _Last(new_state, views, last.batch, n, last.buffers, views, last.capacity)
+        return logits.copy(), new_state
+
+    def _continue_in_place(self, ids: np.ndarray, last: _Last) -> tuple[np.ndarray, State]:
+        """The decode loop's path: the last state's buffers are bound already and have room; only the token, the
+        length and the new views change (what a step costs in Python matters next to a small model's layers)."""
+        batch, seq = ids.shape
+        ids_in, length, logits = self._io_arrays(batch, seq)
+        ids_in[...] = ids
+        length[...] = last.past
+        self._bind("input_ids", ids_in, False)
+        self._bind(self.length_input, length, False)
+        if logits is None:
+            return self._run_in_place(ids, last.state, last.past, last)
+        self._bind("logits", logits, True)
+        self.session.run_with_iobinding(self._io)
+        n = last.past + seq
+        new_state = [b[:, :, :n] for b in last.buffers]
+        views = tuple(new_state)
+        self._last = _Last(new_state, views, batch, n, last.buffers, views, last.capacity)
+        return logits.copy(), new_state
+
+    def _run_in_place(self, ids: np.ndarray, state: Sequence[np.ndarray], past: int,
+                      last: _Last | None) -> tuple[np.ndarray, State]:
         """A preallocated graph through I/O binding: KV buffers are the past inputs and the present outputs."""
         batch, seq = ids.shape
-        kv = next(a for a, s in zip(state, self.state_specs) if s.kind == "kv")
-        past = int(kv.shape[2])
+        old, self._last = self._last, None  # the bindings change: no state is "bound already" until the run is over
         ids_in, length, logits = self._io_arrays(batch, seq)
         ids_in[...] = ids
         length[...] = past
@@ -304,7 +411,7 @@ class DecodeEngine:
         keep = []  # alive until the run is over
         for spec, array in zip(self.state_specs, state):
             if spec.kind == "kv":
-                buf = self._buffers.buffer_for(array, past + seq, self.max_seq_len)
+                buf = self._buffers.buffer_for(array, past + seq, self.max_seq_len, old)
                 self._bind(spec.name, buf, False)
                 self._bind(spec.output, buf, True)
                 buffers.append(buf)
@@ -317,8 +424,10 @@ class DecodeEngine:
                 self._bind(spec.output, out, True)
                 new_state.append(out)
         self.session.run_with_iobinding(self._io)
-        for buf, view in zip(buffers, (a for a, s in zip(new_state, self.state_specs) if s.kind == "kv")):
-            self._buffers.mark(buf, view)
+        buffers = tuple(buffers)
+        self._buffers.leave(old, buffers)
+        views = tuple(a for a, s in zip(new_state, self.state_specs) if s.kind == "kv")
+        self._last = _Last(new_state, tuple(new_state), batch, past + seq, buffers, views)
         out = self._io.get_outputs()[0].numpy() if logits is None else logits.copy()
         del keep
         return out, new_state
@@ -331,6 +440,12 @@ class DecodeEngine:
 
     def step(self, token: np.ndarray | Sequence[int] | int, state: Sequence[np.ndarray]) -> tuple[np.ndarray, State]:
         """One new token per row (an int, ``[batch]`` or ``[batch, 1]``) -> logits [batch, 1, vocab] and the state."""
+        last = self._last
+        if last is not None and state is last.state and last.buffers and type(token) is np.ndarray \
+                and token.dtype == np.int64 and token.shape == (last.batch,):
+            done = self._loop_step(token, last)
+            if done is not None:
+                return done
         tok = self._ids(token, "token")
         if tok.ndim > 2 or (tok.ndim == 2 and tok.shape[1] != 1):
             raise DecodeStateError(

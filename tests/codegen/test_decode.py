@@ -68,8 +68,11 @@ def test_opset_23_native_ops_with_zero_length_past(tiny_hf, decode_artifact):
     """Opset 23 (this onnxruntime): GroupQueryAttention over the preallocated cache, 3-D RotaryEmbedding (the
     peephole removed the head transposes around it); prefill writes into an empty buffer."""
     path = decode_artifact("llama", 23)
-    ops = {n.op_type for n in onnx.load(str(path)).graph.node}
+    nodes = [n.op_type for n in onnx.load(str(path)).graph.node]
+    ops = set(nodes)
     assert {"GroupQueryAttention", "RotaryEmbedding"} <= ops and "Attention" not in ops and "Transpose" not in ops
+    # onnxruntime fusions (memc.codegen.fusion): q / k / v and gate / up packed per layer, residual adds + norms fused
+    assert nodes.count("Split") == 2 * LAYERS and nodes.count("SkipSimplifiedLayerNormalization") == 2 * LAYERS
     check = _check(DecodeEngine(path), load_hf_original(tiny_hf("llama")), _ids(2, 16), 8)
     assert check.passed, check.as_dict()
     record_diff("decode llama opset 23", check.max_abs_diff)

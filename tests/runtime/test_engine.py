@@ -96,6 +96,41 @@ def test_state_stays_in_place_and_branches_copy(engine):
     np.testing.assert_allclose(branch_logits[:, -1], engine.prefill(branched)[0][:, -1], atol=1e-5)
 
 
+def test_the_decode_loop_path_equals_the_checked_path(engine):
+    """Steps fed the engine's own last state skip re-checking it and reuse its bound buffers; the same steps fed
+    copies (checked, copied into new buffers, by a second engine) give the same logits. Then two interleaved loops,
+    each stepping a state the engine did not return last, keep their buffers apart."""
+    checked = DecodeEngine(engine.path)
+    ids = _prompt(1, 12)
+    _, fast = engine.prefill(ids[:, :4])
+    slow = [a.copy() for a in fast]
+    for t in range(4, 8):
+        base = fast[0].base
+        got, fast = engine.step(ids[:, t], fast)
+        want, slow = checked.step(ids[:, t], [a.copy() for a in slow])
+        np.testing.assert_array_equal(got, want)
+        assert fast[0].base is base  # in place
+    _, other = engine.prefill(ids[:, :7])
+    for t in range(8, 12):
+        base = fast[0].base
+        got, fast = engine.step(ids[:, t], fast)
+        other_logits, other = engine.step(ids[:, t - 1], other)
+        assert fast[0].base is base and other[0].base is not base  # each still in place, in its own buffer
+    np.testing.assert_allclose(got[:, -1], engine.prefill(ids)[0][:, -1], atol=1e-5)
+    np.testing.assert_allclose(other_logits[:, -1], engine.prefill(ids[:, :11])[0][:, -1], atol=1e-5)
+
+
+def test_a_changed_state_list_is_checked_again(engine):
+    _, state = engine.prefill(_prompt(1, 4))
+    _, state = engine.step(1, state)
+    _, state = engine.step(np.array([2]), state)  # the decode loop's path from here on
+    with pytest.raises(DecodeStateError, match=rf"token ids must be in \[0, {VOCAB}\)"):
+        engine.step(np.array([VOCAB]), state)
+    state[0] = state[0][:, :, :3]  # the engine's own list, one array replaced
+    with pytest.raises(DecodeStateError, match=r"state\[1\] \(past_value_0\) has shape"):
+        engine.step(2, state)
+
+
 def test_buffers_grow_past_their_capacity(engine, monkeypatch):
     import memc.runtime.engine as eng
 

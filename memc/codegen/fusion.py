@@ -1,0 +1,226 @@
+"""Operator fusions on a lowered ONNX graph, for onnxruntime's CPU kernels: fewer, larger nodes.
+
+A decode step of a small model is per-node overhead plus one pass over the weights, so fewer nodes over the same
+weights are faster (measured with ``python -m benchmarks.decode_profile``). Two rules, each a plain rewrite of the
+ONNX graph (no onnxruntime needed to apply them):
+
+* **pack MatMuls**: MatMuls that read the same input with 2-D float weight initializers of the same row count
+  (a layer's q / k / v projections, its gate / up projections) become one MatMul over the weights concatenated
+  along the output axis and a Split back into the original outputs. Each weight must be used by that MatMul only
+  (so the packed weight replaces, not duplicates, them).
+* **skip RMS norm**: ``Add(a, b)`` (both computed [batch, seq, hidden] values, the sum not a graph output) feeding the standard ``RMSNormalization`` over the last axis (the residual add
+  before a layer's norm) becomes ``com.microsoft`` SkipSimplifiedLayerNormalization, whose fourth output is the
+  sum for the residual stream. onnxruntime 1.32 fuses this pattern only for its own SimplifiedLayerNormalization,
+  not for opset-23 RMSNormalization (its optimized graph keeps the Add).
+
+The rules keep every graph output and the nodes' topological order; unused initializers are dropped.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+MSFT = "com.microsoft"
+_FLOATS = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE)
+
+
+class _Index:
+    """Producers, users and initializers of a graph (rebuilt after each change; graphs here are small)."""
+
+    def __init__(self, graph: onnx.GraphProto):
+        self.inits = {t.name: t for t in graph.initializer}
+        self.outputs = {o.name for o in graph.output}
+        self.users: dict[str, list[onnx.NodeProto]] = {}
+        for n in graph.node:
+            for i in n.input:
+                if i:
+                    self.users.setdefault(i, []).append(n)
+        for n in graph.node:  # subgraphs read outer values too: count those as users
+            for a in n.attribute:
+                for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+                    for sub in g.node:
+                        for i in sub.input:
+                            self.users.setdefault(i, []).append(n)
+
+    def weight(self, name: str) -> onnx.TensorProto | None:
+        """A 2-D float initializer used only once (by the node asking)."""
+        t = self.inits.get(name)
+        if t is None or len(t.dims) != 2 or t.data_type not in _FLOATS or len(self.users.get(name, [])) != 1 \
+                or name in self.outputs:
+            return None
+        return t
+
+    def rename_uses(self, old: str, new: str) -> None:
+        for n in self.users.get(old, []):
+            for k, i in enumerate(n.input):
+                if i == old:
+                    n.input[k] = new
+
+
+def _unique(graph: onnx.GraphProto, base: str) -> str:
+    taken = {t.name for t in graph.initializer} | {o for n in graph.node for o in n.output} | \
+        {i.name for i in graph.input}
+    name, k = base, 0
+    while name in taken:
+        k += 1
+        name = f"{base}_{k}"
+    return name
+
+
+def _pack_once(graph: onnx.GraphProto) -> bool:
+    idx = _Index(graph)
+    position = {id(n): k for k, n in enumerate(graph.node)}
+    for x, users in idx.users.items():
+        group = [n for n in users if n.op_type == "MatMul" and n.domain in ("", "ai.onnx") and len(n.input) == 2
+                 and n.input[0] == x and n.input[1] != x and idx.weight(n.input[1]) is not None]
+        by_rows: dict[tuple[int, int], list[onnx.NodeProto]] = {}
+        for n in group:
+            w = idx.inits[n.input[1]]
+            by_rows.setdefault((w.dims[0], w.data_type), []).append(n)
+        for (_, dtype), nodes in by_rows.items():
+            if len(nodes) < 2:
+                continue
+            nodes.sort(key=lambda n: position[id(n)])
+            weights = [numpy_helper.to_array(idx.inits[n.input[1]]) for n in nodes]
+            packed = numpy_helper.from_array(np.concatenate(weights, axis=1),
+                                             _unique(graph, nodes[0].input[1] + "_packed"))
+            sizes = numpy_helper.from_array(np.array([w.shape[1] for w in weights], np.int64),
+                                            _unique(graph, nodes[0].input[1] + "_split"))
+            graph.initializer.extend([packed, sizes])
+            out = _unique(graph, nodes[0].output[0] + "_packed")
+            matmul = helper.make_node("MatMul", [x, packed.name], [out], name=(nodes[0].name or "matmul") + "_packed")
+            split = helper.make_node("Split", [out, sizes.name], [n.output[0] for n in nodes], axis=-1,
+                                     name=(nodes[0].name or "matmul") + "_split")
+            first = position[id(nodes[0])]
+            for n in nodes:
+                graph.node.remove(n)
+            graph.node.insert(first, split)
+            graph.node.insert(first, matmul)
+            return True
+    return False
+
+
+def _attr(node: onnx.NodeProto, name: str, default):
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return default
+
+
+def _skip_norm_once(model: onnx.ModelProto) -> bool:
+    graph = model.graph
+    shapes = _shapes(model)
+    idx = _Index(graph)
+    producer = {o: n for n in graph.node for o in n.output}
+    for norm in graph.node:
+        if norm.op_type != "RMSNormalization" or norm.domain not in ("", "ai.onnx") or len(norm.input) < 2:
+            continue
+        add = producer.get(norm.input[0])
+        if add is None or add.op_type != "Add" or add.domain not in ("", "ai.onnx") or len(norm.output) != 1:
+            continue
+        scale = idx.inits.get(norm.input[1])
+        want = (3, scale.dims[0]) if scale is not None and len(scale.dims) == 1 else None  # [batch, seq, hidden]
+        if want is None or shapes.get(add.input[0]) != want or shapes.get(add.input[1]) != want \
+                or _attr(norm, "axis", -1) != -1 or _attr(norm, "stash_type", 1) != 1:
+            continue
+        total = add.output[0]
+        if total in idx.outputs:  # the sum is a graph output: leave the pair (its name must stay)
+            continue
+        if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for u in idx.users.get(total, [])
+               for a in u.attribute):  # read inside a subgraph: renaming there is not worth the rule
+            continue
+        keep_sum = any(u is not norm for u in idx.users.get(total, []))
+        fused_sum = _unique(graph, total + "_skip") if keep_sum else ""
+        fused = helper.make_node(
+            "SkipSimplifiedLayerNormalization", [add.input[0], add.input[1], norm.input[1]],
+            [norm.output[0], "", "", fused_sum] if keep_sum else [norm.output[0]], domain=MSFT,
+            name=(norm.name or "rms") + "_skip", epsilon=float(_attr(norm, "epsilon", 1e-5)))
+        at = list(graph.node).index(add)
+        graph.node.remove(norm)
+        if keep_sum:
+            idx.rename_uses(total, fused_sum)
+        graph.node.remove(add)
+        graph.node.insert(at, fused)
+        return True
+    return False
+
+
+def _shapes(model: onnx.ModelProto) -> dict[str, tuple[int, int]]:
+    """(rank, static size of the last axis) of the values a node computes or the graph takes: the exporter's
+    value_info where a standard op made the value, and through MatMul weights, embedding Gathers, elementwise ops, norms,
+    rotary embeddings and GroupQueryAttention where it did not (contrib ops' recorded shapes are placeholders). Initializers are left out: the fused op
+    does not take a broadcast skip."""
+    graph = model.graph
+    recorded: dict[str, tuple[int, int | None]] = {}
+    for v in list(graph.value_info) + list(graph.input) + list(graph.output):
+        t = v.type.tensor_type
+        if t.HasField("shape") and t.shape.dim:
+            last = t.shape.dim[-1]
+            recorded[v.name] = (len(t.shape.dim), int(last.dim_value) if last.HasField("dim_value") else None)
+    inits = {t.name: t for t in graph.initializer}
+    shapes = {i.name: recorded[i.name] for i in graph.input if i.name in recorded}
+    for n in graph.node:  # topological order: a node's inputs are sized before its outputs
+        out = n.output[0] if n.output else ""
+        shape = None
+        if n.op_type == "MatMul" and n.input[1] in inits and len(inits[n.input[1]].dims) == 2 and n.input[0] in shapes:
+            shape = (shapes[n.input[0]][0], int(inits[n.input[1]].dims[-1]))
+        elif n.op_type == "Gather" and n.input[0] in inits and _attr(n, "axis", 0) == 0 and \
+                len(inits[n.input[0]].dims) == 2 and n.input[1] in shapes:  # an embedding lookup
+            shape = (shapes[n.input[1]][0] + 1, int(inits[n.input[0]].dims[-1]))
+        elif n.op_type in ("Add", "Mul") and len(n.input) == 2 and n.input[0] in shapes and \
+                shapes[n.input[0]] == shapes.get(n.input[1]):
+            shape = shapes[n.input[0]]
+        elif n.op_type in ("RMSNormalization", "RotaryEmbedding", "Relu", "Sigmoid", "Cast") and n.input \
+                and n.input[0] in shapes:  # the input's shape
+            shape = shapes[n.input[0]]
+        elif n.op_type == "GroupQueryAttention" and len(n.input) > 2 and n.input[1] and n.input[0] in shapes:
+            shape = shapes[n.input[0]]  # [batch, seq, heads * head_dim], the query's (unpacked)
+        elif n.op_type == "SkipSimplifiedLayerNormalization" and n.input[0] in shapes:
+            for o in n.output:
+                if o:
+                    shapes[o] = shapes[n.input[0]]
+            continue
+        elif n.domain in ("", "ai.onnx") and out in recorded:
+            shape = recorded[out]
+        if shape is not None and out:
+            shapes[out] = shape
+    return shapes
+
+
+def _drop_unused_initializers(graph: onnx.GraphProto) -> None:
+    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+    for n in graph.node:
+        for a in n.attribute:
+            for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+                used |= {i for sub in g.node for i in sub.input}
+    keep = [t for t in graph.initializer if t.name in used]
+    if len(keep) != len(graph.initializer):
+        del graph.initializer[:]
+        graph.initializer.extend(keep)
+
+
+def pack_matmuls(model: onnx.ModelProto) -> int:
+    """Apply the pack-MatMuls rule to a fixpoint; returns how many MatMuls went away."""
+    before = sum(n.op_type == "MatMul" for n in model.graph.node)
+    while _pack_once(model.graph):
+        pass
+    _drop_unused_initializers(model.graph)
+    return before - sum(n.op_type == "MatMul" for n in model.graph.node)
+
+
+def fuse_skip_rms_norm(model: onnx.ModelProto) -> int:
+    """Apply the skip-RMS-norm rule to a fixpoint; returns how many Add + RMSNormalization pairs were fused."""
+    count = 0
+    while _skip_norm_once(model):
+        count += 1
+    if count and not any(o.domain == MSFT for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(MSFT, 1))
+    return count
+
+
+def fuse_for_onnxruntime(model: onnx.ModelProto) -> dict[str, int]:
+    """Both rules (the norms first: they read value shapes that packing would route through Splits); returns what
+    each did."""
+    norms = fuse_skip_rms_norm(model)
+    return {"packed_matmuls": pack_matmuls(model), "skip_rms_norms": norms}
