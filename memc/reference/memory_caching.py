@@ -70,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--recall-text", type=int, metavar="BYTES",
                     help="distil on the first BYTES of train code with planted key -> value lines "
                          "(memc.reference.recall_text; for the recall model) instead of the toolchain's text")
+    ap.add_argument("--recall-every", type=int, default=300, metavar="BYTES",
+                    help="with --recall-text: plant a pair about every BYTES bytes of filler")
     args = ap.parse_args(argv)
     overrides: dict[str, dict] = {}
     if args.variant:
@@ -86,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         notes = {}
         if args.recall_text:
             text = Path(tmp) / "recall-train.txt"
-            notes["recall_text"] = recall_text.write(text, args.recall_text)
+            notes["recall_text"] = recall_text.write(text, args.recall_text, every=args.recall_every)
             overrides.setdefault("distill-attention", {})["text"] = str(text)
         report = distill(args.model, args.out, overrides, args.toolchain, args.seed, notes)
     distilled = report["passes"][-1]["metrics"]

@@ -134,7 +134,8 @@ def ref_llama_recall_config() -> LlamaConfig:
     """The recall model (memc.reference.recall): a 2-layer Llama on ref-llama's BPE vocabulary, hidden 128,
     4 heads of 32, tied embeddings: 1.02M params. Two layers are the fewest that can
     match a multi-token key (a layer gathering each position's preceding tokens, then one matching them), and
-    small enough to train to recall in ~30 minutes on one shared CPU thread in float32."""
+    small enough to train to recall in ~65 minutes (four runs, memc.reference.recall) on one shared CPU thread
+    in float32."""
     return _bpe_llama(
         hidden_size=128,
         intermediate_size=512,

@@ -1,6 +1,16 @@
-"""Train the recall model (models/ref-llama-recall), in two runs:
-``python -m memc.reference.recall --steps 1400 --out RUN1 --no-metrics`` then
-``python -m memc.reference.recall --steps 700 --init RUN1 --lr 1.5e-3 --seed 1 --out models/ref-llama-recall``.
+"""Train the recall model (models/ref-llama-recall), in four runs (each continuation starts from the previous
+run's checkpoint):
+
+1. ``python -m memc.reference.recall --steps 1400 --out RUN1 --no-metrics``
+2. ``python -m memc.reference.recall --steps 700 --init RUN1 --lr 1.5e-3 --seed 1 --out RUN2 --no-metrics``
+   (the previous model: 0.73-0.79 token accuracy; it copied every one-letter value token and 7% of the
+   multi-letter ones, 'sg', 'ep', with its copy heads on the right source at p = 0.999)
+3. ``python -m memc.reference.recall --steps 1500 --init RUN2 --lr 1.5e-3 --seed 2 --repeat-share 0.5
+   --out RUN3 --snapshots SNAP3 --no-metrics``, stopped after its step-500 snapshot SNAP3/step-500 (copy windows
+   of train and value tokens mixed in: multi-letter tokens 7% -> 23%, too slow)
+4. ``python -m memc.reference.recall --steps 1100 --init SNAP3/step-500 --lr 1.5e-3 --seed 3 --pairs 24
+   --repeat-share 0.25 --out models/ref-llama-recall`` (24 planted pairs a window: three times the answer tokens
+   per step; this writes metrics.json too, through memc.reference.recall_metrics)
 
 ref-llama never had to copy a random string, so it is at chance on ``memc eval --recall`` and recall cannot be
 judged on it; fine-tuning it on the curriculum below stayed at chance for 360-640 steps (~400 tok/s on the
@@ -34,7 +44,7 @@ import transformers
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from memc.eval.recall import _trial, make_pair, splice
+from memc.eval.recall import VALUE_LEN, _trial, _word, make_pair, splice
 from memc.reference import corpus, metrics, models, tokenizer
 from memc.reference.models import CONTEXT
 from memc.reference.train import lr_at, make_optimizer
@@ -78,6 +88,11 @@ class RecallSettings:
     attention_offsets: tuple[int, ...] = (1, 2, 3, 4)  # layer 0, head h attends offsets[h] tokens back
     copy_heads: tuple[int, ...] = (0, 1, 2)  # layer 1 heads supervised to attend to each copy's source
     token_dims: int = 64  # see split_residual (0: off)
+    # In a pair stage, this share of the windows are repeat windows instead (copy practice on every token of the
+    # window), half of them runs of value tokens (VALUE_POOL). A pair window has ~40 answer tokens, a quarter of
+    # them multi-letter tokens ('sg', 'ep'): too few for the copy path to learn them all (the 0.73-0.79 model
+    # copied 100% of single letters and 7% of multi-letter tokens, its attention on the source at p = 0.999).
+    repeat_share: float = 0.0
     # Curriculum: copying heads form on repeated runs of random train tokens (every repeat a copy target), then
     # multi-query pairs in short windows, then pairs across up to ~900 tokens of filler in the probe's 1024.
     stages: tuple[Stage, ...] = (Stage(0.0, 128, 48, 0), Stage(0.05, 256, 200, 6), Stage(0.6, 1024, 900, 8))
@@ -95,6 +110,16 @@ class RecallSettings:
 
     def stage(self, step: int, steps: int) -> Stage:
         return [s for s in self.stages if s.start * steps <= step][-1]
+
+
+VALUE_POOL_WORDS = 20_000
+
+
+def value_pool(encode, seed: int = 12345) -> np.ndarray:
+    """The tokens of VALUE_POOL_WORDS random probe-style values, concatenated: the value tokens with their
+    frequencies (single letters and the letter n-grams of ref-llama's BPE)."""
+    rng = np.random.default_rng(seed)
+    return np.concatenate([encode(_word(rng, VALUE_LEN).encode()) for _ in range(VALUE_POOL_WORDS)]).astype(np.int64)
 
 
 def head(data: bytes, n: int) -> bytes:
@@ -157,12 +182,16 @@ def sample_batch(
     rows, weights, answers, sources = [], [], [], []
     for _ in range(max(1, s.tokens_per_step // stage.context)):
         data = streams["prose" if rng.random() < s.prose_fraction else "code"]
-        if stage.pairs:
+        repeat = not stage.pairs
+        if stage.pairs and s.repeat_share and rng.random() < s.repeat_share:  # no draw at share 0: old runs replay
+            repeat, data = True, streams["values"] if rng.random() < 0.5 else data
+        if not repeat:
             ids, mask, source = recall_window(data, rng, stage.context + 1, stage.pairs, stage.max_distance, encode)
         else:
-            ids, mask, source = repeat_window(data, rng, stage.context + 1, stage.max_distance)
+            max_run = stage.max_distance if not stage.pairs else min(stage.max_distance, stage.context // 2)
+            ids, mask, source = repeat_window(data, rng, stage.context + 1, max_run)
         # no LM loss on a random run: it would teach the model to expect noise
-        lm = (rng.random(stage.context) < s.lm_fraction) & (stage.pairs > 0)
+        lm = (rng.random(stage.context) < s.lm_fraction) & (not repeat)
         rows.append(ids)
         weights.append(np.where(mask[1:], s.answer_weight, lm.astype(np.float64)))
         answers.append(mask[1:])
@@ -311,13 +340,17 @@ def new_model(seed: int) -> PreTrainedModel:
 
 
 def train(steps: int, seed: int, out: Path, command: str, base: Path = BASE, snapshots: Path | None = None,
-          init: Path | None = None, lr: float | None = None) -> dict:
+          init: Path | None = None, lr: float | None = None, repeat_share: float | None = None,
+          pairs: int | None = None) -> dict:
     """Train a new model for exactly `steps` steps on `base`'s tokenizer; save the bf16 checkpoint, the
     tokenizer files and train_config.json."""
     torch.set_num_threads(1)
     s = RecallSettings()
+    if repeat_share is not None:
+        s = dataclasses.replace(s, repeat_share=repeat_share)
     if init is not None:  # a continuation: the last stage only, from a checkpoint of a first run
-        s = dataclasses.replace(s, stages=(dataclasses.replace(s.stages[-1], start=0.0),), lr=lr or s.lr)
+        last = dataclasses.replace(s.stages[-1], start=0.0, pairs=pairs or s.stages[-1].pairs)
+        s = dataclasses.replace(s, stages=(last,), lr=lr or s.lr)
         model = metrics.load(init, attn_implementation="eager")
     else:
         model = new_model(seed)
@@ -325,6 +358,7 @@ def train(steps: int, seed: int, out: Path, command: str, base: Path = BASE, sna
     encode = lambda b: tokenizer.encode(b, tok)  # noqa: E731
     lengths = tokenizer.byte_lengths(tok)
     streams = {d: encode(head(corpus.train_bytes(d), s.train_bytes)) for d in corpus.DOMAINS}
+    streams["values"] = value_pool(encode)
     held_code = encode(head(corpus.held_out_bytes("code"), s.eval_bytes))
     history: list[dict] = []
 
@@ -372,9 +406,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--no-metrics", action="store_true", help="skip the full held-out measurement")
     p.add_argument("--init", type=Path, help="continue from this checkpoint, on the last stage only")
     p.add_argument("--lr", type=float, help="peak learning rate of a continuation (default: the settings')")
+    p.add_argument("--pairs", type=int, help="planted pairs per window of a continuation (default: the last stage's)")
+    p.add_argument("--repeat-share", type=float, help="share of repeat windows in pair stages (default: 0)")
     a = p.parse_args(argv)
     command = "python -m memc.reference.recall " + " ".join(argv if argv is not None else sys.argv[1:])
-    train(a.steps, a.seed, a.out, command, snapshots=a.snapshots, init=a.init, lr=a.lr)
+    train(a.steps, a.seed, a.out, command, snapshots=a.snapshots, init=a.init, lr=a.lr, repeat_share=a.repeat_share, pairs=a.pairs)
     if not a.no_metrics:
         from memc.reference import recall_metrics
 

@@ -12,7 +12,7 @@ from memc.eval.recall import VALUE_LEN, _trial, make_pair, splice
 from memc.eval.text import encode_bytes
 from memc.reference import corpus, tokenizer
 from memc.reference.recall import (BASE, RecallSettings, Stage, attention_loss, new_model, recall_window, repeat_window,
-                                   train_loop)
+                                   sample_batch, train_loop, value_pool)
 
 FILLER0 = 100_000  # synthetic filler ids start here: above every real id, so filler tokens are recognisable
 
@@ -107,6 +107,41 @@ def test_repeat_window_repeats_one_run_of_train_tokens() -> None:
         assert (ids[run:] == ids[: 129 - run]).all()
         runs.add(run)
     assert len(runs) > 5  # the run length varies: no fixed offset solves the copy
+
+
+def test_value_pool_is_probe_value_tokens(encode) -> None:
+    """The pool holds the tokens of probe-style values only (lowercase letters), multi-letter ones included,
+    and the same seed draws the same pool."""
+    tok = tokenizer.load_tokenizer(BASE)
+    pool = value_pool(encode)
+    assert np.array_equal(pool, value_pool(encode))
+    pieces = {tok.decode([int(i)]) for i in np.unique(pool)}
+    assert all(re.fullmatch(r"[a-z]+", p) for p in pieces)
+    assert sum(len(p) > 1 for p in pieces) > 50 and set("abcxyz") <= pieces
+
+
+def test_repeat_share_turns_pair_windows_into_copy_windows() -> None:
+    """In a pair stage, repeat_share = 1 makes every window a repeat window (every repeated token a copy target,
+    no LM loss), half of them from the value pool; at share 0 every window holds planted pairs."""
+    data, values = synthetic_filler(), np.arange(50, 80)
+    streams = {"code": data, "prose": data, "values": values}
+    stage = Stage(0.0, 128, 100, 2)
+    rng = np.random.default_rng(0)
+    s = RecallSettings(tokens_per_step=128, repeat_share=1.0)
+    from_values = 0
+    for _ in range(12):
+        ids, weights, answers, sources = sample_batch(rng, streams, stage, s, encode_bytes)
+        row, w, a, src = ids[0].numpy(), weights[0].numpy(), answers[0].numpy(), sources[0].numpy()
+        run = int(np.argmax(a)) + 1  # answers[p] marks token p + 1
+        assert 8 <= run <= 64 and a[run - 1 :].all() and not a[: run - 1].any()
+        assert (row[run:] == row[:-run]).all() and (w[a] == s.answer_weight).all() and (w[~a] == 0).all()
+        assert (row[src[a]] == row[1:][a]).all()
+        from_values += bool(np.isin(row, values).all())
+    assert 2 <= from_values <= 10
+    s0 = RecallSettings(tokens_per_step=128, repeat_share=0.0)
+    for _ in range(4):
+        ids, _, answers, _ = sample_batch(rng, streams, stage, s0, encode_bytes)
+        assert int(answers.sum()) >= 2 * (VALUE_LEN + 1)  # two queried values with their quotes (bytes)
 
 
 def tiny_llama(seed: int = 0):
