@@ -164,6 +164,25 @@ def compile_model(
 
 # memory-caching options of the session's ``mc_compiled`` fixture: segments close, fill the cap and merge within
 # 24 tokens, so a short sequence exercises every part of the bounded state
+_CAPTURED: dict[tuple[str, str], Any] = {}
+
+
+def captured(source: Any, cfg: Any = None) -> Any:
+    """``memc.capture.capture(str(source), cfg)`` once per process for the same source and config (a capture is a
+    torch.export, seconds each), returned as a fresh Program: its own copy of the module, no annotations, no log."""
+    import copy
+
+    from memc.capture import capture
+    from memc.config import ToolchainConfig
+
+    cfg = cfg if cfg is not None else ToolchainConfig()
+    key = (str(source), repr(cfg))
+    if key not in _CAPTURED:
+        _CAPTURED[key] = capture(str(source), cfg)
+    p = _CAPTURED[key]
+    return p.replace(module=copy.deepcopy(p.module), annotations={}, log=[])
+
+
 MC_OPTIONS = {"window": 4, "segment": 4, "max_segments": 2}
 
 

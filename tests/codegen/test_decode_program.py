@@ -17,15 +17,14 @@ import pytest
 import torch
 
 import memc.passes.builtin  # noqa: F401  (registers the passes)
-from memc.capture.loaders import capture
 from memc.codegen.decode import greedy_check, program_reference, verify_decode
 from memc.codegen.decode_rewrite import check_decodable, decode_graph
-from memc.config import ToolchainConfig, parse_config
+from memc.config import ToolchainConfig
 from memc.errors import UnsupportedError
 from memc.passes.base import PassContext, create_pass
 from memc.passes.manager import PassManager
 from memc.runtime.engine import DecodeEngine
-from tests.helpers import DEFAULT_ATOL, LAYERS, VOCAB, compile_model, onnx_input_dims, record_diff, write_toml
+from tests.helpers import captured, DEFAULT_ATOL, LAYERS, VOCAB, compile_model, onnx_input_dims, record_diff, write_toml
 
 from tests.helpers import MC_OPTIONS as MC  # the options of the session's mc_compiled fixture (conftest)
 
@@ -35,7 +34,7 @@ def _ids(batch: int, seq: int, seed: int = 5) -> np.ndarray:
 
 
 def _mc_program(model_dir, **options):
-    program = capture(str(model_dir), parse_config({}))
+    program = captured(model_dir)
     passes = [create_pass("detect-attention", {}, "pipeline[0]"),
               create_pass("memory-caching", {**MC, **options}, "pipeline[1]")]
     return PassManager(passes).run(program, PassContext(seed=ToolchainConfig().seed))
@@ -43,7 +42,7 @@ def _mc_program(model_dir, **options):
 
 def test_kv_decode_from_the_program_matches_full_logits(tiny_hf, decode_artifact):
     """The KV artifact (built from the captured Program) vs that Program: prefill 8 + 8 steps, batch 2."""
-    program = capture(str(tiny_hf("llama")), parse_config({}))
+    program = captured(tiny_hf("llama"))
     engine = DecodeEngine(decode_artifact("llama"))
     check = verify_decode(engine, program_reference(program), _ids(2, 16), prefill=8, atol=DEFAULT_ATOL)
     assert check.steps == 8 and check.passed, check.as_dict()
@@ -55,7 +54,7 @@ def test_kv_rewrite_structure_preallocated(tiny_hf):
     """Before: one sdpa per layer over the repeated k/v. Expected (GroupQueryAttention lowering): past_length plus
     two buffer placeholders per layer, one memc::cached_attention per layer on the k/v heads before the repeat,
     positions offset by past_length; logits + the updated buffers out."""
-    program = capture(str(tiny_hf("llama")), parse_config({}))
+    program = captured(tiny_hf("llama"))
     graph = decode_graph(program, "gqa")
     nodes = list(graph.module.graph.nodes)
     placeholders = [n.name for n in nodes if n.op == "placeholder"]
@@ -80,7 +79,7 @@ def test_kv_standard_layout_decodes_exactly(tiny_hf, tmp_path):
     cache by Concat, opset-23 Attention; through the engine it matches the Program as the preallocated one does."""
     from memc.codegen.decode import build_decode_artifact
 
-    program = capture(str(tiny_hf("llama")), parse_config({}))
+    program = captured(tiny_hf("llama"))
     path = build_decode_artifact(program, tmp_path, 23, attention="standard")
     ops = {n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node}
     assert "Attention" in ops and "GroupQueryAttention" not in ops
@@ -95,7 +94,7 @@ def test_kv_rewrite_structure(tiny_hf):
     """The standard (concat) layout. Before: one sdpa per layer over the repeated k/v. Expected: per layer two state
     placeholders, two concats (the presents) feeding one causal attention, positions offset by the past length;
     logits + presents out."""
-    program = capture(str(tiny_hf("llama")), parse_config({}))
+    program = captured(tiny_hf("llama"))
     graph = decode_graph(program, "standard")
     nodes = list(graph.module.graph.nodes)
     placeholders = [n.name for n in nodes if n.op == "placeholder"]

@@ -13,13 +13,12 @@ from onnx import numpy_helper
 
 import memc.passes.builtin  # noqa: F401  (registers the passes)
 from memc.calibration import calibration_samples
-from memc.capture.loaders import capture
 from memc.codegen.decode import build_decode_artifact, greedy_check, program_reference, verify_decode
 from memc.config import parse_config
 from memc.passes.base import PassContext, create_pass
 from memc.passes.manager import PassManager
 from memc.runtime.engine import DecodeEngine
-from tests.helpers import DEFAULT_ATOL, VOCAB, record_diff
+from tests.helpers import captured, DEFAULT_ATOL, VOCAB, record_diff
 
 
 def _ids(batch: int, seq: int, seed: int = 6) -> np.ndarray:
@@ -28,8 +27,8 @@ def _ids(batch: int, seq: int, seed: int = 6) -> np.ndarray:
 
 def _rewrite(model_dir, pipeline: list[tuple[str, dict]]):
     cfg = parse_config({"calibration": {"num_samples": 2}})
-    original = capture(str(model_dir), cfg)
-    program = capture(str(model_dir), cfg)
+    original = captured(str(model_dir), cfg)
+    program = captured(str(model_dir), cfg)
     ctx = PassContext(seed=0, calibration=calibration_samples(program, cfg.calibration, cfg.inputs, 0), config=cfg)
     passes = [create_pass(name, options, f"pipeline[{i}]") for i, (name, options) in enumerate(pipeline)]
     return original, PassManager(passes).run(program, ctx)

@@ -16,7 +16,6 @@ from onnx import numpy_helper
 
 import memc.passes.builtin  # noqa: F401  (registers the passes)
 from memc.calibration import calibration_samples
-from memc.capture.loaders import capture
 from memc.codegen.decode import program_reference
 from memc.codegen.expert_cache import build_expert_cache, check_expert_cache
 from memc.config import parse_config
@@ -27,7 +26,7 @@ from memc.passes.moe.detect import find_moe_sites
 from memc.passes.moe.graph import get_attr_tensor
 from memc.runtime.engine import decode_logits
 from memc.runtime.expert_cache import ExpertCacheEngine
-from tests.helpers import DEFAULT_ATOL, VOCAB, compile_model, record_diff
+from tests.helpers import captured, DEFAULT_ATOL, VOCAB, compile_model, record_diff
 
 SLOTS = ("--set", "target.expert_cache.slots=2")
 
@@ -53,7 +52,7 @@ def test_layout_report_and_store(cache_compiled, tiny_hf):
     checks = [s for s in report["verification"]["samples"] if "expert_cache.logits" in s["max_abs_diff"]]
     assert checks and all(s["max_abs_diff"]["expert_cache.logits"] <= DEFAULT_ATOL for s in checks)
 
-    program = capture(str(tiny_hf("qwen3-moe")), parse_config({}))
+    program = captured(tiny_hf("qwen3-moe"))
     sites = find_moe_sites(program.module)
     expert_bytes = sum(s.expert_bytes for s in sites)
     segments = [onnx.load(str(out / "expert_cache" / s["file"])) for s in layout["segments"]]
@@ -77,7 +76,7 @@ def test_cache_form_equals_the_program_and_model_onnx(cache_compiled, tiny_hf):
     """Prefill (tokens grouped: C = k cannot hold a long prompt's experts at once) + steps, at C = k, E/2 + 1, E."""
     from memc.runtime.artifact import load
 
-    program = capture(str(tiny_hf("qwen3-moe")), parse_config({}))
+    program = captured(tiny_hf("qwen3-moe"))
     ids = _ids(2, 24)
     want = program_reference(program)(ids)
     (full,) = load(cache_compiled.out_dir).run(ids)
@@ -98,7 +97,7 @@ def test_a_pruned_program_deploys_pruned(tiny_hf, tmp_path):
     """Built from the Program after prune-experts (3 of 4 experts kept): equals the pruned program, not the source."""
     model = str(tiny_hf("qwen3-moe"))
     cfg = parse_config({"calibration": {"num_samples": 2}})
-    original, program = capture(model, cfg), capture(model, cfg)
+    original, program = captured(model, cfg), captured(model, cfg)
     ctx = PassContext(seed=0, calibration=calibration_samples(program, cfg.calibration, cfg.inputs, 0), config=cfg)
     passes = [create_pass(n, o, f"pipeline[{i}]") for i, (n, o) in enumerate(
         [("detect-moe", {}), ("moe-calibrate", {"text": "samples"}), ("prune-experts", {"keep": 3})])]
@@ -115,7 +114,7 @@ def test_a_pruned_program_deploys_pruned(tiny_hf, tmp_path):
 def test_deepseek_v3_gates_read_the_true_ids(tiny_hf, tmp_path):
     """DeepSeek-V3 gathers its gate weights from the sigmoid scores at the top-k ids inside the experts part: that
     gather must keep the true ids while the expert gathers read slots (a dense first layer and a shared expert too)."""
-    program = capture(str(tiny_hf("deepseek-v3")), parse_config({}))
+    program = captured(tiny_hf("deepseek-v3"))
     layout = build_expert_cache(program, tmp_path, 2, opset=18)
     assert layout["experts"] == [8] and "ids" in layout["experts_graphs"][0]["inputs"]
     ids = _ids(2, 14, seed=7)
@@ -124,12 +123,12 @@ def test_deepseek_v3_gates_read_the_true_ids(tiny_hf, tmp_path):
 
 
 def test_refusals_name_the_key_and_the_site(tiny_hf, tiny_llama_dir):
-    moe = capture(str(tiny_hf("qwen3-moe")), parse_config({}))
+    moe = captured(tiny_hf("qwen3-moe"))
     for slots in (1, 5):
         with pytest.raises(ConfigError, match=r"target\.expert_cache\.slots: .* model\.layers\.0\.mlp .* 2\.\.4"):
             check_expert_cache(moe, slots)
     with pytest.raises(UnsupportedError, match=r"target\.expert_cache\.slots: .* has no MoE layer"):
-        check_expert_cache(capture(str(tiny_llama_dir), parse_config({})), 2)
+        check_expert_cache(captured(tiny_llama_dir), 2)
     from memc.capture.loaders import capture as cap
 
     handwritten = cap("tests.fixtures.moe:loop_moe_model", parse_config({}))

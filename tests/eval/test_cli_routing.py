@@ -10,12 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from memc.capture import capture
-from memc.config import ToolchainConfig
 from memc.passes.base import PassContext
 from memc.passes.moe.calibrate import CALIBRATION_KEY, CalibrateOptions, MoECalibrate
 from memc.passes.moe.detect import DetectMoE
-from tests.helpers import run_cli
+from tests.helpers import captured, run_cli
 
 EXPERTS, TOP_K = 8, 2
 
@@ -92,7 +90,7 @@ def test_tables_json_and_plot(byte_moe_dir: Path, tmp_path: Path) -> None:
     assert "## SRP (segment routing best F1)" in md and "| mean | trainsplit:prose |" in md and "| 2k |" in md
 
     # the traces are moe-calibrate's: the loads equal the pass's selection counts on the same text and windows
-    program = DetectMoE().run(capture(str(byte_moe_dir), ToolchainConfig()), PassContext()).program
+    program = DetectMoE().run(captured(byte_moe_dir), PassContext()).program
     opts = CalibrateOptions(text="trainsplit:prose", windows=3, context=64)
     calib = MoECalibrate(opts).run(program, PassContext()).program.annotations[CALIBRATION_KEY]
     assert calib.tokens == 192

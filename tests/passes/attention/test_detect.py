@@ -6,15 +6,13 @@ import math
 import pytest
 import torch
 
-from memc.capture import capture
-from memc.config import ToolchainConfig
 from memc.passes.attention.detect import detect_attention
 from memc.program import Program
-from tests.helpers import LAYERS
+from tests.helpers import captured, LAYERS
 
 
 def _program(source: str) -> Program:
-    return capture(str(source), ToolchainConfig())
+    return captured(source)
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])

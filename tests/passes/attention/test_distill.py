@@ -5,18 +5,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from memc.capture import capture
-from memc.config import ToolchainConfig
 from memc.errors import MemcError, PassError
 from memc.passes.base import PassContext, create_pass
 from memc.passes.manager import PassManager
 from tests.eval.conftest import save_tiny_llama
+from tests.helpers import captured
 
 MC = {"window": 4, "segment": 4, "feature_dim": 8}
 
 
 def _distilled(source, seed: int = 0, **options):
-    program = capture(str(source), ToolchainConfig())
+    program = captured(source)
     opts = {"text": "trainsplit:code", "steps": 6, "batch": 2, "seq_len": 48, "eval_windows": 1, "lr": 1e-2,
             "log_every": 2, **options}
     passes = [create_pass("detect-attention", {}, "pipeline[0]"), create_pass("memory-caching", MC, "pipeline[1]"),
@@ -75,7 +74,7 @@ def test_too_short_text_names_the_option(byte_llama, tmp_path):
 
 def test_memory_caching_pipeline_compiles_to_onnx_and_verifies(byte_llama, tmp_path):
     """detect -> rewrite -> distill -> ONNX: the chunked-parallel form lowers and matches the rewritten program."""
-    from tests.helpers import compile_model, write_toml
+    from tests.helpers import captured, compile_model, write_toml
 
     toml = write_toml(tmp_path / "mc.toml", """
         [[pipeline]]

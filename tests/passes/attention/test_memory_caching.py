@@ -5,22 +5,20 @@ from __future__ import annotations
 import pytest
 import torch
 
-from memc.capture import capture
-from memc.config import ToolchainConfig
 from memc.errors import ConfigError, PassError
 from memc.passes.attention.memory_caching import MC_SITES_KEY
 from memc.passes.attention.sites import SITES_KEY
 from memc.passes.base import PassContext, create_pass
 from memc.passes.manager import PassManager
 from memc.program import Program
-from tests.helpers import LAYERS, token_batch
+from tests.helpers import captured, LAYERS, token_batch
 
 SDPA = torch.ops.aten.scaled_dot_product_attention.default
 
 
 def _rewritten(source, **options) -> tuple[Program, Program]:
-    original = capture(str(source), ToolchainConfig())
-    program = capture(str(source), ToolchainConfig())
+    original = captured(source)
+    program = captured(source)
     passes = [create_pass("detect-attention", {}, "pipeline[0]"), create_pass("memory-caching", options, "pipeline[1]")]
     return original, PassManager(passes).run(program, PassContext())
 
@@ -32,7 +30,7 @@ def _mc_calls(program: Program) -> list[torch.fx.Node]:
 def test_structure_before_and_expected(tiny_llama_dir):
     """Before: one sdpa per layer. Expected: no sdpa; one call_module per layer reading the site's rotated q, its
     k / v before the GQA repeat and the layer input; everything else (projections, rotary, o_proj) unchanged."""
-    before = capture(str(tiny_llama_dir), ToolchainConfig())
+    before = captured(tiny_llama_dir)
     detected = create_pass("detect-attention", {}, "p").run(before, PassContext()).program
     sites = detected.annotations[SITES_KEY]
     expected_args = [(s.q, s.k_heads, s.v_heads, s.hidden) for s in sites]

@@ -8,7 +8,7 @@ import pytest
 from memc.passes.base import PassContext
 from memc.passes.moe.detect import SITES_KEY, DetectMoE, find_moe_sites
 from memc.passes.moe.graph import get_attr_tensor
-from tests.helpers import run_cli
+from tests.helpers import captured, run_cli
 from tests.passes.moe.conftest import MOE_NAMES
 
 # family -> (layers, E, k, score, renormalize, scaling, groups, form, router bias, correction bias, shared)
@@ -50,10 +50,7 @@ def test_every_family_is_detected(name, captured):
 
 @pytest.mark.parametrize("name", ["llama", "gpt2", "bert"])
 def test_no_false_positives_on_dense_models(name, tiny_hf):
-    from memc.capture import capture
-    from memc.config import ToolchainConfig
-
-    assert find_moe_sites(capture(str(tiny_hf(name)), ToolchainConfig()).module) == []
+    assert find_moe_sites(captured(tiny_hf(name)).module) == []
 
 
 def test_inspect_prints_moe_table_and_json(tiny_hf):

@@ -8,8 +8,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from memc.capture import capture
-from memc.config import ToolchainConfig
 from memc.errors import ConfigError
 from memc.passes.base import PassContext, create_pass
 from memc.passes.moe.calibrate import collect, window_inputs
@@ -18,6 +16,7 @@ from memc.passes.moe.patterns import (PATTERNS_KEY, MoEPatterns, Pattern, Patter
                                       merge_stats, similarities)
 from memc.passes.moe.prune import PRUNED_KEY
 from memc.passes.moe.rewrite import mask_experts
+from tests.helpers import captured
 
 EXPERTS = 8
 ALPHABETS = {"letters": "abcdefghijklmnopqrstuvwxyz ", "digits": "0123456789 .", "symbols": "{}[]()<>;:=+-*/&|!#"}
@@ -42,7 +41,7 @@ def byte_moe(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def program(byte_moe):
-    p = capture(str(byte_moe), ToolchainConfig())
+    p = captured(byte_moe)
     return DetectMoE().run(p, PassContext()).program
 
 
@@ -172,7 +171,7 @@ def test_bad_inputs_name_the_option(program, corpora) -> None:
 
 
 def test_shipped_toolchain_is_valid(tmp_path):
-    from tests.helpers import REPO_ROOT, run_cli
+    from tests.helpers import captured, REPO_ROOT, run_cli
 
     rc, out, err = run_cli(["compile", REPO_ROOT / "models" / "ref-moe-domains", "-c",
                             REPO_ROOT / "toolchains" / "moe-patterns.toml", "-o", tmp_path / "o", "--dry-run"])
