@@ -156,7 +156,7 @@ def main() -> None:
 
     def point(label: str, formats: dict, method: str, built=None) -> tuple[int, float, float]:
         t = time.perf_counter()
-        p, stored = built or _fake_quant(program, formats, method, gptq_calib)
+        p, stored = built[:2] if built else _fake_quant(program, formats, method, gptq_calib)
         size = graph + stored
         bits = _bits_per_window(p, windows)
         d, se = _delta(bits, base, nbytes)

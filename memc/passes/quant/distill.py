@@ -115,7 +115,7 @@ def distill(
     ``program`` must still hold its original float weights (the teacher); its unquantized float parameters are
     updated in place. Returns the trained tensors (same formats and shapes as ``quantized``) and metrics with the
     mean KL over all ``inputs`` before and after (after: as stored, float16 scales). If training did not lower that
-    KL, the quantizer's tensors and the original float parameters are kept (``kept`` False)."""
+    KL, the quantizer's tensors and the original float parameters are kept (``applied`` False)."""
     gm = program.module
     by_name = {w.name: w for w in weights}
     train = {n: TrainableQuant(q, plan.scope == "scales+weights") for n, q in quantized.items() if n in by_name}
@@ -168,8 +168,8 @@ def distill(
     out = {n: t.stored() for n, t in train.items()}
     with torch.no_grad():
         after = mean_kl({**{n: q.dequantize() for n, q in out.items()}, **trained_floats})
-    kept = after < before  # training that did not lower the KL (e.g. a too-high rate) is discarded
-    if kept:
+    applied = after < before  # training that did not lower the KL (e.g. a too-high rate) is discarded
+    if applied:
         with torch.no_grad():
             for n, p in floats.items():  # only now: until here the program's own floats are the teacher's
                 p.copy_(trained_floats[n])
@@ -177,7 +177,7 @@ def distill(
         out = {n: quantized[n] for n in out}
     changed = sum(int((out[n].codes != quantized[n].codes).sum()) for n in out)
     return {**quantized, **out}, {
-        "kl_before": before, "kl_after": after, "kept": kept, "steps": plan.steps, "scope": plan.scope, "lr": plan.lr,
+        "kl_before": before, "kl_after": after, "applied": applied, "steps": plan.steps, "scope": plan.scope, "lr": plan.lr,
         "batches": len(inputs), "tensors": len(out), "float_params": sorted(floats),
         "trained_parameters": sum(t.mult.numel() + (t.latent.numel() if t.latent is not None else 0)
                                   for t in train.values()) + sum(p.numel() for p in floats.values()),
