@@ -301,10 +301,6 @@ def _artifacts(program, plans, budgets, raw, ctx, keep_dir: str = "", fp32: str 
     return notes
 
 
-if __name__ == "__main__":
-    main()
-
-
 def plot(json_path: Path = Path(__file__).parent / "results" / "mixed_bits.json") -> Path:
     """Size vs quality: Δ per-byte perplexity (± SE) against model.onnx bytes, one series per quantizer."""
     import json
@@ -340,3 +336,7 @@ def plot(json_path: Path = Path(__file__).parent / "results" / "mixed_bits.json"
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     return out
+
+
+if __name__ == "__main__":
+    main()
