@@ -8,11 +8,18 @@ exact-check mode, tests/passes/quant), on every ``stride``-th window of 1024 tok
 Bytes: model.onnx bytes predicted as the measured graph bytes (quant-sensitivity's trial lowering) plus each
 tensor's exact container bytes; ``--artifacts`` also builds the ILP artifacts and reports their bytes on disk and
 prefill tokens/s at 1024 tokens (one thread) against the fp32 artifact.
+
+``--distill-steps N`` adds, at each ILP budget, the same plan quantized by the ``quantize`` pass with
+post-quantization distillation (memc.passes.quant.distill: KL to the fp32 program on train-split windows; trained
+scales and norm weights, same formats and bytes); that program is evaluated as it is (its packed codes and scales,
+in torch) and, with ``--artifacts``, lowered as it is.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import dataclasses
 import math
 import time
 from pathlib import Path
@@ -94,6 +101,11 @@ def main() -> None:
     ap.add_argument("--gptq-samples", type=int, default=4, help="calibration batches for GPTQ's Hessians")
     ap.add_argument("--fp32-artifact", default="", help="an fp32 model.onnx of the same model for the speed baseline")
     ap.add_argument("--artifact-budgets", default="", help="comma-separated budget labels to build (default: all)")
+    ap.add_argument("--distill-steps", type=int, default=0, help="also ILP + distillation rows (0 = none)")
+    ap.add_argument("--distill-scope", default="scales", choices=["scales", "scales+weights"])
+    ap.add_argument("--distill-lr", type=float, default=2e-3)
+    ap.add_argument("--distill-weight-lr", type=float, default=1e-2)
+    ap.add_argument("--distill-windows", type=int, default=32, help="train-code windows of 512 tokens, 2 per step")
     args = ap.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -125,9 +137,15 @@ def main() -> None:
     fp_bpb = base.sum() / nbytes.sum()
     rows, raw = [], {"fp32_bits_per_byte": fp_bpb, "windows": len(windows), "total_windows": total_windows}
     gptq_calib = calib[: args.gptq_samples]
+    distill_opts = {"distill_steps": args.distill_steps, "distill_scope": args.distill_scope,
+                    "distill_lr": args.distill_lr, "distill_weight_lr": args.distill_weight_lr,
+                    "distill_windows": args.distill_windows, "distill_context": 512, "distill_batch": 2}
     command = "python -m benchmarks.mixed_bits " + " ".join(
         a for a in (f"--stride {args.stride}", f"--gptq-samples {args.gptq_samples}",
-                    "--artifacts" if args.artifacts else "") if a)
+                    "--artifacts" if args.artifacts else "",
+                    (f"--distill-steps {args.distill_steps} --distill-scope {args.distill_scope} --distill-lr "
+                     f"{args.distill_lr} --distill-weight-lr {args.distill_weight_lr} --distill-windows "
+                     f"{args.distill_windows}") if args.distill_steps else "") if a)
     notes = [f"ref-llama, held-out code, {len(windows)} of {total_windows} windows of {CONTEXT} tokens (every "
              f"{args.stride}th), fp32 {fp_bpb:.4f} bits/byte; Δ = per-byte perplexity vs fp32 ± paired SE over windows; "
              f"bytes = model.onnx as predicted: {graph:,} graph bytes (measured by a trial lowering) + exact container "
@@ -136,16 +154,16 @@ def main() -> None:
     table = Table("mixed_bits", command, ["point", "quantizer", "bytes", "bits/param", "bits/byte", "Δ ppl/byte"],
                   rows, notes, raw)
 
-    def point(label: str, formats: dict, method: str) -> tuple[int, float, float]:
+    def point(label: str, formats: dict, method: str, built=None) -> tuple[int, float, float]:
         t = time.perf_counter()
-        p, stored = _fake_quant(program, formats, method, gptq_calib)
+        p, stored = built[:2] if built else _fake_quant(program, formats, method, gptq_calib)
         size = graph + stored
         bits = _bits_per_window(p, windows)
         d, se = _delta(bits, base, nbytes)
         rows.append([label, method, f"{size / 1e6:.3f} MB", f"{8 * size / params:.2f}",
                      f"{bits.sum() / nbytes.sum():.4f}", f"{d:+.2f}% ± {se:.2f}"])
         raw[f"{label} [{method}]"] = {"bytes": size, "delta_pct": d, "se_pct": se, "method": method,
-                                      "seconds": time.perf_counter() - t}
+                                      "seconds": time.perf_counter() - t + (built[2] if built else 0.0)}
         print(rows[-1], f"{time.perf_counter() - t:.0f} s", flush=True)
         table.write()  # partial results survive an interrupted run
         return size, d, se
@@ -153,7 +171,7 @@ def main() -> None:
     uniform = lambda name: {w.name: parse_format(name) for w in weights}  # noqa: E731
     int4 = sum(parse_format("int4-g128").nbytes(w.shape) for w in weights) + graph
     budgets = {"int4-g128 size": int4, "3 bits/param": int(3 * params / 8), "2.5 bits/param": int(2.5 * params / 8)}
-    plans = {}
+    plans, distilled = {}, {}
     for label, budget in budgets.items():
         program.annotations.pop(PLAN, None)
         alloc = AllocateBits(AllocateOptions(budget=str(budget))).run(program, ctx)
@@ -164,6 +182,11 @@ def main() -> None:
                                "table": alloc.metrics["table"]}
         print(label, budget, alloc.metrics["formats"], f"{alloc.metrics['solver_seconds']:.3f} s", flush=True)
         point(f"memc ILP @ {label} ({budget / 1e6:.3f} MB)", {w.name: plan.get(w.name, KEEP) for w in weights}, "gptq")
+        if args.distill_steps:
+            built = _distilled(program, plans[label], distill_opts, PassContext(seed=0, calibration=gptq_calib, config=cfg))
+            distilled[label] = built[0]
+            raw[f"distill {label}"] = built[3]
+            point(f"memc ILP + distill @ {label} ({budget / 1e6:.3f} MB)", {}, "gptq+kd", built[:3])
     raw["plans"] = plans
     for name in ("int4-g128", "int2-g32", "int2-g128"):  # GPTQ at (or under) the ILP points' bytes
         point(f"uniform {name}", uniform(name), "gptq")
@@ -174,9 +197,36 @@ def main() -> None:
     print(f"wrote {plot()}", flush=True)
     if args.artifacts:
         gctx = PassContext(seed=0, calibration=gptq_calib, config=cfg)
-        notes += _artifacts(program, plans, budgets, raw, gctx, args.out, args.fp32_artifact, args.artifact_budgets)
+        notes += _artifacts(program, plans, budgets, raw, gctx, args.out, args.fp32_artifact, args.artifact_budgets,
+                            distilled)
         print(table.markdown())
         print(f"wrote {table.write()}")
+
+
+def _distilled(program, plan: dict, opts: dict, ctx) -> tuple:
+    """The ``quantize`` pass (GPTQ + distillation) on a copy: (program, stored bytes, seconds, distill metrics)."""
+    from memc.passes.quant.quantize import PLAN, Quantize, QuantizeOptions
+
+    t = time.perf_counter()
+    p = program.replace(module=copy.deepcopy(program.module), annotations={PLAN: plan}, log=[])
+    steps = opts["distill_steps"]
+
+    @contextlib.contextmanager
+    def progress(total, what):
+        done = [0]
+
+        def advance(n=1):
+            done[0] += n
+            if done[0] % 50 == 0 or done[0] == total:
+                print(f"  {what}: {done[0]}/{total} steps, {time.perf_counter() - t:.0f} s", flush=True)
+        yield advance
+
+    ctx = dataclasses.replace(ctx, progress_factory=progress)
+    res = Quantize(QuantizeOptions(method="gptq", **opts)).run(p, ctx)
+    m = dict(res.metrics["distill"], seconds=time.perf_counter() - t)
+    print(f"  distill ({steps} steps): KL {m['kl_before']:.4f} -> {m['kl_after']:.4f}, {m['seconds']:.0f} s", flush=True)
+    stored = res.metrics["quantized_bytes"] + res.metrics["kept_weight_bytes"]
+    return res.program, stored, m["seconds"], {k: v for k, v in m.items() if k != "float_params"}
 
 
 def _with_accuracy_level(src: Path, dst: Path, level: int) -> Path:
@@ -193,10 +243,11 @@ def _with_accuracy_level(src: Path, dst: Path, level: int) -> Path:
     return dst
 
 
-def _artifacts(program, plans, budgets, raw, ctx, keep_dir: str = "", fp32: str = "", only: str = "") -> list[str]:
-    """Build each ILP artifact with the onnx target; bytes on disk vs predicted; prefill speed vs fp32 (exact-check
-    accuracy level 0 as built, and the same file with int8 activations, accuracy level 4)."""
-    import contextlib
+def _artifacts(program, plans, budgets, raw, ctx, keep_dir: str = "", fp32: str = "", only: str = "",
+               distilled: dict | None = None) -> list[str]:
+    """Build each ILP artifact with the onnx target (the distilled program where there is one); bytes on disk vs
+    predicted; prefill speed vs fp32 (exact-check accuracy level 0 as built, and the same file with int8
+    activations, accuracy level 4)."""
     import tempfile
 
     from memc.config import TargetConfig
@@ -222,31 +273,32 @@ def _artifacts(program, plans, budgets, raw, ctx, keep_dir: str = "", fp32: str 
         for label, plan in plans.items():
             if only and label not in only.split(","):
                 continue
-            p = program.replace(module=copy.deepcopy(program.module), annotations={PLAN: plan}, log=[])
-            res = Quantize(QuantizeOptions(method="gptq")).run(p, ctx)  # ctx: the GPTQ calibration, as evaluated
+            kd = (distilled or {}).get(label)
+            if kd is None:
+                p = program.replace(module=copy.deepcopy(program.module), annotations={PLAN: plan}, log=[])
+                built = Quantize(QuantizeOptions(method="gptq")).run(p, ctx).program  # ctx: the GPTQ calibration
+            else:
+                built = kd
             out = Path(tmp) / label.replace(" ", "_").replace("/", "_")
             out.mkdir(parents=True, exist_ok=True)
             target = OnnxRuntimeTarget(TargetConfig())
-            target.build(res.program, out)
-            v = target.verify(res.program, out, ctx.calibration[:1])
+            target.build(built, out)
+            v = target.verify(built, out, ctx.calibration[:1])
             size = (out / MODEL_FILE).stat().st_size
             speed = prefill(out / MODEL_FILE)
             fp_speed = prefill(fp_model)  # timed next to each artifact: neighbours' load drifts over the run
             raw.setdefault("fp32_artifact", {"bytes": fp_model.stat().st_size, "prefill_tok_s": []})["prefill_tok_s"].append(fp_speed)
             speed4 = prefill(_with_accuracy_level(out / MODEL_FILE, out / "model-acc4.onnx", 4))
-            predicted = raw[f"memc ILP @ {label} ({budgets[label] / 1e6:.3f} MB) [gptq]"]["bytes"]
-            raw[f"artifact {label}"] = {"bytes": size, "predicted": predicted, "budget": budgets[label],
+            kind = "memc ILP @" if kd is None else "memc ILP + distill @"
+            predicted = raw[f"{kind} {label} ({budgets[label] / 1e6:.3f} MB) [{'gptq' if kd is None else 'gptq+kd'}]"]["bytes"]
+            raw[f"artifact {label}" + (" (distilled)" if kd is not None else "")] = {"bytes": size, "predicted": predicted, "budget": budgets[label],
                                         "max_abs_diff": v.worst, "prefill_tok_s": speed, "prefill_tok_s_acc4": speed4}
-            notes.append(f"artifact @ {label}: model.onnx {size:,} B (predicted {predicted:,}, budget {budgets[label]:,}; "
+            notes.append(f"artifact @ {label}{' (ILP + distill)' if kd is not None else ''}: model.onnx {size:,} B (predicted {predicted:,}, budget {budgets[label]:,}; "
                          f"{100 * (size - predicted) / predicted:+.2f}%), max |Δ| vs torch {max(v.worst.values()):.2g}, "
                          f"prefill {speed:,.0f} tok/s (accuracy level 0; {speed4:,.0f} with int8 activations, level 4) vs fp32 "
                          f"{fp_speed:,.0f} at {CONTEXT} tokens, 1 thread")
             print(notes[-1], flush=True)
     return notes
-
-
-if __name__ == "__main__":
-    main()
 
 
 def plot(json_path: Path = Path(__file__).parent / "results" / "mixed_bits.json") -> Path:
@@ -263,7 +315,8 @@ def plot(json_path: Path = Path(__file__).parent / "results" / "mixed_bits.json"
     for label, v in raw.items():
         if not isinstance(v, dict) or "delta_pct" not in v:
             continue
-        kind = "memc ILP (GPTQ)" if label.startswith("memc") else f"uniform {v.get('method', '?').upper()}"
+        kind = ("memc ILP (GPTQ + distill)" if "distill" in label else "memc ILP (GPTQ)") if label.startswith("memc") \
+            else f"uniform {v.get('method', '?').upper()}"
         series.setdefault(kind, []).append((v["bytes"] / 1e6, v["delta_pct"], v["se_pct"], label.split(" [")[0]))
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, pts in series.items():
@@ -271,7 +324,8 @@ def plot(json_path: Path = Path(__file__).parent / "results" / "mixed_bits.json"
         ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", capsize=3,
                     label=name, linestyle="-" if name.startswith("memc") else "none")
         for x, y, _, label in pts:
-            ax.annotate(label.replace("uniform ", "").split(" (")[0].replace("memc ILP @ ", ""), (x, y), fontsize=7,
+            ax.annotate(label.replace("uniform ", "").split(" (")[0].replace("memc ILP + distill @ ", "").replace(
+                "memc ILP @ ", ""), (x, y), fontsize=7,
                         xytext=(4, 4), textcoords="offset points")
     ax.set_xlabel("model.onnx bytes (MB)")
     ax.set_ylabel("Δ per-byte perplexity vs fp32 (%)")
@@ -282,3 +336,7 @@ def plot(json_path: Path = Path(__file__).parent / "results" / "mixed_bits.json"
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     return out
+
+
+if __name__ == "__main__":
+    main()

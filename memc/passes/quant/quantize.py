@@ -8,7 +8,9 @@ import torch
 
 from memc.errors import ConfigError, PassError
 from memc.passes.base import Pass, PassContext, PassResult, register_pass
+from memc.passes.moe.calibrate import calibration_text, token_windows, window_inputs
 from memc.passes.quant.apply import apply_quantization
+from memc.passes.quant.distill import DistillPlan, distill
 from memc.program import Program
 from memc.quant.formats import Format, parse_format
 from memc.quant.gptq import Hessian, gptq
@@ -32,6 +34,19 @@ class QuantizeOptions:
         "activations (much faster for 2- and 8-bit; then raise target.atol, the artifact no longer matches exactly)"
     )
     keep: list[str] = option(factory=list, doc="tensor names (or name fragments) that stay unquantized")
+    distill_steps: int = option(
+        0, "Adam steps training the quantized program towards the unquantized one (KL; scales and norm weights, "
+        "formats and bytes unchanged; memc.passes.quant.distill); 0 = off")
+    distill_scope: Literal["scales", "scales+weights"] = option(
+        "scales", "scales: per-group scales + unquantized float parameters; scales+weights: also latent weights whose "
+        "codes are re-rounded (straight-through estimator)")
+    distill_lr: float = option(2e-3, "peak learning rate of the scale multipliers and norm weights (warm-up, cosine)")
+    distill_weight_lr: float = option(1e-2, "peak learning rate of the latent weights, in quantization steps")
+    distill_windows: int = option(
+        0, "distillation text: 0 = the calibration samples; N = N windows of distill_context tokens of the "
+        "[calibration] source (train split), distill_batch per step")
+    distill_context: int = option(512, "tokens per distillation window (with distill_windows > 0)")
+    distill_batch: int = option(2, "windows per distillation step (with distill_windows > 0)")
 
     def validate(self) -> None:
         if self.format:
@@ -43,6 +58,15 @@ class QuantizeOptions:
             raise ValueError(f"accuracy_level must be 0..4, got {self.accuracy_level}")
         if self.damp <= 0 or self.block_size < 1:
             raise ValueError("damp must be > 0 and block_size >= 1")
+        for name in ("distill_steps", "distill_windows"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("distill_lr", "distill_weight_lr"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.distill_context < 2 or self.distill_batch < 1:
+            raise ValueError(f"distill_context must be >= 2 and distill_batch >= 1, got {self.distill_context} and "
+                             f"{self.distill_batch}")
 
 
 def resolve_plan(program: Program, opts: QuantizeOptions, weights: list[WeightTensor]) -> dict[str, Format]:
@@ -138,6 +162,9 @@ class Quantize(Pass):
                 quantized = gptq_all(program, weights, formats, ctx.calibration, self.config, advance)
         else:
             quantized = rtn_all(program, weights, formats)
+        metrics = {}
+        if self.config.distill_steps:
+            quantized, metrics["distill"] = self._distill(program, weights, quantized, ctx)
         kept = sum(w.numel * torch.empty(0, dtype=getattr(torch, w.dtype)).element_size()
                    for w in weights if w.name not in formats)
         stored = apply_quantization(program, weights, quantized, self.config.accuracy_level)
@@ -147,5 +174,28 @@ class Quantize(Pass):
         return PassResult(program, True, {
             "quantized_tensors": len(quantized), "formats": counts, "method": self.config.method,
             "quantized_bytes": stored, "kept_weight_bytes": kept, "other_bytes": fixed,
-            "predicted_weight_bytes": stored + kept + fixed, "tie_groups": len(tie_groups(weights)),
+            "predicted_weight_bytes": stored + kept + fixed, "tie_groups": len(tie_groups(weights)), **metrics,
         })
+
+    def _distill(self, program: Program, weights, quantized, ctx: PassContext):
+        cfg = self.config
+        inputs = distill_inputs(program, cfg, ctx, f"{self.name}.distill_windows")
+        plan = DistillPlan(cfg.distill_steps, cfg.distill_lr, cfg.distill_scope, ctx.seed, cfg.distill_weight_lr)
+        with ctx.progress(cfg.distill_steps, f"distilling ({cfg.distill_scope})") as advance:
+            return distill(program, weights, quantized, inputs, plan, advance)
+
+
+def distill_inputs(program: Program, cfg: QuantizeOptions, ctx: PassContext, where: str) -> list[tuple]:
+    """The distillation batches: the calibration samples, or ``distill_windows`` windows of the calibration text."""
+    if not cfg.distill_windows:
+        if not ctx.calibration:
+            raise PassError("quantize: distill_steps needs calibration samples ([calibration] num_samples >= 1) "
+                            "or distill_windows > 0")
+        return ctx.calibration
+    source = ctx.config.calibration.source if ctx.config is not None else "random"
+    if source == "random":
+        raise ConfigError(f"{where}: windows need calibration text ([calibration] source = \"trainsplit:code\" or a "
+                          "file); set distill_windows = 0 to distill on the calibration samples")
+    windows = token_windows(program, calibration_text(source, "calibration.source"), cfg.distill_windows,
+                            cfg.distill_context, where)
+    return window_inputs(program, windows, cfg.distill_batch)
