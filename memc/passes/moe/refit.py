@@ -51,13 +51,13 @@ def refit_targets(sites: list[MoESite], scope: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def _kl(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+def kl_to_teacher(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     logq = student.float().log_softmax(-1)
     logp = teacher.float().log_softmax(-1)
     return (logp.exp() * (logp - logq)).sum(-1).mean()
 
 
-def _lr_at(step: int, plan: RefitPlan) -> float:
+def warmup_cosine_lr(step: int, plan: RefitPlan) -> float:
     warm = max(1, int(plan.steps * plan.warmup))
     if step < warm:
         return plan.lr * (step + 1) / warm
@@ -86,7 +86,7 @@ def refit(gm: GraphModule, teacher: GraphModule, sites: list[MoESite], inputs: l
 
     def mean_kl() -> float:
         with torch.no_grad():
-            return sum(float(_kl(first_output(student(*inputs[i])), target(i))) for i in range(len(inputs))) / len(inputs)
+            return sum(float(kl_to_teacher(first_output(student(*inputs[i])), target(i))) for i in range(len(inputs))) / len(inputs)
 
     before = mean_kl()
     for p in gm.parameters():
@@ -99,10 +99,10 @@ def refit(gm: GraphModule, teacher: GraphModule, sites: list[MoESite], inputs: l
         with torch.enable_grad():
             for step in range(plan.steps):
                 for group in opt.param_groups:
-                    group["lr"] = _lr_at(step, plan)
+                    group["lr"] = warmup_cosine_lr(step, plan)
                 i = int(torch.randint(len(inputs), (1,), generator=gen))
                 opt.zero_grad()
-                loss = _kl(first_output(student(*inputs[i])), target(i))
+                loss = kl_to_teacher(first_output(student(*inputs[i])), target(i))
                 loss.backward()
                 opt.step()
                 if progress is not None:

@@ -20,7 +20,7 @@ from typing import Callable
 
 import torch
 
-from memc.passes.moe.refit import _kl, _lr_at
+from memc.passes.moe.refit import kl_to_teacher, warmup_cosine_lr
 from memc.program import Program
 from memc.quant.record import first_output
 from memc.quant.rtn import _TORCH_DTYPES, QuantTensor
@@ -37,7 +37,7 @@ class DistillPlan:
     scope: str  # "scales" | "scales+weights"
     seed: int
     weight_lr: float = 1e-2  # latent weights, in units of the initial quantization step
-    warmup: float = 0.1  # read by refit's _lr_at, as are steps and lr
+    warmup: float = 0.1  # read by refit's warmup_cosine_lr, as are steps and lr
 
 
 class _Round(torch.autograd.Function):
@@ -136,7 +136,7 @@ def distill(
 
     def mean_kl(tensors: dict[str, torch.Tensor]) -> float:
         with torch.no_grad():
-            return sum(float(_kl(student(i, tensors), target(i))) for i in range(len(inputs))) / len(inputs)
+            return sum(float(kl_to_teacher(student(i, tensors), target(i))) for i in range(len(inputs))) / len(inputs)
 
     with torch.no_grad():
         start = {n: q.dequantize() for n, q in quantized.items() if n in train}
@@ -154,12 +154,12 @@ def distill(
     with torch.enable_grad():
         for step in range(plan.steps):
             for g in opt.param_groups:
-                g["lr"] = _lr_at(step, plan) * g["base"] / plan.lr
+                g["lr"] = warmup_cosine_lr(step, plan) * g["base"] / plan.lr
             i = int(torch.randint(len(inputs), (1,), generator=gen))
             opt.zero_grad()
             tensors = {n: t.weight() for n, t in train.items()}
             tensors.update(trained_floats)
-            loss = _kl(student(i, tensors), target(i))
+            loss = kl_to_teacher(student(i, tensors), target(i))
             loss.backward()
             opt.step()
             losses.append(float(loss.detach()))
