@@ -65,7 +65,7 @@ def main() -> None:
     from memc.calibration import calibration_samples
     from memc.capture import capture
     from memc.config import parse_config
-    from memc.eval.backends import OnnxBackend, TorchBackend
+    from memc.eval.backends import TorchBackend
     from memc.eval.embedding import embed, real_sentences
     from memc.passes.base import PassContext
     from memc.passes.cleanup import EliminateDeadCode
