@@ -9,6 +9,7 @@ serves every length. Three T x T x D matmuls per layer (q k^T, phi_q phi_k^T, we
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -48,7 +49,7 @@ def parallel_forward(
     """Output [B, Hq, T, D] for positions 0..T-1. ``window_dropout`` > 0 drops each window key but the token itself
     with that probability (one ``torch.rand`` draw, so it follows the torch seed)."""
     cfg = mod.cfg
-    w, c, g = cfg.window, cfg.segment, mod.groups
+    w = cfg.window
     b, hq, t, _ = q.shape
     dt = q.dtype
     pos = torch.arange(t, device=q.device)
@@ -63,51 +64,16 @@ def parallel_forward(
     if not mod.memory_enabled:
         return grouped_matmul(torch.softmax(s, dim=-1), v)
 
-    # memory tokens j <= t - window, segment i = j // segment; slot quantities on a [T, N] (query, segment) grid
-    n_seg = t // c + 2  # >= every segment index, and never 1 (a size-1 axis would specialise the export)
-    seg = torch.arange(n_seg, device=q.device)
-    seg_of = floor_div(pos, c)
-    onehot = (seg_of[:, None] == seg[None, :]).to(dt)  # [T, N]
-    last_mem = pos - w  # the newest memory token of query t (negative: no memory yet)
-    open_q = floor_div(last_mem, c)  # its open segment; the segments before it are closed (complete)
-    closed = seg[None, :] < open_q[:, None]
-    is_open = seg[None, :] == open_q[:, None]
-    open_count = (last_mem - open_q * c + 1)[:, None]
-    count = torch.where(closed, c, torch.where(is_open, open_count, 0)).to(dt)
-
+    sl = slots(mod, q, k, x)
+    onehot, rep, n_seg = sl.onehot, sl.rep, sl.onehot.shape[1]
     phq = mod.phi_q(q)
     pm = grouped_matmul(phq, mod.phi_k(k).transpose(-1, -2)) * (tk <= tq - w).to(dt)
     den = torch.matmul(pm, onehot)  # phi_q(q_t) . z_i over the memory tokens of segment i
-    keydot = None
-    if cfg.query_router:
-        u = mod.router_query(q, x)
-        # closed segments: u . (segment key sum); the open one: u . (within-segment prefix sum at t - window),
-        # a difference of running sums (router logits tolerate its rounding; the reads above are exact sums)
-        seg_ks = torch.matmul(onehot.transpose(0, 1), k)  # [B, Hkv, N, D]
-        run = k.cumsum(2)
-        start = seg_of * c - 1  # the token before each segment's first
-        run_before = torch.where((start >= 0)[:, None], run.index_select(2, start.clamp(min=0)), 0.0)
-        newest = last_mem.clamp(min=0)
-        prefix = (run - run_before).index_select(2, newest)  # [B, Hkv, T, D]
-        opened = (u.reshape(b, k.shape[1], g, t, -1) * prefix.unsqueeze(2)).sum(-1, keepdim=True)
-        opened = opened.reshape(b, hq, t, 1)
-        keydot = torch.where(is_open, opened, grouped_matmul(u, seg_ks.transpose(-1, -2)))
-
-    rep = None
-    if cfg.max_segments:
-        shift = (open_q - cfg.max_segments).clamp(min=0)  # open_q = number of closed segments
-        closed = closed & (seg[None, :] >= shift[:, None])
-        if cfg.cap_policy == "merge":  # slot 0 (at index `shift`) = the sum of segments 0..shift
-            at = seg[None, :] == shift[:, None]
-            count = torch.where(at, count.cumsum(-1), count)
-            den = torch.where(at, den.cumsum(-1), den)
-            if keydot is not None:
-                keydot = torch.where(at, keydot.cumsum(-1), keydot)
-            rep = torch.maximum(seg[None, :], shift[:, None])
-    valid = closed | is_open
-    r = mod.router_logits(count, keydot, valid)
+    if sl.merged is not None:
+        den = torch.where(sl.merged, den.cumsum(-1), den)
+    r = sl.r
     if cfg.variant == "sparse":
-        r = mod.select_sparse(r, closed, is_open)
+        r = mod.select_sparse(r, sl.closed, sl.is_open)
 
     m = torch.maximum(s.amax(-1), r.amax(-1)).detach()  # shared running max; the window always holds token t
     e_win = torch.exp(s - m.unsqueeze(-1))
@@ -167,3 +133,68 @@ def parallel_state(mod: "MemoryCachingAttention", k: torch.Tensor, v: torch.Tens
         slot_ksum=torch.einsum("mn,bhnd->bhmd", assign, seg_ks),
         slot_n=torch.matmul(assign, seg_n).expand(b, h, -1).clone(),
     )
+
+
+@dataclass
+class Slots:
+    """The memory slots a query reads, on a [T, N] (query, segment) grid: ``r`` the router logits before sparse
+    selection (-inf on invalid slots), ``onehot`` token -> segment [T, N], ``closed`` / ``is_open`` / ``valid`` masks,
+    ``merged`` the merge cap's slot-0 position (or None) and ``rep`` the slot each segment reads (or None)."""
+
+    r: torch.Tensor
+    onehot: torch.Tensor
+    closed: torch.Tensor
+    is_open: torch.Tensor
+    merged: torch.Tensor | None
+    rep: torch.Tensor | None
+
+
+def slots(mod: "MemoryCachingAttention", q: torch.Tensor, k: torch.Tensor, x: torch.Tensor) -> Slots:
+    """Router logits of every query over its cached segments and the open one (shared by the forward pass and the
+    distillation's router loss)."""
+    cfg = mod.cfg
+    w, c, g = cfg.window, cfg.segment, mod.groups
+    b, hq, t, _ = q.shape
+    dt = q.dtype
+    pos = torch.arange(t, device=q.device)
+    at = None
+    # memory tokens j <= t - window, segment i = j // segment; slot quantities on a [T, N] (query, segment) grid
+    n_seg = t // c + 2  # >= every segment index, and never 1 (a size-1 axis would specialise the export)
+    seg = torch.arange(n_seg, device=q.device)
+    seg_of = floor_div(pos, c)
+    onehot = (seg_of[:, None] == seg[None, :]).to(dt)  # [T, N]
+    last_mem = pos - w  # the newest memory token of query t (negative: no memory yet)
+    open_q = floor_div(last_mem, c)  # its open segment; the segments before it are closed (complete)
+    closed = seg[None, :] < open_q[:, None]
+    is_open = seg[None, :] == open_q[:, None]
+    open_count = (last_mem - open_q * c + 1)[:, None]
+    count = torch.where(closed, c, torch.where(is_open, open_count, 0)).to(dt)
+
+    keydot = None
+    if cfg.query_router:
+        u = mod.router_query(q, x)
+        # closed segments: u . (segment key sum); the open one: u . (within-segment prefix sum at t - window),
+        # a difference of running sums (router logits tolerate its rounding; the reads above are exact sums)
+        seg_ks = torch.matmul(onehot.transpose(0, 1), k)  # [B, Hkv, N, D]
+        run = k.cumsum(2)
+        start = seg_of * c - 1  # the token before each segment's first
+        run_before = torch.where((start >= 0)[:, None], run.index_select(2, start.clamp(min=0)), 0.0)
+        newest = last_mem.clamp(min=0)
+        prefix = (run - run_before).index_select(2, newest)  # [B, Hkv, T, D]
+        opened = (u.reshape(b, k.shape[1], g, t, -1) * prefix.unsqueeze(2)).sum(-1, keepdim=True)
+        opened = opened.reshape(b, hq, t, 1)
+        keydot = torch.where(is_open, opened, grouped_matmul(u, seg_ks.transpose(-1, -2)))
+
+    rep = None
+    if cfg.max_segments:
+        shift = (open_q - cfg.max_segments).clamp(min=0)  # open_q = number of closed segments
+        closed = closed & (seg[None, :] >= shift[:, None])
+        if cfg.cap_policy == "merge":  # slot 0 (at index `shift`) = the sum of segments 0..shift
+            at = seg[None, :] == shift[:, None]
+            count = torch.where(at, count.cumsum(-1), count)
+            if keydot is not None:
+                keydot = torch.where(at, keydot.cumsum(-1), keydot)
+            rep = torch.maximum(seg[None, :], shift[:, None])
+    valid = closed | is_open
+    r = mod.router_logits(count, keydot, valid)
+    return Slots(r, onehot, closed, is_open, at, rep)

@@ -111,3 +111,31 @@ def test_diverging_distillation_stops_naming_layers_and_step(byte_llama, monkeyp
     with pytest.raises(PassError, match=r"pipeline\[2\]: teacher-fed distillation diverged at step 1: non-finite "
                                         r"gradients in model\.layers\.0\..*pipeline\[2\]\.lr"):
         _distilled(byte_llama, steps=2)
+
+
+def _layers(program):
+    return {n: p for n, p in program.module.named_parameters() if ".memory_caching." in n}
+
+
+def test_router_loss_off_by_default_is_bit_identical(byte_llama, distilled):
+    """router_loss = 0 (the default) trains exactly as before: the same weights as the run without the option."""
+    explicit, _ = _distilled(byte_llama, router_loss=0.0)
+    first, second = _layers(distilled[0]), _layers(explicit)
+    assert all(torch.equal(first[n], second[n]) for n in first)
+    assert "router_kl" not in distilled[0].log[-1].metrics["loss_curve"][0]
+
+
+def test_router_loss_lowers_the_router_kl_to_the_teacher(byte_llama, distilled):
+    """With the router loss on, stage 1 records it and the routers end closer to the teacher's segment mass."""
+    program, _ = _distilled(byte_llama, steps=20, router_loss=1.0)
+    baseline, _ = _distilled(byte_llama, steps=20)
+    metrics = program.log[-1].metrics
+    assert all("router_kl" in p for p in metrics["loss_curve"])
+    kl = lambda m: sum(e["router_kl"] for e in m.log[-1].metrics["layer_error_after"].values())
+    assert kl(program) < 0.9 * kl(baseline)
+
+
+@pytest.mark.parametrize("value", [-1.0, float("inf"), "heavy"])
+def test_bad_router_loss_names_the_option(byte_llama, value):
+    with pytest.raises(MemcError, match=r"router_loss"):
+        _distilled(byte_llama, router_loss=value)

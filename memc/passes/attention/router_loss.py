@@ -1,0 +1,44 @@
+"""Router loss of distill-attention: teach a memory-caching layer's router where the original attention looks.
+
+The output MSE reaches the router only through a few selected reads, so on a recall model the sparse router keeps
+the segment holding the copied token in its top-k about a third of the time. This loss supervises it directly:
+the target is the ORIGINAL (teacher) attention's probability mass on the memory tokens (``j <= t - window``)
+summed per slot the layer reads (closed segments, merged slot, open segment) and renormalised over them; the
+prediction is ``softmax_i(r_ti)`` over the same slots, before sparse selection. The loss is
+``KL(target || router)`` averaged over query positions weighted by the teacher's memory mass there, so positions
+whose teacher attention stays in the window barely count.
+"""
+from __future__ import annotations
+
+import torch
+
+from memc.nn.mc_parallel import grouped_matmul, slots
+from memc.nn.memory_caching import MemoryCachingAttention
+
+
+def teacher_slot_mass(layer: MemoryCachingAttention, q: torch.Tensor, k: torch.Tensor, sl) -> torch.Tensor:
+    """The exact causal softmax's probability on memory tokens, summed per slot the layer reads: [B, Hq, T, N]."""
+    t = q.shape[2]
+    pos = torch.arange(t, device=q.device)
+    tq, tk = pos[:, None], pos[None, :]
+    s = (grouped_matmul(q, k.transpose(-1, -2)) * layer.scale).masked_fill(tk > tq, float("-inf"))
+    p = torch.softmax(s.float(), dim=-1) * (tk <= tq - layer.cfg.window)
+    mass = torch.matmul(p, sl.onehot.float())
+    if sl.merged is not None:
+        mass = torch.where(sl.merged, mass.cumsum(-1), mass)
+    return mass.masked_fill(~(sl.closed | sl.is_open), 0.0)
+
+
+def router_kl(layer: MemoryCachingAttention, q: torch.Tensor, k: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Mass-weighted mean over query positions of KL(teacher slot mass || softmax of the router logits)."""
+    sl = slots(layer, q, k, x)
+    with torch.no_grad():
+        mass = teacher_slot_mass(layer, q, k, sl)
+        total = mass.sum(-1)
+        target = mass / total.clamp_min(1e-30).unsqueeze(-1)
+    live = total > 0  # query positions with memory and teacher mass on it
+    r = torch.where(live.unsqueeze(-1), sl.r.float(), torch.zeros_like(sl.r, dtype=torch.float32))
+    logp = torch.log_softmax(r, dim=-1)
+    terms = torch.where(target > 0, target * (torch.log(target.clamp_min(1e-30)) - logp), torch.zeros_like(logp))
+    kl = terms.sum(-1)
+    return (kl * total).sum() / total.sum().clamp_min(1e-30)
