@@ -30,22 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.harness import Table, cpu_info, run_case
-
-
-def _session(path: str, profile: str | None = None, optimized: str | None = None):
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
-    opts.inter_op_num_threads = 1
-    opts.log_severity_level = 3
-    if profile:
-        opts.enable_profiling = True
-        opts.profile_file_prefix = profile
-    if optimized:
-        opts.optimized_model_filepath = optimized
-    return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+from benchmarks.harness import Table, cpu_info, ort_session, run_case
 
 
 class _Bound:
@@ -82,7 +67,7 @@ def _memc_bound(kv_dir: str, past: int, session=None) -> _Bound:
     capacity = engine.max_seq_len or past + 1
     feeds = {"input_ids": np.array([[5]], np.int64), engine.length_input: np.array(past, np.int64)}
     kv = [(s.name, s.output) for s in engine.state_specs]
-    session = session or _session(str(engine.path))
+    session = session or ort_session(str(engine.path))
     return _Bound(session, feeds, kv, (1, spec.shape[1], capacity, spec.shape[3]), engine.vocab_size)
 
 
@@ -101,7 +86,7 @@ def _genai_bound(genai_dir: str, past: int, session=None) -> _Bound:
     for layer in range(d["num_hidden_layers"]):
         for kind in ("key", "value"):
             kv.append((names[f"past_{kind}_names"] % layer, d["outputs"][f"present_{kind}_names"] % layer))
-    session = session or _session(str(Path(genai_dir) / d["filename"]))
+    session = session or ort_session(str(Path(genai_dir) / d["filename"]))
     shape = (1, d["num_key_value_heads"], cfg["context_length"], d["head_size"])
     return _Bound(session, feeds, kv, shape, cfg["vocab_size"])
 
@@ -126,7 +111,7 @@ def _profile(bound_of, path: str, steps: int, tmp: Path, tag: str) -> dict[str, 
     import onnx
 
     optimized = str(tmp / f"{tag}-optimized.onnx")
-    session = _session(path, profile=str(tmp / f"{tag}-profile"), optimized=optimized)
+    session = ort_session(path, profile=str(tmp / f"{tag}-profile"), optimized=optimized)
     run = bound_of(session)
     for _ in range(3):
         run()

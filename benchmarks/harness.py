@@ -116,6 +116,22 @@ class Table:
         return md
 
 
+def ort_session(path: str | Path, profile: str | None = None, optimized: str | None = None):
+    """One-thread onnxruntime CPU session, quiet; optionally profiling (file prefix) or saving the optimized graph."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    if profile:
+        opts.enable_profiling = True
+        opts.profile_file_prefix = profile
+    if optimized:
+        opts.optimized_model_filepath = optimized
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
 def cpu_info() -> str:
     """``model name (ISA: AVX2, AVX-512, AMX)``: ratios between runtimes depend on both, so every table says them."""
     try:

@@ -21,27 +21,14 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.harness import RESULTS, Table, cpu_info
+from benchmarks.harness import RESULTS, Table, cpu_info, ort_session
 
 CONTEXT = 1024
 
 
-def _session(path: Path, profile: str | None = None):
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
-    opts.inter_op_num_threads = 1
-    opts.log_severity_level = 4
-    if profile:
-        opts.enable_profiling = True
-        opts.profile_file_prefix = profile
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-
-
 def _by_op(path: Path, feeds: dict, runs: int, prefix: str) -> tuple[dict[str, float], dict[str, float]]:
     """Kernel milliseconds per run by op type, and by node."""
-    s = _session(path, prefix)
+    s = ort_session(path, prefix)
     for _ in range(runs + 1):
         s.run(None, feeds)
     events = json.loads(Path(s.end_profiling()).read_text())
@@ -87,7 +74,7 @@ def main() -> None:
         worst = max(target.verify(res.program, q, [tuple(torch.from_numpy(v) for v in feeds.values())]).worst.values())
         cases = {"fp32": fp / MODEL_FILE, "quantized, accuracy level 0": q / MODEL_FILE,
                  "quantized, accuracy level 4": _with_accuracy_level(q / MODEL_FILE, q / "model-acc4.onnx", 4)}
-        sessions = {k: _session(v) for k, v in cases.items()}
+        sessions = {k: ort_session(v) for k, v in cases.items()}
         times: dict[str, list[float]] = {k: [] for k in cases}
         for name, s in sessions.items():
             s.run(None, feeds)  # warm-up
