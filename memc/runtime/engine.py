@@ -21,7 +21,6 @@ numpy + onnxruntime only: a deployment process never imports torch.
 from __future__ import annotations
 
 import json
-import operator
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -353,24 +352,15 @@ class DecodeEngine:
         (the general path then checks, binds, or says what is wrong)."""
         n = last.past + 1
         if n > last.capacity or (self.max_seq_len is not None and n > self.max_seq_len) or not self._all_kv \
-                or self._io_shape != (last.batch, 1) or len(last.state) != len(last.arrays) \
-                or not all(map(operator.is_, last.state, last.arrays)):
-            return None
-        if token.size == 1:
-            if not 0 <= int(token[0]) < (self.vocab_size or 0):
-                return None
-        elif not (self.vocab_size and token.min() >= 0 and token.max() < self.vocab_size):
+                or self._io_shape != (last.batch, 1) or not last.is_(last.state, last.batch) \
+                or self.vocab_size is None or not self._ids_in_vocab(token):
             return None
         ids_in, length, logits = self._io_cache
         if logits is None:
             return None
         ids_in[:, 0] = token
         length[...] = last.past
-        self.session.run_with_iobinding(self._io)
-        new_state = [b[:, :, :n] for b in last.buffers]
-        views = tuple(new_state)
-        self._last = _Last(new_state, views, last.batch, n, last.buffers, views, last.capacity)
-        return logits.copy(), new_state
+        return self._run_bound(last, last.batch, 1, logits)
 
     def _continue_in_place(self, ids: np.ndarray, last: _Last) -> tuple[np.ndarray, State]:
         """The decode loop's path: the last state's buffers are bound already and have room; only the token, the
@@ -384,6 +374,11 @@ class DecodeEngine:
         if logits is None:
             return self._run_in_place(ids, last.state, last.past, last)
         self._bind("logits", logits, True)
+        return self._run_bound(last, batch, seq, logits)
+
+    def _run_bound(self, last: _Last, batch: int, seq: int, logits: np.ndarray) -> tuple[np.ndarray, State]:
+        """Run with everything bound (``last``'s buffers, the ids, the length and ``logits``); the new last state
+        is views of the same buffers, ``seq`` positions longer."""
         self.session.run_with_iobinding(self._io)
         n = last.past + seq
         new_state = [b[:, :, :n] for b in last.buffers]
