@@ -51,6 +51,24 @@ def refit_targets(sites: list[MoESite], scope: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+def cached_targets(compute: Callable[[int], torch.Tensor], store: torch.dtype,
+                   cap_bytes: int = _TARGET_CACHE_BYTES) -> Callable[[int], torch.Tensor]:
+    """``i -> compute(i)`` as float32 (the teacher's logits for batch i, computed without grad), each kept in
+    ``store`` dtype while all kept ones fit in ``cap_bytes``, else recomputed when asked again."""
+    cache: dict[int, torch.Tensor] = {}
+
+    def target(i: int) -> torch.Tensor:
+        if i in cache:
+            return cache[i].float()
+        with torch.no_grad():
+            out = compute(i).to(store)
+        if (len(cache) + 1) * out.numel() * out.element_size() <= cap_bytes:
+            cache[i] = out
+        return out.float()
+
+    return target
+
+
 def kl_to_teacher(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     logq = student.float().log_softmax(-1)
     logp = teacher.float().log_softmax(-1)
@@ -73,16 +91,7 @@ def refit(gm: GraphModule, teacher: GraphModule, sites: list[MoESite], inputs: l
     names = refit_targets(sites, plan.scope)
     params = [get_attr_tensor(gm, t) for t in names]
     flags = {id(p): p.requires_grad for p in gm.parameters()}
-    targets: dict[int, torch.Tensor] = {}
-
-    def target(i: int) -> torch.Tensor:
-        if i in targets:
-            return targets[i]
-        with torch.no_grad():
-            out = first_output(teacher(*inputs[i])).float()
-        if (len(targets) + 1) * out.numel() * 4 <= _TARGET_CACHE_BYTES:
-            targets[i] = out
-        return out
+    target = cached_targets(lambda i: first_output(teacher(*inputs[i])), torch.float32)
 
     def mean_kl() -> float:
         with torch.no_grad():

@@ -20,7 +20,7 @@ from typing import Callable
 
 import torch
 
-from memc.passes.moe.refit import kl_to_teacher, warmup_cosine_lr
+from memc.passes.moe.refit import cached_targets, kl_to_teacher, warmup_cosine_lr
 from memc.program import Program
 from memc.quant.record import first_output
 from memc.quant.rtn import _TORCH_DTYPES, QuantTensor
@@ -67,6 +67,9 @@ class TrainableQuant(torch.nn.Module):
         self.mult = torch.nn.Parameter(torch.ones(rows, blocks, 1))
         self.latent = torch.nn.Parameter(self.codes - self.zeros) if latent else None
 
+    def _latent_codes(self, scale: torch.Tensor, rnd: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        return torch.clamp(rnd(self.latent * self.scale0 / scale) + self.zeros, 0, self.fmt.qmax)
+
     def scale(self) -> torch.Tensor:
         return self.scale0 * self.mult
 
@@ -75,7 +78,7 @@ class TrainableQuant(torch.nn.Module):
         if self.latent is None:
             q = self.codes
         else:
-            q = torch.clamp(_Round.apply(self.latent * self.scale0 / s) + self.zeros, 0, self.fmt.qmax)
+            q = self._latent_codes(s, _Round.apply)
         rows, cols = self.shape
         return ((q - self.zeros) * s).view(rows, -1)[:, :cols]
 
@@ -88,7 +91,7 @@ class TrainableQuant(torch.nn.Module):
             codes = self.codes
         else:
             s = scale.to(torch.float32).unsqueeze(-1)
-            codes = torch.clamp(torch.round(self.latent * self.scale0 / s) + self.zeros, 0, self.fmt.qmax)
+            codes = self._latent_codes(s, torch.round)
         rows = self.shape[0]
         return QuantTensor(self.fmt, self.shape, codes.to(torch.uint8).view(rows, -1), scale, zeros)
 
@@ -120,16 +123,8 @@ def distill(
     by_name = {w.name: w for w in weights}
     train = {n: TrainableQuant(q, plan.scope == "scales+weights") for n, q in quantized.items() if n in by_name}
     floats = _float_params(program, set(train), plan.scope)
-    targets: dict[int, torch.Tensor] = {}
-
-    def target(i: int) -> torch.Tensor:
-        if i in targets:
-            return targets[i].float()
-        with torch.no_grad():
-            out = first_output(gm(*inputs[i])).to(torch.float16)  # the float weights: the teacher
-        if (len(targets) + 1) * out.numel() * 2 <= _TARGET_CACHE_BYTES:
-            targets[i] = out
-        return out.float()
+    # the float weights: the teacher; its logits kept in float16 up to _TARGET_CACHE_BYTES
+    target = cached_targets(lambda i: first_output(gm(*inputs[i])), torch.float16, _TARGET_CACHE_BYTES)
 
     def student(i: int, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
         return first_output(torch.func.functional_call(gm, tensors, inputs[i]))
