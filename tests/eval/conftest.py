@@ -1,5 +1,5 @@
 """Fixtures for the `memc eval` tests: a tiny *byte-level* Llama (vocab 256) and its compiled ONNX artifact, and
-a tiny Llama with its own BPE tokenizer.
+a tiny Llama with its own BPE tokenizer, and ``text_file`` (a text file of given bytes in the tmp dir).
 
 The shared tiny models in tests/helpers.py have a vocabulary of 128, which `memc eval` cannot tokenise text for
 (no tokenizer files, fewer ids than bytes); perplexity, bits per byte and the recall probe need a byte model.
@@ -70,3 +70,15 @@ def byte_llama_onnx(byte_llama_dir: Path, compiled) -> CompileResult:
     result = compiled(byte_llama_dir)
     assert result.rc == 0, result.explain()
     return result
+
+
+@pytest.fixture
+def text_file(tmp_path: Path):
+    """text_file(data, name="text.txt") -> the path of a file holding ``data`` (bytes) in the test's tmp dir."""
+
+    def make(data: bytes, name: str = "text.txt") -> Path:
+        path = tmp_path / name
+        path.write_bytes(data)
+        return path
+
+    return make

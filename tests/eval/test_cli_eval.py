@@ -38,16 +38,6 @@ def expect_error(args, *fragments: str, rc: int = 2) -> str:
     return lines[0]
 
 
-@pytest.fixture
-def text_file(tmp_path: Path):
-    def make(data: bytes, name: str = "text.txt") -> Path:
-        path = tmp_path / name
-        path.write_bytes(data)
-        return path
-
-    return make
-
-
 # -- models memc eval cannot measure -----------------------------------------------------------------------------
 def test_onnx_artifact_without_token_inputs(compiled) -> None:
     artifact = compiled(FLOAT_FACTORY)

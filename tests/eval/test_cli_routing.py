@@ -99,16 +99,6 @@ def test_tables_json_and_plot(byte_moe_dir: Path, tmp_path: Path) -> None:
         assert np.allclose(layer["texts"]["trainsplit:prose"]["load"], counts / counts.sum(), atol=1e-12)
 
 
-@pytest.fixture
-def text_file(tmp_path: Path):
-    def make(data: bytes, name: str = "text.txt") -> Path:
-        path = tmp_path / name
-        path.write_bytes(data)
-        return path
-
-    return make
-
-
 def test_bad_texts(byte_moe_dir: Path, text_file) -> None:
     expect_error([byte_moe_dir, "--text", "heldout:poetry"], "--text", "unknown corpus 'heldout:poetry'")
     expect_error([byte_moe_dir, "--text", "trainsplit:poetry"], "--text", "unknown corpus")
