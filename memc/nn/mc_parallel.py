@@ -138,7 +138,7 @@ def parallel_state(mod: "MemoryCachingAttention", k: torch.Tensor, v: torch.Tens
 @dataclass
 class Slots:
     """The memory slots a query reads, on a [T, N] (query, segment) grid: ``r`` the router logits before sparse
-    selection (-inf on invalid slots), ``onehot`` token -> segment [T, N], ``closed`` / ``is_open`` / ``valid`` masks,
+    selection (-inf on invalid slots), ``onehot`` token -> segment [T, N], the ``closed`` / ``is_open`` masks,
     ``merged`` the merge cap's slot-0 position (or None) and ``rep`` the slot each segment reads (or None)."""
 
     r: torch.Tensor
