@@ -25,6 +25,12 @@ MSFT = "com.microsoft"
 _FLOATS = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE)
 
 
+def _subgraph_nodes(node: onnx.NodeProto) -> list[onnx.NodeProto]:
+    """The nodes of ``node``'s subgraph attributes (If / Loop / Scan bodies), which may read outer values."""
+    return [sub for a in node.attribute
+            for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)) for sub in g.node]
+
+
 class _Index:
     """Producers, users and initializers of a graph (rebuilt after each change; graphs here are small)."""
 
@@ -37,11 +43,9 @@ class _Index:
                 if i:
                     self.users.setdefault(i, []).append(n)
         for n in graph.node:  # subgraphs read outer values too: count those as users
-            for a in n.attribute:
-                for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
-                    for sub in g.node:
-                        for i in sub.input:
-                            self.users.setdefault(i, []).append(n)
+            for sub in _subgraph_nodes(n):
+                for i in sub.input:
+                    self.users.setdefault(i, []).append(n)
 
     def weight(self, name: str) -> onnx.TensorProto | None:
         """A 2-D float initializer used only once (by the node asking)."""
@@ -191,9 +195,7 @@ def _shapes(model: onnx.ModelProto) -> dict[str, tuple[int, int]]:
 def _drop_unused_initializers(graph: onnx.GraphProto) -> None:
     used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
     for n in graph.node:
-        for a in n.attribute:
-            for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
-                used |= {i for sub in g.node for i in sub.input}
+        used |= {i for sub in _subgraph_nodes(n) for i in sub.input}
     keep = [t for t in graph.initializer if t.name in used]
     if len(keep) != len(graph.initializer):
         del graph.initializer[:]
