@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.harness import Table, median_seconds
+from benchmarks.harness import RESULTS, Table, median_seconds
 
 CONTEXT = 1024
 
@@ -64,21 +64,25 @@ def _bits_per_window(program, windows) -> np.ndarray:
     return np.array(out)
 
 
-def _fake_quant(program, formats: dict, method: str, calib) -> tuple:
-    """A copy of the program with the quantized tensors' dequantized weights, and their stored bytes."""
+def _fake_quant(program, formats: dict, method: str, calib, act_order: bool = False) -> tuple:
+    """A copy of the program with the quantized tensors' dequantized weights, and their stored bytes (a format
+    onnxruntime cannot store, e.g. 3-bit, counted densely packed: it exists only as torch fake-quant)."""
     from memc.passes.quant.quantize import QuantizeOptions, gptq_all, rtn_all
     from memc.quant.sites import find_weights
 
     p = program.replace(module=copy.deepcopy(program.module), annotations={}, log=[])
     weights, _ = find_weights(p)
     fmts = {w.name: formats[w.name] for w in weights if not formats[w.name].keep}
-    q = gptq_all(p, weights, fmts, calib, QuantizeOptions()) if method == "gptq" else rtn_all(p, weights, fmts)
+    opts = QuantizeOptions(act_order=act_order)
+    q = gptq_all(p, weights, fmts, calib, opts) if method == "gptq" else rtn_all(p, weights, fmts)
     params = dict(p.module.named_parameters(remove_duplicate=False))
     with torch.no_grad():
         for w in weights:
             if w.name in q:
                 params[w.targets[0]].copy_(q[w.name].dequantize())
-    stored = sum(t.nbytes() for t in q.values()) + sum(w.numel * 4 for w in weights if w.name not in q)
+    by_name = {w.name: w for w in weights}
+    stored = sum(t.nbytes() if t.fmt.accepted_by("onnx") else t.fmt.nbytes(by_name[n].shape, "dense")
+                 for n, t in q.items()) + sum(w.numel * 4 for w in weights if w.name not in q)
     return p, stored
 
 
@@ -98,7 +102,14 @@ def main() -> None:
     ap.add_argument("--artifacts", action="store_true", help="also build the ILP artifacts (bytes on disk, prefill speed)")
     ap.add_argument("--cache-dir", default="~/.cache/memc/sensitivity")
     ap.add_argument("--out", default="", help="keep the built artifacts here (default: a temporary directory)")
-    ap.add_argument("--gptq-samples", type=int, default=4, help="calibration batches for GPTQ's Hessians")
+    ap.add_argument("--gptq-samples", type=int, default=8, help="calibration batches for GPTQ's Hessians (the "
+                    "shipped toolchain uses all 8)")
+    ap.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=True,
+                    help="GPTQ sweeps columns by decreasing Hessian diagonal (the quantize pass's default)")
+    ap.add_argument("--rows", default="all", choices=["all", "ilp", "uniform"],
+                    help="which rows this run measures (two runs on two cores, then --merge)")
+    ap.add_argument("--name", default="mixed_bits", help="results/NAME.{md,json}")
+    ap.add_argument("--merge", default="", help="append the rows of results/NAME.json (another --rows run)")
     ap.add_argument("--fp32-artifact", default="", help="an fp32 model.onnx of the same model for the speed baseline")
     ap.add_argument("--artifact-budgets", default="", help="comma-separated budget labels to build (default: all)")
     ap.add_argument("--distill-steps", type=int, default=0, help="also ILP + distillation rows (0 = none)")
@@ -137,11 +148,12 @@ def main() -> None:
     fp_bpb = base.sum() / nbytes.sum()
     rows, raw = [], {"fp32_bits_per_byte": fp_bpb, "windows": len(windows), "total_windows": total_windows}
     gptq_calib = calib[: args.gptq_samples]
-    distill_opts = {"distill_steps": args.distill_steps, "distill_scope": args.distill_scope,
+    distill_opts = {"act_order": args.act_order, "distill_steps": args.distill_steps, "distill_scope": args.distill_scope,
                     "distill_lr": args.distill_lr, "distill_weight_lr": args.distill_weight_lr,
                     "distill_windows": args.distill_windows, "distill_context": 512, "distill_batch": 2}
     command = "python -m benchmarks.mixed_bits " + " ".join(
         a for a in (f"--stride {args.stride}", f"--gptq-samples {args.gptq_samples}",
+                    "" if args.act_order else "--no-act-order", f"--rows {args.rows}" if args.rows != "all" else "",
                     "--artifacts" if args.artifacts else "",
                     (f"--distill-steps {args.distill_steps} --distill-scope {args.distill_scope} --distill-lr "
                      f"{args.distill_lr} --distill-weight-lr {args.distill_weight_lr} --distill-windows "
@@ -150,13 +162,14 @@ def main() -> None:
              f"{args.stride}th), fp32 {fp_bpb:.4f} bits/byte; Δ = per-byte perplexity vs fp32 ± paired SE over windows; "
              f"bytes = model.onnx as predicted: {graph:,} graph bytes (measured by a trial lowering) + exact container "
              f"bytes of every tensor; sensitivity: fisher on {len(calib)} train-code batches of 2 x 512 tokens; GPTQ "
-             f"Hessians from the first {len(gptq_calib)} of them."]
-    table = Table("mixed_bits", command, ["point", "quantizer", "bytes", "bits/param", "bits/byte", "Δ ppl/byte"],
+             f"Hessians from the first {len(gptq_calib)} of them{' (act-order)' if args.act_order else ''}; int3 rows: torch "
+             f"fake-quant only (onnxruntime CPU cannot store 3-bit), bytes counted densely packed (3 bits a code)."]
+    table = Table(args.name, command, ["point", "quantizer", "bytes", "bits/param", "bits/byte", "Δ ppl/byte"],
                   rows, notes, raw)
 
     def point(label: str, formats: dict, method: str, built=None) -> tuple[int, float, float]:
         t = time.perf_counter()
-        p, stored = built[:2] if built else _fake_quant(program, formats, method, gptq_calib)
+        p, stored = built[:2] if built else _fake_quant(program, formats, method, gptq_calib, args.act_order)
         size = graph + stored
         bits = _bits_per_window(p, windows)
         d, se = _delta(bits, base, nbytes)
@@ -165,14 +178,14 @@ def main() -> None:
         raw[f"{label} [{method}]"] = {"bytes": size, "delta_pct": d, "se_pct": se, "method": method,
                                       "seconds": time.perf_counter() - t + (built[2] if built else 0.0)}
         print(rows[-1], f"{time.perf_counter() - t:.0f} s", flush=True)
-        table.write()  # partial results survive an interrupted run
+        _merged(table, args.merge).write()  # partial results survive an interrupted run
         return size, d, se
 
     uniform = lambda name: {w.name: parse_format(name) for w in weights}  # noqa: E731
     int4 = sum(parse_format("int4-g128").nbytes(w.shape) for w in weights) + graph
     budgets = {"int4-g128 size": int4, "3 bits/param": int(3 * params / 8), "2.5 bits/param": int(2.5 * params / 8)}
     plans, distilled = {}, {}
-    for label, budget in budgets.items():
+    for label, budget in budgets.items() if args.rows != "uniform" else ():
         program.annotations.pop(PLAN, None)
         alloc = AllocateBits(AllocateOptions(budget=str(budget))).run(program, ctx)
         plan = {k: parse_format(v) for k, v in program.annotations[PLAN].items()}
@@ -188,19 +201,36 @@ def main() -> None:
             raw[f"distill {label}"] = built[3]
             point(f"memc ILP + distill @ {label} ({budget / 1e6:.3f} MB)", {}, "gptq+kd", built[:3])
     raw["plans"] = plans
-    for name in ("int4-g128", "int2-g32", "int2-g128"):  # GPTQ at (or under) the ILP points' bytes
+    gptq_points = ("int4-g128", "int3-g128", "int2-g32", "int2-g128")  # at (or under) the ILP points' bytes
+    for name in gptq_points if args.rows != "ilp" else ():
         point(f"uniform {name}", uniform(name), "gptq")
-    for name in ("int4-g128", "int2-g32", "int2-g64", "int8-g128"):
+    for name in ("int4-g128", "int3-g128", "int2-g32", "int2-g64", "int8-g128") if args.rows != "ilp" else ():
         point(f"uniform {name}", uniform(name), "rtn")
-    print(table.markdown())
-    print(f"wrote {table.write()}", flush=True)
-    print(f"wrote {plot()}", flush=True)
+    print(_merged(table, args.merge).markdown())
+    print(f"wrote {_merged(table, args.merge).write()}", flush=True)
+    print(f"wrote {plot(RESULTS / f'{args.name}.json')}", flush=True)
     if args.artifacts:
         gctx = PassContext(seed=0, calibration=gptq_calib, config=cfg)
-        notes += _artifacts(program, plans, budgets, raw, gctx, args.out, args.fp32_artifact, args.artifact_budgets,
-                            distilled)
-        print(table.markdown())
-        print(f"wrote {table.write()}")
+        table.notes += _artifacts(program, plans, budgets, raw, gctx, args.out, args.fp32_artifact,
+                                  args.artifact_budgets, distilled, args.act_order)
+        print(_merged(table, args.merge).markdown())
+        print(f"wrote {_merged(table, args.merge).write()}")
+
+
+def _merged(table: Table, name: str) -> Table:
+    """``table`` plus the rows, raw entries and notes of results/NAME.json (a run of the other ``--rows``)."""
+    import json
+
+    if not name:
+        return table
+    path = RESULTS / f"{name}.json"
+    if not path.exists():
+        print(f"--merge: {path} not written yet; this table has only its own rows", flush=True)
+        return table
+    other = json.loads(path.read_text())
+    raw = {**table.raw, **{k: v for k, v in other["raw"].items() if k not in table.raw}}
+    return dataclasses.replace(table, rows=table.rows + [r for r in other["rows"] if r not in table.rows], raw=raw,
+                               notes=table.notes + [f"rows merged from `{other['command']}`"])
 
 
 def _distilled(program, plan: dict, opts: dict, ctx) -> tuple:
@@ -244,7 +274,7 @@ def _with_accuracy_level(src: Path, dst: Path, level: int) -> Path:
 
 
 def _artifacts(program, plans, budgets, raw, ctx, keep_dir: str = "", fp32: str = "", only: str = "",
-               distilled: dict | None = None) -> list[str]:
+               distilled: dict | None = None, act_order: bool = False) -> list[str]:
     """Build each ILP artifact with the onnx target (the distilled program where there is one); bytes on disk vs
     predicted; prefill speed vs fp32 (exact-check accuracy level 0 as built, and the same file with int8
     activations, accuracy level 4)."""
@@ -276,7 +306,7 @@ def _artifacts(program, plans, budgets, raw, ctx, keep_dir: str = "", fp32: str 
             kd = (distilled or {}).get(label)
             if kd is None:
                 p = program.replace(module=copy.deepcopy(program.module), annotations={PLAN: plan}, log=[])
-                built = Quantize(QuantizeOptions(method="gptq")).run(p, ctx).program  # ctx: the GPTQ calibration
+                built = Quantize(QuantizeOptions(method="gptq", act_order=act_order)).run(p, ctx).program  # ctx: the GPTQ calibration
             else:
                 built = kd
             out = Path(tmp) / label.replace(" ", "_").replace("/", "_")

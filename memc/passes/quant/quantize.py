@@ -26,7 +26,9 @@ PLAN = "quant.plan"  # annotation: {tensor name: format name}, set by allocate-b
 class QuantizeOptions:
     format: str = option("", "one format for every quantizable tensor when no allocate-bits plan precedes, e.g. 'int4-g128'")
     method: Literal["rtn", "gptq"] = option("rtn", "rtn: round to nearest; gptq: Hessian-weighted error feedback")
-    act_order: bool = option(False, "gptq: sweep columns by decreasing Hessian diagonal")
+    act_order: bool = option(
+        True, "gptq: sweep columns by decreasing Hessian diagonal (groups stay static, so the bytes do not change; "
+        "ref-llama at 3 bits per parameter: +3.1% instead of +3.7% per-byte perplexity before distillation)")
     damp: float = option(0.01, "gptq: dampening, as a fraction of the mean Hessian diagonal")
     block_size: int = option(128, "gptq: columns per lazy-update block")
     accuracy_level: int = option(
