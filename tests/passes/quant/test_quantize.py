@@ -60,7 +60,10 @@ def test_torch_program_equals_fake_quant(tiny_llama_program, method):
     x = torch.randn(3, 32)
     w = qlin.qweight.dequantize()
     assert torch.equal(qlin(x), x @ w.T)
-    assert 0 < float((w - original).abs().max()) < 0.1  # it did quantize
+    dev = float((w - original).abs().max())
+    # it did quantize: RTN within half a step; GPTQ (act-order by default) feeds errors forward, so a weight may move
+    # further, but stays on its group's static grid, inside the weight's own range
+    assert 0 < dev < (0.1 if method == "rtn" else float(original.abs().max()))
     assert out.program(*ids)[0].shape == (2, 16, 128)
 
 
