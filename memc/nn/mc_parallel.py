@@ -66,11 +66,7 @@ def parallel_forward(
 
     sl = slots(mod, q, k, x)
     onehot, rep, n_seg = sl.onehot, sl.rep, sl.onehot.shape[1]
-    phq = mod.phi_q(q)
-    pm = grouped_matmul(phq, mod.phi_k(k).transpose(-1, -2)) * (tk <= tq - w).to(dt)
-    den = torch.matmul(pm, onehot)  # phi_q(q_t) . z_i over the memory tokens of segment i
-    if sl.merged is not None:
-        den = torch.where(sl.merged, den.cumsum(-1), den)
+    pm, den = sl.pm, sl.den
     r = sl.r
     if cfg.variant == "sparse":
         r = mod.select_sparse(r, sl.closed, sl.is_open)
@@ -139,7 +135,9 @@ def parallel_state(mod: "MemoryCachingAttention", k: torch.Tensor, v: torch.Tens
 class Slots:
     """The memory slots a query reads, on a [T, N] (query, segment) grid: ``r`` the router logits before sparse
     selection (-inf on invalid slots), ``onehot`` token -> segment [T, N], the ``closed`` / ``is_open`` masks,
-    ``merged`` the merge cap's slot-0 position (or None) and ``rep`` the slot each segment reads (or None)."""
+    ``merged`` the merge cap's slot-0 position (or None), ``rep`` the slot each segment reads (or None), ``pm`` the
+    feature-map products phi_q(q_t) . phi_k(k_j) on memory tokens [B, Hq, T, T] and ``den`` their sums per slot
+    phi_q(q_t) . z_i [B, Hq, T, N]."""
 
     r: torch.Tensor
     onehot: torch.Tensor
@@ -147,6 +145,8 @@ class Slots:
     is_open: torch.Tensor
     merged: torch.Tensor | None
     rep: torch.Tensor | None
+    pm: torch.Tensor
+    den: torch.Tensor
 
 
 def slots(mod: "MemoryCachingAttention", q: torch.Tensor, k: torch.Tensor, x: torch.Tensor) -> Slots:
@@ -195,6 +195,11 @@ def slots(mod: "MemoryCachingAttention", q: torch.Tensor, k: torch.Tensor, x: to
             if keydot is not None:
                 keydot = torch.where(at, keydot.cumsum(-1), keydot)
             rep = torch.maximum(seg[None, :], shift[:, None])
+    tq, tk = pos[:, None], pos[None, :]
+    pm = grouped_matmul(mod.phi_q(q), mod.phi_k(k).transpose(-1, -2)) * (tk <= tq - w).to(dt)
+    den = torch.matmul(pm, onehot)  # phi_q(q_t) . z_i over the memory tokens of segment i
+    if at is not None:
+        den = torch.where(at, den.cumsum(-1), den)
     valid = closed | is_open
-    r = mod.router_logits(count, keydot, valid)
-    return Slots(r, onehot, closed, is_open, at, rep)
+    r = mod.router_logits(count, keydot, valid, den)
+    return Slots(r, onehot, closed, is_open, at, rep, pm, den)

@@ -51,6 +51,7 @@ from memc.nn.mc_state import MemoryCachingState
 
 VARIANTS = ("residual", "gated", "soup", "sparse")
 CAP_POLICIES = ("merge", "evict")
+ROUTERS = ("mean_key", "phi_mass")
 
 
 class MemoryCachingConfigError(ConfigError, ValueError):
@@ -75,6 +76,7 @@ class MemoryCachingConfig:
     router_rank: int = 8  # rank of the zero-initialised delta on the router query (0 = none)
     window_dropout: float = 0.0  # training only: drop each window key but the token itself with this probability
     eps: float = 1e-12  # added to a segment read's denominator phi_q^T z (always > 0 for the Hedgehog map)
+    router: Literal["mean_key", "phi_mass"] = "mean_key"  # the router logit's query term (see router_logits)
 
     def __post_init__(self) -> None:
         for name in ("window", "segment", "feature_dim", "top_k", "max_segments", "router_rank"):
@@ -101,11 +103,20 @@ class MemoryCachingConfig:
             _fail("window_dropout", f"must be in [0, 1), got {self.window_dropout}")
         if not float(self.eps) >= 0.0:
             _fail("eps", f"must be >= 0, got {self.eps}")
+        if self.router not in ROUTERS:
+            _fail("router", f"must be one of {', '.join(ROUTERS)}, got {self.router!r}")
+        if self.router != "mean_key" and self.variant == "residual":
+            _fail("router", f"{self.router!r} needs a query-dependent variant (the residual router is log n + b)")
 
     @property
     def query_router(self) -> bool:
-        """Whether router logits depend on the query (all variants but residual)."""
-        return self.variant != "residual"
+        """Whether router logits read the router query u and the segments' key sums (the mean-key router)."""
+        return self.variant != "residual" and self.router == "mean_key"
+
+    @property
+    def mass_router(self) -> bool:
+        """Whether router logits read the feature-map mass phi_q^T z_i (which sees single tokens)."""
+        return self.variant != "residual" and self.router == "phi_mass"
 
 
 class MemoryCachingAttention(nn.Module):
@@ -134,7 +145,7 @@ class MemoryCachingAttention(nn.Module):
         self.scale = float(scale) if scale is not None else head_dim**-0.5
         self.phi_q = HedgehogFeatureMap(num_heads, head_dim, cfg.feature_dim)
         self.phi_k = HedgehogFeatureMap(num_kv_heads, head_dim, cfg.feature_dim)
-        if cfg.router_rank:
+        if cfg.router_rank and cfg.router == "mean_key":  # phi_mass reads no router query
             self.router_a = nn.Linear(hidden_size, cfg.router_rank, bias=False)
             self.router_b = nn.Linear(cfg.router_rank, num_heads * head_dim, bias=False)
             nn.init.zeros_(self.router_b.weight)
@@ -164,9 +175,19 @@ class MemoryCachingAttention(nn.Module):
         """A per-query-head parameter [Hq] shaped [1, Hq, 1, 1] for [B, Hq, T, slots] logits."""
         return p.to(dtype).reshape(1, self.num_heads, 1, 1)
 
-    def router_logits(self, n: torch.Tensor, keydot: torch.Tensor | None, valid: torch.Tensor) -> torch.Tensor:
-        """``r = log n + (u . keysum / n) * scale / tau + b`` on valid slots, -inf elsewhere; [B, Hq, T, L]."""
+    def router_logits(self, n: torch.Tensor, keydot: torch.Tensor | None, valid: torch.Tensor,
+                      den: torch.Tensor | None = None) -> torch.Tensor:
+        """``r = log n + (u . keysum / n) * scale / tau + b`` (mean key) or ``r = log(phi_q^T z + eps) / tau + b``
+        (phi_mass: the segment's own linear-attention mass, a sum over its tokens, so one matching token can lift
+        it; tau = 1 is the LoLCATs hybrid, tau < 1 sharpens the routing) on valid slots, -inf elsewhere."""
         n_safe = torch.where(valid, n, torch.ones_like(n))
+        if self.cfg.mass_router:
+            if den is None:
+                raise ValueError("the phi_mass router needs the slots' feature-map mass (den)")
+            den_safe = torch.where(valid, den + self.cfg.eps, torch.ones_like(den))
+            tau = torch.exp(self.head_param(self.log_tau, n.dtype))
+            r = torch.log(den_safe) / tau + self.head_param(self.router_bias, n.dtype)
+            return r.masked_fill(~valid, float("-inf"))
         r = torch.log(n_safe) + self.head_param(self.router_bias, n.dtype)
         if keydot is not None:
             tau = torch.exp(self.head_param(self.log_tau, n.dtype))

@@ -61,14 +61,17 @@ def naive_memory_caching(
             r = []
             reads = []
             for sl in slots:
+                num = torch.einsum("bhf,bhfd->bhd", phq[:, :, t], sl["S"])
+                den = torch.einsum("bhf,bhf->bh", phq[:, :, t], sl["z"]) + cfg.eps
+                reads.append(num / den[..., None])
+                if cfg.mass_router:
+                    r.append(torch.log(den) / tau + bias)
+                    continue
                 logit = (torch.log(sl["n"]) + bias).expand(q.shape[0], -1)
                 if cfg.query_router:
                     kbar = sl["ks"] / sl["n"]
                     logit = logit + torch.einsum("bhd,bhd->bh", u[:, :, t], kbar) * mod.scale / tau
                 r.append(logit)
-                num = torch.einsum("bhf,bhfd->bhd", phq[:, :, t], sl["S"])
-                den = torch.einsum("bhf,bhf->bh", phq[:, :, t], sl["z"]) + cfg.eps
-                reads.append(num / den[..., None])
             r = torch.stack(r, dim=-1)  # [B, H, L]
             if cfg.variant == "sparse" and len(closed) > cfg.top_k:
                 order = torch.argsort(-r[..., :-1], dim=-1, stable=True)  # ties: the older slot first

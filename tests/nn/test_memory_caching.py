@@ -391,3 +391,58 @@ def test_read_weights_keep_finite_gradients_when_the_memory_is_far_below_the_win
         w = torch.softmax(torch.tensor([-100.0, -101.0]), 0)
         dbar = float((w * torch.tensor([0.5, 2.0])).sum())
         assert a[0, 0, 0, 0].item() * dbar == pytest.approx(torch.exp(torch.tensor(-100.0)).item(), rel=1e-3)
+
+
+# --- 8. the phi_mass router (r = log(phi_q . z) / tau + b) --------------------------------------------------------
+@pytest.mark.parametrize("variant", ["gated", "soup", "sparse"])
+@pytest.mark.parametrize("cap,policy", CAPS)
+@pytest.mark.parametrize("t", [37, 4])
+def test_phi_mass_router_parallel_naive_step_agree(variant, cap, policy, t):
+    cfg = MemoryCachingConfig(window=5, segment=3, feature_dim=6, variant=variant, top_k=2, max_segments=cap,
+                              cap_policy=policy, router="phi_mass")
+    mod = make(cfg)
+    q, k, v, x = inputs(2, t)
+    ref = naive_memory_caching(mod, q, k, v, x)
+    assert maxdiff(mod(q, k, v, x), ref) <= TOL
+    assert maxdiff(run_steps(mod, q, k, v, x)[0], ref) <= TOL
+    y1, state = mod.prefill(q[:, :, :t // 2], k[:, :, :t // 2], v[:, :, :t // 2], x[:, :t // 2])
+    y2, _ = run_steps(mod, q, k, v, x, state=state, start=t // 2)
+    assert maxdiff(torch.cat([y1, y2], dim=2), ref) <= TOL
+
+
+def test_phi_mass_router_at_tau_one_is_the_lolcats_hybrid():
+    """tau = 1: every read slot's weight e^r / (phi_q . z) is e^b, so gated is window softmax + e^b-scaled linear
+    attention over all memory tokens (computed here directly, in plain torch)."""
+    cfg = MemoryCachingConfig(window=4, segment=3, feature_dim=6, variant="gated", router="phi_mass")
+    mod = make(cfg, hkv=HQ)
+    with torch.no_grad():
+        mod.log_tau.zero_()
+    q, k, v, x = inputs(2, 23, hkv=HQ)
+    t = q.shape[2]
+    pos = torch.arange(t)
+    s = (q @ k.transpose(-1, -2)) * mod.scale
+    win = (pos[None, :] <= pos[:, None]) & (pos[None, :] > pos[:, None] - 4)
+    e = torch.exp(s).masked_fill(~win, 0.0)
+    lin = (mod.phi_q(q) @ mod.phi_k(k).transpose(-1, -2)) * (pos[None, :] <= pos[:, None] - 4)
+    lin = lin * torch.exp(mod.router_bias)[None, :, None, None]
+    want = ((e + lin) @ v) / (e + lin).sum(-1, keepdim=True)
+    assert maxdiff(mod(q, k, v, x), want) <= TOL
+
+
+def test_phi_mass_router_differs_from_mean_key_and_has_no_router_query():
+    q, k, v, x = inputs(2, 37)
+    base = dict(window=5, segment=3, feature_dim=6, variant="sparse", top_k=2)
+    a = make(MemoryCachingConfig(**base))
+    b = make(MemoryCachingConfig(**base, router="phi_mass"))
+    assert b.router_a is None and b.router_b is None
+    assert maxdiff(a(q, k, v, x), b(q, k, v, x)) > 1e-6
+    b.train()
+    b(q, k, v, x).square().sum().backward()
+    for name, p in b.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("cfg", [dict(router="softmax"), dict(router="phi_mass", variant="residual")])
+def test_bad_router_names_the_option(cfg):
+    with pytest.raises(ConfigError, match="'router'"):
+        MemoryCachingConfig(window=4, segment=3, **cfg)
