@@ -51,7 +51,7 @@ from memc.nn.mc_state import MemoryCachingState
 
 VARIANTS = ("residual", "gated", "soup", "sparse")
 CAP_POLICIES = ("merge", "evict")
-ROUTERS = ("mean_key", "phi_mass")
+ROUTERS = ("mean_key", "phi_mass", "key_phi")
 
 
 class MemoryCachingConfigError(ConfigError, ValueError):
@@ -76,7 +76,7 @@ class MemoryCachingConfig:
     router_rank: int = 8  # rank of the zero-initialised delta on the router query (0 = none)
     window_dropout: float = 0.0  # training only: drop each window key but the token itself with this probability
     eps: float = 1e-12  # added to a segment read's denominator phi_q^T z (always > 0 for the Hedgehog map)
-    router: Literal["mean_key", "phi_mass"] = "mean_key"  # the router logit's query term (see router_logits)
+    router: Literal["mean_key", "phi_mass", "key_phi"] = "mean_key"  # the router logit's form (see router_logits)
 
     def __post_init__(self) -> None:
         for name in ("window", "segment", "feature_dim", "top_k", "max_segments", "router_rank"):
@@ -111,12 +111,12 @@ class MemoryCachingConfig:
     @property
     def query_router(self) -> bool:
         """Whether router logits read the router query u and the segments' key sums (the mean-key router)."""
-        return self.variant != "residual" and self.router == "mean_key"
+        return self.variant != "residual" and self.router in ("mean_key", "key_phi")
 
     @property
     def mass_router(self) -> bool:
         """Whether router logits read the feature-map mass phi_q^T z_i (which sees single tokens)."""
-        return self.variant != "residual" and self.router == "phi_mass"
+        return self.variant != "residual" and self.router in ("phi_mass", "key_phi")
 
 
 class MemoryCachingAttention(nn.Module):
@@ -145,7 +145,7 @@ class MemoryCachingAttention(nn.Module):
         self.scale = float(scale) if scale is not None else head_dim**-0.5
         self.phi_q = HedgehogFeatureMap(num_heads, head_dim, cfg.feature_dim)
         self.phi_k = HedgehogFeatureMap(num_kv_heads, head_dim, cfg.feature_dim)
-        if cfg.router_rank and cfg.router == "mean_key":  # phi_mass reads no router query
+        if cfg.router_rank and cfg.router != "phi_mass":  # phi_mass reads no router query
             self.router_a = nn.Linear(hidden_size, cfg.router_rank, bias=False)
             self.router_b = nn.Linear(cfg.router_rank, num_heads * head_dim, bias=False)
             nn.init.zeros_(self.router_b.weight)
@@ -177,20 +177,28 @@ class MemoryCachingAttention(nn.Module):
 
     def router_logits(self, n: torch.Tensor, keydot: torch.Tensor | None, valid: torch.Tensor,
                       den: torch.Tensor | None = None) -> torch.Tensor:
-        """``r = log n + (u . keysum / n) * scale / tau + b`` (mean key) or ``r = log(phi_q^T z + eps) / tau + b``
-        (phi_mass: the segment's own linear-attention mass, a sum over its tokens, so one matching token can lift
-        it; tau = 1 is the LoLCATs hybrid, tau < 1 sharpens the routing) on valid slots, -inf elsewhere."""
+        """On valid slots (-inf elsewhere), with ``m = phi_q^T z + eps`` the segment's feature-map mass (a sum over
+        its tokens, so one matching token can lift it):
+
+        * mean_key: ``r = log n + (u . keysum / n) * scale / tau + b``;
+        * phi_mass: ``r = log m / tau + b`` (tau = 1 is the LoLCATs hybrid, tau < 1 sharpens the routing; no
+          absolute scale, so it cannot follow attention logits of ~100 nats);
+        * key_phi: ``r = log m + (u . keysum / n) * scale / tau + b``: the mean key gives the scale, the
+          feature-map mass (in place of the count) tells segments apart token by token.
+        """
         n_safe = torch.where(valid, n, torch.ones_like(n))
+        tau = torch.exp(self.head_param(self.log_tau, n.dtype))
         if self.cfg.mass_router:
             if den is None:
-                raise ValueError("the phi_mass router needs the slots' feature-map mass (den)")
-            den_safe = torch.where(valid, den + self.cfg.eps, torch.ones_like(den))
-            tau = torch.exp(self.head_param(self.log_tau, n.dtype))
-            r = torch.log(den_safe) / tau + self.head_param(self.router_bias, n.dtype)
-            return r.masked_fill(~valid, float("-inf"))
-        r = torch.log(n_safe) + self.head_param(self.router_bias, n.dtype)
+                raise ValueError(f"the {self.cfg.router} router needs the slots' feature-map mass (den)")
+            log_m = torch.log(torch.where(valid, den + self.cfg.eps, torch.ones_like(den)))
+            if self.cfg.router == "phi_mass":
+                r = log_m / tau + self.head_param(self.router_bias, n.dtype)
+                return r.masked_fill(~valid, float("-inf"))
+            r = log_m + self.head_param(self.router_bias, n.dtype)
+        else:
+            r = torch.log(n_safe) + self.head_param(self.router_bias, n.dtype)
         if keydot is not None:
-            tau = torch.exp(self.head_param(self.log_tau, n.dtype))
             r = r + keydot / n_safe * (self.scale / tau)
         return r.masked_fill(~valid, float("-inf"))
 

@@ -64,10 +64,11 @@ def naive_memory_caching(
                 num = torch.einsum("bhf,bhfd->bhd", phq[:, :, t], sl["S"])
                 den = torch.einsum("bhf,bhf->bh", phq[:, :, t], sl["z"]) + cfg.eps
                 reads.append(num / den[..., None])
-                if cfg.mass_router:
+                if cfg.router == "phi_mass":
                     r.append(torch.log(den) / tau + bias)
                     continue
-                logit = (torch.log(sl["n"]) + bias).expand(q.shape[0], -1)
+                base = torch.log(den) if cfg.router == "key_phi" else torch.log(sl["n"])
+                logit = (base + bias).expand(q.shape[0], -1)
                 if cfg.query_router:
                     kbar = sl["ks"] / sl["n"]
                     logit = logit + torch.einsum("bhd,bhd->bh", u[:, :, t], kbar) * mod.scale / tau

@@ -397,9 +397,10 @@ def test_read_weights_keep_finite_gradients_when_the_memory_is_far_below_the_win
 @pytest.mark.parametrize("variant", ["gated", "soup", "sparse"])
 @pytest.mark.parametrize("cap,policy", CAPS)
 @pytest.mark.parametrize("t", [37, 4])
-def test_phi_mass_router_parallel_naive_step_agree(variant, cap, policy, t):
+@pytest.mark.parametrize("router", ["phi_mass", "key_phi"])
+def test_mass_routers_parallel_naive_step_agree(variant, cap, policy, t, router):
     cfg = MemoryCachingConfig(window=5, segment=3, feature_dim=6, variant=variant, top_k=2, max_segments=cap,
-                              cap_policy=policy, router="phi_mass")
+                              cap_policy=policy, router=router)
     mod = make(cfg)
     q, k, v, x = inputs(2, t)
     ref = naive_memory_caching(mod, q, k, v, x)
@@ -434,15 +435,18 @@ def test_phi_mass_router_differs_from_mean_key_and_has_no_router_query():
     base = dict(window=5, segment=3, feature_dim=6, variant="sparse", top_k=2)
     a = make(MemoryCachingConfig(**base))
     b = make(MemoryCachingConfig(**base, router="phi_mass"))
-    assert b.router_a is None and b.router_b is None
-    assert maxdiff(a(q, k, v, x), b(q, k, v, x)) > 1e-6
+    c = make(MemoryCachingConfig(**base, router="key_phi"))
+    assert b.router_a is None and b.router_b is None and c.router_a is not None
+    ya, yb, yc = a(q, k, v, x), b(q, k, v, x), c(q, k, v, x)
+    assert min(maxdiff(ya, yb), maxdiff(ya, yc), maxdiff(yb, yc)) > 1e-6
     b.train()
     b(q, k, v, x).square().sum().backward()
     for name, p in b.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
 
 
-@pytest.mark.parametrize("cfg", [dict(router="softmax"), dict(router="phi_mass", variant="residual")])
+@pytest.mark.parametrize("cfg", [dict(router="softmax"), dict(router="phi_mass", variant="residual"),
+                                 dict(router="key_phi", variant="residual")])
 def test_bad_router_names_the_option(cfg):
     with pytest.raises(ConfigError, match="'router'"):
         MemoryCachingConfig(window=4, segment=3, **cfg)

@@ -62,7 +62,7 @@ def _memory_kl_by_loops(layer: MemoryCachingAttention, q, k, x) -> torch.Tensor:
 
 
 def test_memory_kl_matches_a_plain_reference_and_trains_router_and_feature_maps():
-    for router in ("mean_key", "phi_mass"):
+    for router in ("mean_key", "phi_mass", "key_phi"):
         layer, (q, k, x) = _layer(variant="gated", router=router)
         with torch.no_grad():
             for p in layer.parameters():
