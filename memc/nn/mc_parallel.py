@@ -64,7 +64,7 @@ def parallel_forward(
     if not mod.memory_enabled:
         return grouped_matmul(torch.softmax(s, dim=-1), v)
 
-    sl = slots(mod, q, k, x)
+    sl = slots(mod, q, k, x, s)
     onehot, rep, n_seg = sl.onehot, sl.rep, sl.onehot.shape[1]
     pm, den = sl.pm, sl.den
     r = sl.r
@@ -149,9 +149,10 @@ class Slots:
     den: torch.Tensor
 
 
-def slots(mod: "MemoryCachingAttention", q: torch.Tensor, k: torch.Tensor, x: torch.Tensor) -> Slots:
+def slots(mod: "MemoryCachingAttention", q: torch.Tensor, k: torch.Tensor, x: torch.Tensor,
+          s: torch.Tensor | None = None) -> Slots:
     """Router logits of every query over its cached segments and the open one (shared by the forward pass and the
-    distillation's router loss)."""
+    distillation's losses); ``s`` the window logits [B, Hq, T, T] (-inf off the window) if the caller has them."""
     cfg = mod.cfg
     w, c, g = cfg.window, cfg.segment, mod.groups
     b, hq, t, _ = q.shape
@@ -200,6 +201,12 @@ def slots(mod: "MemoryCachingAttention", q: torch.Tensor, k: torch.Tensor, x: to
     den = torch.matmul(pm, onehot)  # phi_q(q_t) . z_i over the memory tokens of segment i
     if at is not None:
         den = torch.where(at, den.cumsum(-1), den)
+    wmax = None
+    if cfg.router == "phi_window":
+        if s is None:
+            window = (tk <= tq) & (tk > tq - w)
+            s = (grouped_matmul(q, k.transpose(-1, -2)) * mod.scale).masked_fill(~window, float("-inf"))
+        wmax = s.amax(-1)
     valid = closed | is_open
-    r = mod.router_logits(count, keydot, valid, den)
+    r = mod.router_logits(count, keydot, valid, den, wmax)
     return Slots(r, onehot, closed, is_open, at, rep, pm, den)

@@ -51,7 +51,7 @@ from memc.nn.mc_state import MemoryCachingState
 
 VARIANTS = ("residual", "gated", "soup", "sparse")
 CAP_POLICIES = ("merge", "evict")
-ROUTERS = ("mean_key", "phi_mass", "key_phi")
+ROUTERS = ("mean_key", "phi_mass", "key_phi", "phi_window")
 
 
 class MemoryCachingConfigError(ConfigError, ValueError):
@@ -76,7 +76,7 @@ class MemoryCachingConfig:
     router_rank: int = 8  # rank of the zero-initialised delta on the router query (0 = none)
     window_dropout: float = 0.0  # training only: drop each window key but the token itself with this probability
     eps: float = 1e-12  # added to a segment read's denominator phi_q^T z (always > 0 for the Hedgehog map)
-    router: Literal["mean_key", "phi_mass", "key_phi"] = "mean_key"  # the router logit's form (see router_logits)
+    router: Literal["mean_key", "phi_mass", "key_phi", "phi_window"] = "mean_key"  # the router logit's form (see router_logits)
 
     def __post_init__(self) -> None:
         for name in ("window", "segment", "feature_dim", "top_k", "max_segments", "router_rank"):
@@ -116,7 +116,7 @@ class MemoryCachingConfig:
     @property
     def mass_router(self) -> bool:
         """Whether router logits read the feature-map mass phi_q^T z_i (which sees single tokens)."""
-        return self.variant != "residual" and self.router in ("phi_mass", "key_phi")
+        return self.variant != "residual" and self.router in ("phi_mass", "key_phi", "phi_window")
 
 
 class MemoryCachingAttention(nn.Module):
@@ -145,7 +145,7 @@ class MemoryCachingAttention(nn.Module):
         self.scale = float(scale) if scale is not None else head_dim**-0.5
         self.phi_q = HedgehogFeatureMap(num_heads, head_dim, cfg.feature_dim)
         self.phi_k = HedgehogFeatureMap(num_kv_heads, head_dim, cfg.feature_dim)
-        if cfg.router_rank and cfg.router != "phi_mass":  # phi_mass reads no router query
+        if cfg.router_rank and cfg.query_router:  # phi_mass / phi_window read no router query
             self.router_a = nn.Linear(hidden_size, cfg.router_rank, bias=False)
             self.router_b = nn.Linear(cfg.router_rank, num_heads * head_dim, bias=False)
             nn.init.zeros_(self.router_b.weight)
@@ -176,7 +176,7 @@ class MemoryCachingAttention(nn.Module):
         return p.to(dtype).reshape(1, self.num_heads, 1, 1)
 
     def router_logits(self, n: torch.Tensor, keydot: torch.Tensor | None, valid: torch.Tensor,
-                      den: torch.Tensor | None = None) -> torch.Tensor:
+                      den: torch.Tensor | None = None, wmax: torch.Tensor | None = None) -> torch.Tensor:
         """On valid slots (-inf elsewhere), with ``m = phi_q^T z + eps`` the segment's feature-map mass (a sum over
         its tokens, so one matching token can lift it):
 
@@ -184,7 +184,10 @@ class MemoryCachingAttention(nn.Module):
         * phi_mass: ``r = log m / tau + b`` (tau = 1 is the LoLCATs hybrid, tau < 1 sharpens the routing; no
           absolute scale, so it cannot follow attention logits of ~100 nats);
         * key_phi: ``r = log m + (u . keysum / n) * scale / tau + b``: the mean key gives the scale, the
-          feature-map mass (in place of the count) tells segments apart token by token.
+          feature-map mass (in place of the count) tells segments apart token by token;
+        * phi_window: ``r = log m / tau + b + wmax``, ``wmax`` [B, Hq, T] the query's largest window logit
+          (detached): phi_mass measured against the window's top term, so b alone sets the memory's share
+          whatever the scale of the attention logits.
         """
         n_safe = torch.where(valid, n, torch.ones_like(n))
         tau = torch.exp(self.head_param(self.log_tau, n.dtype))
@@ -192,8 +195,12 @@ class MemoryCachingAttention(nn.Module):
             if den is None:
                 raise ValueError(f"the {self.cfg.router} router needs the slots' feature-map mass (den)")
             log_m = torch.log(torch.where(valid, den + self.cfg.eps, torch.ones_like(den)))
-            if self.cfg.router == "phi_mass":
+            if self.cfg.router in ("phi_mass", "phi_window"):
                 r = log_m / tau + self.head_param(self.router_bias, n.dtype)
+                if self.cfg.router == "phi_window":
+                    if wmax is None:
+                        raise ValueError("the phi_window router needs the query's largest window logit (wmax)")
+                    r = r + wmax.detach().unsqueeze(-1)
                 return r.masked_fill(~valid, float("-inf"))
             r = log_m + self.head_param(self.router_bias, n.dtype)
         else:

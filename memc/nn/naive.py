@@ -64,8 +64,9 @@ def naive_memory_caching(
                 num = torch.einsum("bhf,bhfd->bhd", phq[:, :, t], sl["S"])
                 den = torch.einsum("bhf,bhf->bh", phq[:, :, t], sl["z"]) + cfg.eps
                 reads.append(num / den[..., None])
-                if cfg.router == "phi_mass":
-                    r.append(torch.log(den) / tau + bias)
+                if cfg.router in ("phi_mass", "phi_window"):
+                    wmax = logits[0].amax(-1) if cfg.router == "phi_window" else 0.0
+                    r.append(torch.log(den) / tau + bias + wmax)
                     continue
                 base = torch.log(den) if cfg.router == "key_phi" else torch.log(sl["n"])
                 logit = (base + bias).expand(q.shape[0], -1)

@@ -397,7 +397,7 @@ def test_read_weights_keep_finite_gradients_when_the_memory_is_far_below_the_win
 @pytest.mark.parametrize("variant", ["gated", "soup", "sparse"])
 @pytest.mark.parametrize("cap,policy", CAPS)
 @pytest.mark.parametrize("t", [37, 4])
-@pytest.mark.parametrize("router", ["phi_mass", "key_phi"])
+@pytest.mark.parametrize("router", ["phi_mass", "key_phi", "phi_window"])
 def test_mass_routers_parallel_naive_step_agree(variant, cap, policy, t, router):
     cfg = MemoryCachingConfig(window=5, segment=3, feature_dim=6, variant=variant, top_k=2, max_segments=cap,
                               cap_policy=policy, router=router)
@@ -446,7 +446,24 @@ def test_phi_mass_router_differs_from_mean_key_and_has_no_router_query():
 
 
 @pytest.mark.parametrize("cfg", [dict(router="softmax"), dict(router="phi_mass", variant="residual"),
-                                 dict(router="key_phi", variant="residual")])
+                                 dict(router="key_phi", variant="residual"),
+                                 dict(router="phi_window", variant="residual")])
 def test_bad_router_names_the_option(cfg):
     with pytest.raises(ConfigError, match="'router'"):
         MemoryCachingConfig(window=4, segment=3, **cfg)
+
+
+def test_phi_window_router_follows_the_window_logits_scale():
+    """phi_window measures the memory against the window's top logit: scaling q (every logit) leaves the output of
+    a one-token-window layer unchanged, where phi_mass's memory share moves with the window logit."""
+    q, k, v, x = inputs(1, 20)
+    base = dict(window=1, segment=3, feature_dim=6, variant="gated")
+    win = make(MemoryCachingConfig(**base, router="phi_window"))
+    mass = make(MemoryCachingConfig(**base, router="phi_mass"))
+    for mod in (win, mass):
+        with torch.no_grad():
+            mod.phi_q.weight.zero_()  # phi_q(q) stops depending on q: only the logits' scale changes below
+    hot = v.repeat_interleave(HQ // HKV, dim=1)  # window 1: the window-only output is the token's own value
+    share = lambda mod, c: maxdiff(mod(q * c, k, v, x), hot)  # noqa: E731
+    assert abs(share(win, 1.0) - share(win, 40.0)) < 1e-9 and share(win, 1.0) > 1e-3
+    assert abs(share(mass, 1.0) - share(mass, 40.0)) > 1e-3

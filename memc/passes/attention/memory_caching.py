@@ -66,10 +66,11 @@ class MemoryCachingRewrite(Pass):
                                                "e^b, so a negative value starts the layer at window-only quality "
                                                "(measured on ref-llama: b = 0 is worse than window-only before "
                                                "distillation) and distillation raises it where the memory helps")
-        router: Literal["mean_key", "phi_mass", "key_phi"] = option(
+        router: Literal["mean_key", "phi_mass", "key_phi", "phi_window"] = option(
             "mean_key", "router logit: mean_key = log n + u . (mean key); phi_mass = log(phi_q . z) / tau, the "
                         "segment's feature-map mass, which one matching token can lift; key_phi = log(phi_q . z) "
-                        "+ u . (mean key) (memc/nn/memory_caching.py router_logits)")
+                        "+ u . (mean key); phi_window = phi_mass + the query's top window logit "
+                        "(memc/nn/memory_caching.py router_logits)")
         weights: str = option("", "safetensors file of trained layers (written by memc.reference.memory_caching) "
                                   "to load instead of the initialisation; its layer options must match these")
 

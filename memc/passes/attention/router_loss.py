@@ -74,3 +74,30 @@ def memory_kl(layer: MemoryCachingAttention, q: torch.Tensor, k: torch.Tensor, x
     terms = torch.where(target > 0, target * (torch.log(target.clamp_min(1e-30)) - logq), torch.zeros_like(logq))
     kl = terms.sum(-1)
     return (kl * total).sum() / total.sum().clamp_min(1e-30)
+
+
+def attention_kl(layer: MemoryCachingAttention, q: torch.Tensor, k: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Mean over query positions with memory (t >= window) of KL(teacher || layer) between distributions over
+    every causal token: the exact softmax against the layer's weights before sparse selection (window softmax
+    terms and ``e^{r_t,slot(j)} / (phi_q . z_slot) * phi_q . phi_k_j`` on memory tokens). Unlike ``memory_kl`` it
+    also fits how much weight the memory gets against the window (the router bias)."""
+    t = q.shape[2]
+    pos = torch.arange(t, device=q.device)
+    tq, tk = pos[:, None], pos[None, :]
+    window = (tk <= tq) & (tk > tq - layer.cfg.window)
+    s_all = grouped_matmul(q, k.transpose(-1, -2)).float() * layer.scale
+    with torch.no_grad():
+        target = torch.softmax(s_all.masked_fill(tk > tq, float("-inf")), dim=-1)
+    s = s_all.masked_fill(~window, float("-inf"))
+    sl = slots(layer, q, k, x, s.to(q.dtype))
+    r = sl.r.float()
+    m = torch.maximum(s.amax(-1), r.amax(-1)).detach().unsqueeze(-1)
+    live = torch.isfinite(r)
+    a = torch.where(live, torch.exp(r - m) / torch.where(live, sl.den.float() + layer.cfg.eps, 1.0), 0.0)
+    if sl.rep is not None:
+        a = torch.gather(a, -1, sl.rep.expand_as(a))
+    w = torch.exp(s - m) + torch.matmul(a, sl.onehot.float().transpose(0, 1)) * sl.pm.float()
+    logq = torch.log(w.clamp_min(1e-30)) - torch.log(w.sum(-1, keepdim=True))
+    terms = torch.where(target > 0, target * (torch.log(target.clamp_min(1e-30)) - logq), torch.zeros_like(logq))
+    kl = terms.sum(-1)[..., layer.cfg.window:]
+    return kl.mean() if kl.numel() else kl.sum()

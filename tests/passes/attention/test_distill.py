@@ -153,6 +153,15 @@ def test_memory_loss_lowers_the_memory_kl_to_the_teacher(byte_llama, distilled):
 
 
 @pytest.mark.parametrize("value", [-1.0, float("nan")])
-def test_bad_memory_loss_names_the_option(byte_llama, value):
-    with pytest.raises(MemcError, match=r"memory_loss"):
-        _distilled(byte_llama, memory_loss=value)
+@pytest.mark.parametrize("name", ["memory_loss", "attention_loss"])
+def test_bad_memory_loss_names_the_option(byte_llama, value, name):
+    with pytest.raises(MemcError, match=name):
+        _distilled(byte_llama, **{name: value})
+
+
+def test_attention_loss_lowers_the_attention_kl_to_the_teacher(byte_llama):
+    program, _ = _distilled(byte_llama, steps=20, lr=3e-2, attention_loss=1.0)
+    baseline, _ = _distilled(byte_llama, steps=20, lr=3e-2)
+    assert all("attention_kl" in p for p in program.log[-1].metrics["loss_curve"])
+    kl = lambda m: sum(e["attention_kl"] for e in m.log[-1].metrics["layer_error_after"].values())
+    assert kl(program) < 0.9 * kl(baseline)
