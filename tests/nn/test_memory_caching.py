@@ -231,11 +231,13 @@ def _float32(cfg: MemoryCachingConfig) -> MemoryCachingAttention:
     return make(cfg).float()
 
 
-def test_parallel_form_exports_to_onnx_with_dynamic_length():
+@pytest.mark.parametrize("router", ["mean_key", "phi_window"])
+def test_parallel_form_exports_to_onnx_with_dynamic_length(router):
     from memc.codegen.onnx import lower_exported
     import onnxruntime as ort
 
-    cfg = MemoryCachingConfig(window=5, segment=3, feature_dim=8, variant="sparse", top_k=2, max_segments=3)
+    cfg = MemoryCachingConfig(window=5, segment=3, feature_dim=8, variant="sparse", top_k=2, max_segments=3,
+                              router=router)
     mod = _float32(cfg)
     args = inputs(2, 23, dtype=torch.float32)
     seq = torch.export.Dim("seq", min=1, max=4096)
@@ -250,11 +252,12 @@ def test_parallel_form_exports_to_onnx_with_dynamic_length():
         assert np.abs(got - mod(*a).detach().numpy()).max() <= 1e-4, t
 
 
-def test_step_exports_with_state_as_tensors_and_runs_in_onnxruntime():
+@pytest.mark.parametrize("router", ["mean_key", "phi_window"])
+def test_step_exports_with_state_as_tensors_and_runs_in_onnxruntime(router):
     from memc.codegen.onnx import lower_exported
     import onnxruntime as ort
 
-    cfg = MemoryCachingConfig(window=5, segment=3, feature_dim=8, variant="gated", max_segments=2)
+    cfg = MemoryCachingConfig(window=5, segment=3, feature_dim=8, variant="gated", max_segments=2, router=router)
     mod = _float32(cfg)
     q, k, v, x = inputs(2, 20, dtype=torch.float32)
     state = mod.init_state(2)
