@@ -145,7 +145,7 @@ class MemoryCachingAttention(nn.Module):
         self.scale = float(scale) if scale is not None else head_dim**-0.5
         self.phi_q = HedgehogFeatureMap(num_heads, head_dim, cfg.feature_dim)
         self.phi_k = HedgehogFeatureMap(num_kv_heads, head_dim, cfg.feature_dim)
-        if cfg.router_rank and cfg.query_router:  # phi_mass / phi_window read no router query
+        if cfg.router_rank and cfg.router not in ("phi_mass", "phi_window"):  # these read no router query
             self.router_a = nn.Linear(hidden_size, cfg.router_rank, bias=False)
             self.router_b = nn.Linear(cfg.router_rank, num_heads * head_dim, bias=False)
             nn.init.zeros_(self.router_b.weight)
