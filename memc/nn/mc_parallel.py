@@ -64,13 +64,9 @@ def parallel_forward(
     if not mod.memory_enabled:
         return grouped_matmul(torch.softmax(s, dim=-1), v)
 
-    sl = slots(mod, q, k, x)
+    sl = slots(mod, q, k, x, s)
     onehot, rep, n_seg = sl.onehot, sl.rep, sl.onehot.shape[1]
-    phq = mod.phi_q(q)
-    pm = grouped_matmul(phq, mod.phi_k(k).transpose(-1, -2)) * (tk <= tq - w).to(dt)
-    den = torch.matmul(pm, onehot)  # phi_q(q_t) . z_i over the memory tokens of segment i
-    if sl.merged is not None:
-        den = torch.where(sl.merged, den.cumsum(-1), den)
+    pm, den = sl.pm, sl.den
     r = sl.r
     if cfg.variant == "sparse":
         r = mod.select_sparse(r, sl.closed, sl.is_open)
@@ -139,7 +135,9 @@ def parallel_state(mod: "MemoryCachingAttention", k: torch.Tensor, v: torch.Tens
 class Slots:
     """The memory slots a query reads, on a [T, N] (query, segment) grid: ``r`` the router logits before sparse
     selection (-inf on invalid slots), ``onehot`` token -> segment [T, N], the ``closed`` / ``is_open`` masks,
-    ``merged`` the merge cap's slot-0 position (or None) and ``rep`` the slot each segment reads (or None)."""
+    ``merged`` the merge cap's slot-0 position (or None), ``rep`` the slot each segment reads (or None), ``pm`` the
+    feature-map products phi_q(q_t) . phi_k(k_j) on memory tokens [B, Hq, T, T] and ``den`` their sums per slot
+    phi_q(q_t) . z_i [B, Hq, T, N]."""
 
     r: torch.Tensor
     onehot: torch.Tensor
@@ -147,11 +145,14 @@ class Slots:
     is_open: torch.Tensor
     merged: torch.Tensor | None
     rep: torch.Tensor | None
+    pm: torch.Tensor
+    den: torch.Tensor
 
 
-def slots(mod: "MemoryCachingAttention", q: torch.Tensor, k: torch.Tensor, x: torch.Tensor) -> Slots:
+def slots(mod: "MemoryCachingAttention", q: torch.Tensor, k: torch.Tensor, x: torch.Tensor,
+          s: torch.Tensor | None = None) -> Slots:
     """Router logits of every query over its cached segments and the open one (shared by the forward pass and the
-    distillation's router loss)."""
+    distillation's losses); ``s`` the window logits [B, Hq, T, T] (-inf off the window) if the caller has them."""
     cfg = mod.cfg
     w, c, g = cfg.window, cfg.segment, mod.groups
     b, hq, t, _ = q.shape
@@ -195,6 +196,17 @@ def slots(mod: "MemoryCachingAttention", q: torch.Tensor, k: torch.Tensor, x: to
             if keydot is not None:
                 keydot = torch.where(at, keydot.cumsum(-1), keydot)
             rep = torch.maximum(seg[None, :], shift[:, None])
+    tq, tk = pos[:, None], pos[None, :]
+    pm = grouped_matmul(mod.phi_q(q), mod.phi_k(k).transpose(-1, -2)) * (tk <= tq - w).to(dt)
+    den = torch.matmul(pm, onehot)  # phi_q(q_t) . z_i over the memory tokens of segment i
+    if at is not None:
+        den = torch.where(at, den.cumsum(-1), den)
+    wmax = None
+    if cfg.router == "phi_window":
+        if s is None:
+            window = (tk <= tq) & (tk > tq - w)
+            s = (grouped_matmul(q, k.transpose(-1, -2)) * mod.scale).masked_fill(~window, float("-inf"))
+        wmax = s.amax(-1)
     valid = closed | is_open
-    r = mod.router_logits(count, keydot, valid)
-    return Slots(r, onehot, closed, is_open, at, rep)
+    r = mod.router_logits(count, keydot, valid, den, wmax)
+    return Slots(r, onehot, closed, is_open, at, rep, pm, den)

@@ -107,7 +107,7 @@ def _read(mod: "MemoryCachingAttention", q: torch.Tensor, x: torch.Tensor, st: M
     count = per_query_head(slots_n.unsqueeze(2).expand(b, h, g, n_slots))
     valid = count > 0
     is_open = (torch.arange(n_slots, device=q.device) == n_slots - 1) & valid
-    r = mod.router_logits(count, keydot, valid)
+    r = mod.router_logits(count, keydot, valid, den, s.amax(-1))
     if cfg.variant == "sparse":
         r = mod.select_sparse(r, valid & ~is_open, is_open)
 

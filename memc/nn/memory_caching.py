@@ -51,6 +51,7 @@ from memc.nn.mc_state import MemoryCachingState
 
 VARIANTS = ("residual", "gated", "soup", "sparse")
 CAP_POLICIES = ("merge", "evict")
+ROUTERS = ("mean_key", "phi_mass", "key_phi", "phi_window")
 
 
 class MemoryCachingConfigError(ConfigError, ValueError):
@@ -75,6 +76,7 @@ class MemoryCachingConfig:
     router_rank: int = 8  # rank of the zero-initialised delta on the router query (0 = none)
     window_dropout: float = 0.0  # training only: drop each window key but the token itself with this probability
     eps: float = 1e-12  # added to a segment read's denominator phi_q^T z (always > 0 for the Hedgehog map)
+    router: Literal["mean_key", "phi_mass", "key_phi", "phi_window"] = "mean_key"  # the router logit's form (see router_logits)
 
     def __post_init__(self) -> None:
         for name in ("window", "segment", "feature_dim", "top_k", "max_segments", "router_rank"):
@@ -101,11 +103,20 @@ class MemoryCachingConfig:
             _fail("window_dropout", f"must be in [0, 1), got {self.window_dropout}")
         if not float(self.eps) >= 0.0:
             _fail("eps", f"must be >= 0, got {self.eps}")
+        if self.router not in ROUTERS:
+            _fail("router", f"must be one of {', '.join(ROUTERS)}, got {self.router!r}")
+        if self.router != "mean_key" and self.variant == "residual":
+            _fail("router", f"{self.router!r} needs a query-dependent variant (the residual router is log n + b)")
 
     @property
     def query_router(self) -> bool:
-        """Whether router logits depend on the query (all variants but residual)."""
-        return self.variant != "residual"
+        """Whether router logits read the router query u and the segments' key sums (the mean-key router)."""
+        return self.variant != "residual" and self.router in ("mean_key", "key_phi")
+
+    @property
+    def mass_router(self) -> bool:
+        """Whether router logits read the feature-map mass phi_q^T z_i (which sees single tokens)."""
+        return self.variant != "residual" and self.router in ("phi_mass", "key_phi", "phi_window")
 
 
 class MemoryCachingAttention(nn.Module):
@@ -134,7 +145,7 @@ class MemoryCachingAttention(nn.Module):
         self.scale = float(scale) if scale is not None else head_dim**-0.5
         self.phi_q = HedgehogFeatureMap(num_heads, head_dim, cfg.feature_dim)
         self.phi_k = HedgehogFeatureMap(num_kv_heads, head_dim, cfg.feature_dim)
-        if cfg.router_rank:
+        if cfg.router_rank and cfg.router not in ("phi_mass", "phi_window"):  # these read no router query
             self.router_a = nn.Linear(hidden_size, cfg.router_rank, bias=False)
             self.router_b = nn.Linear(cfg.router_rank, num_heads * head_dim, bias=False)
             nn.init.zeros_(self.router_b.weight)
@@ -164,12 +175,37 @@ class MemoryCachingAttention(nn.Module):
         """A per-query-head parameter [Hq] shaped [1, Hq, 1, 1] for [B, Hq, T, slots] logits."""
         return p.to(dtype).reshape(1, self.num_heads, 1, 1)
 
-    def router_logits(self, n: torch.Tensor, keydot: torch.Tensor | None, valid: torch.Tensor) -> torch.Tensor:
-        """``r = log n + (u . keysum / n) * scale / tau + b`` on valid slots, -inf elsewhere; [B, Hq, T, L]."""
+    def router_logits(self, n: torch.Tensor, keydot: torch.Tensor | None, valid: torch.Tensor,
+                      den: torch.Tensor | None = None, wmax: torch.Tensor | None = None) -> torch.Tensor:
+        """On valid slots (-inf elsewhere), with ``m = phi_q^T z + eps`` the segment's feature-map mass (a sum over
+        its tokens, so one matching token can lift it):
+
+        * mean_key: ``r = log n + (u . keysum / n) * scale / tau + b``;
+        * phi_mass: ``r = log m / tau + b`` (tau = 1 is the LoLCATs hybrid, tau < 1 sharpens the routing; no
+          absolute scale, so it cannot follow attention logits of ~100 nats);
+        * key_phi: ``r = log m + (u . keysum / n) * scale / tau + b``: the mean key gives the scale, the
+          feature-map mass (in place of the count) tells segments apart token by token;
+        * phi_window: ``r = log m / tau + b + wmax``, ``wmax`` [B, Hq, T] the query's largest window logit
+          (detached): phi_mass measured against the window's top term, so b alone sets the memory's share
+          whatever the scale of the attention logits.
+        """
         n_safe = torch.where(valid, n, torch.ones_like(n))
-        r = torch.log(n_safe) + self.head_param(self.router_bias, n.dtype)
+        tau = torch.exp(self.head_param(self.log_tau, n.dtype))
+        if self.cfg.mass_router:
+            if den is None:
+                raise ValueError(f"the {self.cfg.router} router needs the slots' feature-map mass (den)")
+            log_m = torch.log(torch.where(valid, den + self.cfg.eps, torch.ones_like(den)))
+            if self.cfg.router in ("phi_mass", "phi_window"):
+                r = log_m / tau + self.head_param(self.router_bias, n.dtype)
+                if self.cfg.router == "phi_window":
+                    if wmax is None:
+                        raise ValueError("the phi_window router needs the query's largest window logit (wmax)")
+                    r = r + wmax.detach().unsqueeze(-1)
+                return r.masked_fill(~valid, float("-inf"))
+            r = log_m + self.head_param(self.router_bias, n.dtype)
+        else:
+            r = torch.log(n_safe) + self.head_param(self.router_bias, n.dtype)
         if keydot is not None:
-            tau = torch.exp(self.head_param(self.log_tau, n.dtype))
             r = r + keydot / n_safe * (self.scale / tau)
         return r.masked_fill(~valid, float("-inf"))
 

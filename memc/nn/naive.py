@@ -61,14 +61,19 @@ def naive_memory_caching(
             r = []
             reads = []
             for sl in slots:
-                logit = (torch.log(sl["n"]) + bias).expand(q.shape[0], -1)
+                num = torch.einsum("bhf,bhfd->bhd", phq[:, :, t], sl["S"])
+                den = torch.einsum("bhf,bhf->bh", phq[:, :, t], sl["z"]) + cfg.eps
+                reads.append(num / den[..., None])
+                if cfg.router in ("phi_mass", "phi_window"):
+                    wmax = logits[0].amax(-1) if cfg.router == "phi_window" else 0.0
+                    r.append(torch.log(den) / tau + bias + wmax)
+                    continue
+                base = torch.log(den) if cfg.router == "key_phi" else torch.log(sl["n"])
+                logit = (base + bias).expand(q.shape[0], -1)
                 if cfg.query_router:
                     kbar = sl["ks"] / sl["n"]
                     logit = logit + torch.einsum("bhd,bhd->bh", u[:, :, t], kbar) * mod.scale / tau
                 r.append(logit)
-                num = torch.einsum("bhf,bhfd->bhd", phq[:, :, t], sl["S"])
-                den = torch.einsum("bhf,bhf->bh", phq[:, :, t], sl["z"]) + cfg.eps
-                reads.append(num / den[..., None])
             r = torch.stack(r, dim=-1)  # [B, H, L]
             if cfg.variant == "sparse" and len(closed) > cfg.top_k:
                 order = torch.argsort(-r[..., :-1], dim=-1, stable=True)  # ties: the older slot first

@@ -231,11 +231,13 @@ def _float32(cfg: MemoryCachingConfig) -> MemoryCachingAttention:
     return make(cfg).float()
 
 
-def test_parallel_form_exports_to_onnx_with_dynamic_length():
+@pytest.mark.parametrize("router", ["mean_key", "phi_window"])
+def test_parallel_form_exports_to_onnx_with_dynamic_length(router):
     from memc.codegen.onnx import lower_exported
     import onnxruntime as ort
 
-    cfg = MemoryCachingConfig(window=5, segment=3, feature_dim=8, variant="sparse", top_k=2, max_segments=3)
+    cfg = MemoryCachingConfig(window=5, segment=3, feature_dim=8, variant="sparse", top_k=2, max_segments=3,
+                              router=router)
     mod = _float32(cfg)
     args = inputs(2, 23, dtype=torch.float32)
     seq = torch.export.Dim("seq", min=1, max=4096)
@@ -250,11 +252,12 @@ def test_parallel_form_exports_to_onnx_with_dynamic_length():
         assert np.abs(got - mod(*a).detach().numpy()).max() <= 1e-4, t
 
 
-def test_step_exports_with_state_as_tensors_and_runs_in_onnxruntime():
+@pytest.mark.parametrize("router", ["mean_key", "phi_window"])
+def test_step_exports_with_state_as_tensors_and_runs_in_onnxruntime(router):
     from memc.codegen.onnx import lower_exported
     import onnxruntime as ort
 
-    cfg = MemoryCachingConfig(window=5, segment=3, feature_dim=8, variant="gated", max_segments=2)
+    cfg = MemoryCachingConfig(window=5, segment=3, feature_dim=8, variant="gated", max_segments=2, router=router)
     mod = _float32(cfg)
     q, k, v, x = inputs(2, 20, dtype=torch.float32)
     state = mod.init_state(2)
@@ -391,3 +394,79 @@ def test_read_weights_keep_finite_gradients_when_the_memory_is_far_below_the_win
         w = torch.softmax(torch.tensor([-100.0, -101.0]), 0)
         dbar = float((w * torch.tensor([0.5, 2.0])).sum())
         assert a[0, 0, 0, 0].item() * dbar == pytest.approx(torch.exp(torch.tensor(-100.0)).item(), rel=1e-3)
+
+
+# --- 8. the phi_mass router (r = log(phi_q . z) / tau + b) --------------------------------------------------------
+@pytest.mark.parametrize("variant", ["gated", "soup", "sparse"])
+@pytest.mark.parametrize("cap,policy", CAPS)
+@pytest.mark.parametrize("t", [37, 4])
+@pytest.mark.parametrize("router", ["phi_mass", "key_phi", "phi_window"])
+def test_mass_routers_parallel_naive_step_agree(variant, cap, policy, t, router):
+    cfg = MemoryCachingConfig(window=5, segment=3, feature_dim=6, variant=variant, top_k=2, max_segments=cap,
+                              cap_policy=policy, router=router)
+    mod = make(cfg)
+    q, k, v, x = inputs(2, t)
+    ref = naive_memory_caching(mod, q, k, v, x)
+    assert maxdiff(mod(q, k, v, x), ref) <= TOL
+    assert maxdiff(run_steps(mod, q, k, v, x)[0], ref) <= TOL
+    y1, state = mod.prefill(q[:, :, :t // 2], k[:, :, :t // 2], v[:, :, :t // 2], x[:, :t // 2])
+    y2, _ = run_steps(mod, q, k, v, x, state=state, start=t // 2)
+    assert maxdiff(torch.cat([y1, y2], dim=2), ref) <= TOL
+
+
+def test_phi_mass_router_at_tau_one_is_the_lolcats_hybrid():
+    """tau = 1: every read slot's weight e^r / (phi_q . z) is e^b, so gated is window softmax + e^b-scaled linear
+    attention over all memory tokens (computed here directly, in plain torch)."""
+    cfg = MemoryCachingConfig(window=4, segment=3, feature_dim=6, variant="gated", router="phi_mass")
+    mod = make(cfg, hkv=HQ)
+    with torch.no_grad():
+        mod.log_tau.zero_()
+    q, k, v, x = inputs(2, 23, hkv=HQ)
+    t = q.shape[2]
+    pos = torch.arange(t)
+    s = (q @ k.transpose(-1, -2)) * mod.scale
+    win = (pos[None, :] <= pos[:, None]) & (pos[None, :] > pos[:, None] - 4)
+    e = torch.exp(s).masked_fill(~win, 0.0)
+    lin = (mod.phi_q(q) @ mod.phi_k(k).transpose(-1, -2)) * (pos[None, :] <= pos[:, None] - 4)
+    lin = lin * torch.exp(mod.router_bias)[None, :, None, None]
+    want = ((e + lin) @ v) / (e + lin).sum(-1, keepdim=True)
+    assert maxdiff(mod(q, k, v, x), want) <= TOL
+
+
+def test_phi_mass_router_differs_from_mean_key_and_has_no_router_query():
+    q, k, v, x = inputs(2, 37)
+    base = dict(window=5, segment=3, feature_dim=6, variant="sparse", top_k=2)
+    a = make(MemoryCachingConfig(**base))
+    b = make(MemoryCachingConfig(**base, router="phi_mass"))
+    c = make(MemoryCachingConfig(**base, router="key_phi"))
+    assert b.router_a is None and b.router_b is None and c.router_a is not None
+    ya, yb, yc = a(q, k, v, x), b(q, k, v, x), c(q, k, v, x)
+    assert min(maxdiff(ya, yb), maxdiff(ya, yc), maxdiff(yb, yc)) > 1e-6
+    b.train()
+    b(q, k, v, x).square().sum().backward()
+    for name, p in b.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("cfg", [dict(router="softmax"), dict(router="phi_mass", variant="residual"),
+                                 dict(router="key_phi", variant="residual"),
+                                 dict(router="phi_window", variant="residual")])
+def test_bad_router_names_the_option(cfg):
+    with pytest.raises(ConfigError, match="'router'"):
+        MemoryCachingConfig(window=4, segment=3, **cfg)
+
+
+def test_phi_window_router_follows_the_window_logits_scale():
+    """phi_window measures the memory against the window's top logit: scaling q (every logit) leaves the output of
+    a one-token-window layer unchanged, where phi_mass's memory share moves with the window logit."""
+    q, k, v, x = inputs(1, 20)
+    base = dict(window=1, segment=3, feature_dim=6, variant="gated")
+    win = make(MemoryCachingConfig(**base, router="phi_window"))
+    mass = make(MemoryCachingConfig(**base, router="phi_mass"))
+    for mod in (win, mass):
+        with torch.no_grad():
+            mod.phi_q.weight.zero_()  # phi_q(q) stops depending on q: only the logits' scale changes below
+    hot = v.repeat_interleave(HQ // HKV, dim=1)  # window 1: the window-only output is the token's own value
+    share = lambda mod, c: maxdiff(mod(q * c, k, v, x), hot)  # noqa: E731
+    assert abs(share(win, 1.0) - share(win, 40.0)) < 1e-9 and share(win, 1.0) > 1e-3
+    assert abs(share(mass, 1.0) - share(mass, 40.0)) > 1e-3

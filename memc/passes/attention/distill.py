@@ -4,7 +4,10 @@ Stage 1 (LoLCATs-style, teacher-fed per layer): the program runs with every Memo
 the exact causal softmax attention it replaced, so each layer sees the ORIGINAL model's q, k, v and layer input;
 each memory-caching layer is trained to reproduce that layer's exact output (relative MSE before o_proj). Only the
 new layers' parameters train; with ``router_loss`` > 0 stage 1 also fits each layer's router to the teacher's
-attention mass per memory segment (router_loss.py), which the output MSE reaches only through the selected reads.
+attention mass per memory segment (router_loss.py), which the output MSE reaches only through the selected reads;
+with ``memory_loss`` > 0 it fits the layer's weight on each single memory token (router and feature maps) to the
+teacher's, and with ``attention_loss`` > 0 the layer's weight on every token, window included (so the memory's
+share too).
 Stage 2 (optional): KL of the rewritten model's next-token distribution to the
 original's, through the whole network, still training only the new parameters. Window dropout during training
 keeps a layer from living off its window alone; the report measures what the memory contributes per layer.
@@ -27,7 +30,7 @@ from memc.eval.backends import TorchBackend
 from memc.eval.text import load_train_text, tokenize
 from memc.nn.memory_caching import MemoryCachingAttention
 from memc.passes.attention.memory_caching import MC_SITES_KEY, MemoryCachingSite
-from memc.passes.attention.router_loss import router_kl
+from memc.passes.attention.router_loss import attention_kl, memory_kl, router_kl
 from memc.passes.base import Pass, PassContext, PassResult, register_pass
 from memc.program import Program
 from memc.schema import option
@@ -96,6 +99,12 @@ class DistillAttention(Pass):
                                             "token's own, so a layer must use its memory")
         router_loss: float = option(0.0, "stage 1: weight of KL(teacher attention mass per memory segment || the "
                                          "layer's router softmax) added to the output error (0 = off)")
+        memory_loss: float = option(0.0, "stage 1: weight of KL(teacher attention over single memory tokens || the "
+                                         "layer's weight on them, router and feature maps together) added to the "
+                                         "output error (0 = off)")
+        attention_loss: float = option(0.0, "stage 1: weight of KL(teacher attention || the layer's weights over "
+                                            "every token, window and memory, before sparse selection) added to "
+                                            "the output error (0 = off)")
         eval_windows: int = option(2, "train-split windows (not trained on) for the before/after layer errors")
         log_every: int = option(10, "record the loss curve every this many steps")
 
@@ -108,8 +117,10 @@ class DistillAttention(Pass):
                     raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
             if self.lr <= 0 or self.e2e_lr <= 0:
                 raise ValueError("lr and e2e_lr must be > 0")
-            if not self.router_loss >= 0.0 or self.router_loss == float("inf"):
-                raise ValueError(f"router_loss must be a finite number >= 0, got {self.router_loss}")
+            for name in ("router_loss", "memory_loss", "attention_loss"):
+                value = getattr(self, name)
+                if not value >= 0.0 or value == float("inf"):
+                    raise ValueError(f"{name} must be a finite number >= 0, got {value}")
             if not 0.0 <= self.window_dropout < 1.0:
                 raise ValueError(f"window_dropout must be in [0, 1), got {self.window_dropout}")
 
@@ -189,7 +200,7 @@ class DistillAttention(Pass):
             for step in range(c.steps):
                 seen, _ = self._teacher_inputs(gm, sites, self._batch(tokens, seq, c.batch, rng))
                 opt.zero_grad(set_to_none=True)
-                losses, kls = {}, {}
+                losses, kls, mkls, akls = {}, {}, {}, {}
                 for target, layer in layers.items():
                     q, k, v, x, out = seen[target]
                     loss = relative_error(layer(q, k, v, x), out)
@@ -197,6 +208,14 @@ class DistillAttention(Pass):
                         kl = router_kl(layer, q, k, x)
                         kls[target] = float(kl.detach())
                         loss = loss + c.router_loss * kl
+                    if c.attention_loss:
+                        akl = attention_kl(layer, q, k, x)
+                        akls[target] = float(akl.detach())
+                        loss = loss + c.attention_loss * akl
+                    if c.memory_loss:
+                        mkl = memory_kl(layer, q, k, x)
+                        mkls[target] = float(mkl.detach())
+                        loss = loss + c.memory_loss * mkl
                     loss.backward()
                     losses[target] = float(loss.detach())
                 self._check_finite(layers, step, "teacher-fed", "lr")
@@ -206,6 +225,10 @@ class DistillAttention(Pass):
                     point = {"step": step, "loss": sum(losses.values()) / len(losses)}
                     if kls:
                         point["router_kl"] = sum(kls.values()) / len(kls)
+                    if mkls:
+                        point["memory_kl"] = sum(mkls.values()) / len(mkls)
+                    if akls:
+                        point["attention_kl"] = sum(akls.values()) / len(akls)
                     curve.append(point)
                 advance(1)
         return curve
@@ -247,8 +270,9 @@ class DistillAttention(Pass):
         return next(iter(layers.values())).cfg.variant
 
     def _layer_errors(self, gm, sites, layers, ids: torch.Tensor) -> dict[str, dict[str, float]]:
-        """Per layer, on teacher-fed eval windows: relative error of the layer and of its window alone, and the
-        router's KL to the teacher's attention mass per segment (router_loss.py)."""
+        """Per layer, on teacher-fed eval windows: relative error of the layer and of its window alone, the router's
+        KL to the teacher's attention mass per segment and the layer's KL to it over single memory tokens
+        (router_loss.py)."""
         seen, _ = self._teacher_inputs(gm, sites, ids)
         errors = {}
         with torch.no_grad():
@@ -260,8 +284,10 @@ class DistillAttention(Pass):
                 window_only = float(relative_error(layer(q, k, v, x), out))
                 layer.memory_enabled = True
                 kl = float(router_kl(layer, q, k, x))
+                mkl = float(memory_kl(layer, q, k, x))
+                akl = float(attention_kl(layer, q, k, x))
                 errors[target] = {"error": round(full, 6), "window_only_error": round(window_only, 6),
-                                  "router_kl": round(kl, 6)}
+                                  "router_kl": round(kl, 6), "memory_kl": round(mkl, 6), "attention_kl": round(akl, 6)}
         return errors
 
 

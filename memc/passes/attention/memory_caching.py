@@ -9,6 +9,7 @@ mass); `distill-attention` trains it.
 """
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import json
 from dataclasses import dataclass
@@ -65,6 +66,11 @@ class MemoryCachingRewrite(Pass):
                                                "e^b, so a negative value starts the layer at window-only quality "
                                                "(measured on ref-llama: b = 0 is worse than window-only before "
                                                "distillation) and distillation raises it where the memory helps")
+        router: Literal["mean_key", "phi_mass", "key_phi", "phi_window"] = option(
+            "mean_key", "router logit: mean_key = log n + u . (mean key); phi_mass = log(phi_q . z) / tau, the "
+                        "segment's feature-map mass, which one matching token can lift; key_phi = log(phi_q . z) "
+                        "+ u . (mean key); phi_window = phi_mass + the query's top window logit "
+                        "(memc/nn/memory_caching.py router_logits)")
         weights: str = option("", "safetensors file of trained layers (written by memc.reference.memory_caching) "
                                   "to load instead of the initialisation; its layer options must match these")
 
@@ -78,7 +84,7 @@ class MemoryCachingRewrite(Pass):
                 return MemoryCachingConfig(
                     window=self.window, segment=self.segment, feature_dim=self.feature_dim, variant=self.variant,
                     top_k=self.top_k, max_segments=self.max_segments, cap_policy=self.cap_policy,
-                    router_rank=self.router_rank,
+                    router_rank=self.router_rank, router=self.router,
                 )
             except ValueError as exc:
                 raise ValueError(str(exc).replace("memory caching option ", "")) from None
@@ -145,6 +151,9 @@ def load_layer_weights(gm: torch.nn.Module, sites: list[MemoryCachingSite], cfg:
     except Exception as exc:
         raise PassError(f"{option}: {path} is not a readable safetensors file: {exc}") from None
     wanted = layer_options(cfg)
+    # files written before an option existed were made with its default
+    defaults = {f.name: f.default for f in dataclasses.fields(cfg) if f.default is not dataclasses.MISSING}
+    saved = {**{k: v for k, v in defaults.items() if k in wanted}, **saved}
     # the cap only decides what happens to segments past max_segments: it changes no parameter and may be set
     # at deployment on layers trained without one
     differ = {k: (saved.get(k), v) for k, v in wanted.items() if saved.get(k) != v and k not in CAP_OPTIONS}

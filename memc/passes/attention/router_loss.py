@@ -42,3 +42,62 @@ def router_kl(layer: MemoryCachingAttention, q: torch.Tensor, k: torch.Tensor, x
     terms = torch.where(target > 0, target * (torch.log(target.clamp_min(1e-30)) - logp), torch.zeros_like(logp))
     kl = terms.sum(-1)
     return (kl * total).sum() / total.sum().clamp_min(1e-30)
+
+
+def memory_kl(layer: MemoryCachingAttention, q: torch.Tensor, k: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Mass-weighted mean over query positions of KL(teacher || layer) between distributions over single memory
+    tokens: the teacher's exact softmax restricted to ``j <= t - window`` and renormalised, against the layer's
+    weight on each memory token before sparse selection, ``e^{r_t,slot(j)} / (phi_q . z_slot) * phi_q . phi_k_j``.
+
+    Unlike ``router_kl`` it reaches the router and the feature maps together, token by token: a router that sees
+    only segments cannot make its per-segment fit look good while the read inside the segment misses the token.
+    """
+    sl = slots(layer, q, k, x)
+    t = q.shape[2]
+    pos = torch.arange(t, device=q.device)
+    tq, tk = pos[:, None], pos[None, :]
+    mem = tk <= tq - layer.cfg.window
+    with torch.no_grad():
+        s = (grouped_matmul(q, k.transpose(-1, -2)) * layer.scale).masked_fill(tk > tq, float("-inf"))
+        p = torch.softmax(s.float(), dim=-1) * mem
+        total = p.sum(-1)
+        target = p / total.clamp_min(1e-30).unsqueeze(-1)
+    r = sl.r.float()
+    top = r.amax(-1, keepdim=True).detach()
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    live = torch.isfinite(r)
+    a = torch.where(live, torch.exp(r - top) / torch.where(live, sl.den.float() + layer.cfg.eps, 1.0), 0.0)
+    if sl.rep is not None:
+        a = torch.gather(a, -1, sl.rep.expand_as(a))
+    w = torch.matmul(a, sl.onehot.float().transpose(0, 1)) * sl.pm.float()  # [B, Hq, T, T], zero off memory
+    logq = torch.log(w.clamp_min(1e-30)) - torch.log(w.sum(-1, keepdim=True).clamp_min(1e-30))
+    terms = torch.where(target > 0, target * (torch.log(target.clamp_min(1e-30)) - logq), torch.zeros_like(logq))
+    kl = terms.sum(-1)
+    return (kl * total).sum() / total.sum().clamp_min(1e-30)
+
+
+def attention_kl(layer: MemoryCachingAttention, q: torch.Tensor, k: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Mean over query positions with memory (t >= window) of KL(teacher || layer) between distributions over
+    every causal token: the exact softmax against the layer's weights before sparse selection (window softmax
+    terms and ``e^{r_t,slot(j)} / (phi_q . z_slot) * phi_q . phi_k_j`` on memory tokens). Unlike ``memory_kl`` it
+    also fits how much weight the memory gets against the window (the router bias)."""
+    t = q.shape[2]
+    pos = torch.arange(t, device=q.device)
+    tq, tk = pos[:, None], pos[None, :]
+    window = (tk <= tq) & (tk > tq - layer.cfg.window)
+    s_all = grouped_matmul(q, k.transpose(-1, -2)).float() * layer.scale
+    with torch.no_grad():
+        target = torch.softmax(s_all.masked_fill(tk > tq, float("-inf")), dim=-1)
+    s = s_all.masked_fill(~window, float("-inf"))
+    sl = slots(layer, q, k, x, s.to(q.dtype))
+    r = sl.r.float()
+    m = torch.maximum(s.amax(-1), r.amax(-1)).detach().unsqueeze(-1)
+    live = torch.isfinite(r)
+    a = torch.where(live, torch.exp(r - m) / torch.where(live, sl.den.float() + layer.cfg.eps, 1.0), 0.0)
+    if sl.rep is not None:
+        a = torch.gather(a, -1, sl.rep.expand_as(a))
+    w = torch.exp(s - m) + torch.matmul(a, sl.onehot.float().transpose(0, 1)) * sl.pm.float()
+    logq = torch.log(w.clamp_min(1e-30)) - torch.log(w.sum(-1, keepdim=True))
+    terms = torch.where(target > 0, target * (torch.log(target.clamp_min(1e-30)) - logq), torch.zeros_like(logq))
+    kl = terms.sum(-1)[..., layer.cfg.window:]
+    return kl.mean() if kl.numel() else kl.sum()

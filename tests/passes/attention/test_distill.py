@@ -139,3 +139,29 @@ def test_router_loss_lowers_the_router_kl_to_the_teacher(byte_llama, distilled):
 def test_bad_router_loss_names_the_option(byte_llama, value):
     with pytest.raises(MemcError, match=r"router_loss"):
         _distilled(byte_llama, router_loss=value)
+
+
+def test_memory_loss_lowers_the_memory_kl_to_the_teacher(byte_llama, distilled):
+    """With the memory loss on, stage 1 records it and the layers end closer to the teacher's weight per memory token;
+    off (the default) it is not in the curve."""
+    program, _ = _distilled(byte_llama, steps=20, lr=3e-2, memory_loss=1.0)
+    baseline, _ = _distilled(byte_llama, steps=20, lr=3e-2)
+    assert all("memory_kl" in p for p in program.log[-1].metrics["loss_curve"])
+    assert "memory_kl" not in distilled[0].log[-1].metrics["loss_curve"][0]
+    kl = lambda m: sum(e["memory_kl"] for e in m.log[-1].metrics["layer_error_after"].values())
+    assert kl(program) < 0.9 * kl(baseline)
+
+
+@pytest.mark.parametrize("value", [-1.0, float("nan")])
+@pytest.mark.parametrize("name", ["memory_loss", "attention_loss"])
+def test_bad_memory_loss_names_the_option(byte_llama, value, name):
+    with pytest.raises(MemcError, match=name):
+        _distilled(byte_llama, **{name: value})
+
+
+def test_attention_loss_lowers_the_attention_kl_to_the_teacher(byte_llama):
+    program, _ = _distilled(byte_llama, steps=20, lr=3e-2, attention_loss=1.0)
+    baseline, _ = _distilled(byte_llama, steps=20, lr=3e-2)
+    assert all("attention_kl" in p for p in program.log[-1].metrics["loss_curve"])
+    kl = lambda m: sum(e["attention_kl"] for e in m.log[-1].metrics["layer_error_after"].values())
+    assert kl(program) < 0.9 * kl(baseline)

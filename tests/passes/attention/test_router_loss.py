@@ -6,7 +6,7 @@ import torch
 
 from memc.nn.mc_parallel import slots
 from memc.nn.memory_caching import MemoryCachingAttention, MemoryCachingConfig
-from memc.passes.attention.router_loss import router_kl, teacher_slot_mass
+from memc.passes.attention.router_loss import attention_kl, memory_kl, router_kl, teacher_slot_mass
 
 
 def _layer(**cfg) -> tuple[MemoryCachingAttention, tuple[torch.Tensor, ...]]:
@@ -36,3 +36,71 @@ def test_kl_is_positive_and_has_router_gradients():
     kl.backward()
     assert kl > 0 and layer.router_b.weight.grad.abs().sum() > 0
     assert layer.phi_q.weight.grad is None  # the router loss trains only the router
+
+
+def _memory_kl_by_loops(layer: MemoryCachingAttention, q, k, x) -> torch.Tensor:
+    """memory_kl in plain torch, one query at a time, for the gated, uncapped layer of _layer (GQA 2:1)."""
+    w, c = layer.cfg.window, layer.cfg.segment
+    sl = slots(layer, q, k, x)
+    phq, phk = layer.phi_q(q), layer.phi_k(k)
+    num, den = torch.zeros(()), torch.zeros(())
+    for h in range(2):
+        for t in range(q.shape[2]):
+            mem = list(range(t - w + 1))
+            if not mem:
+                continue
+            s = torch.stack([q[0, h, t] @ k[0, 0, j] for j in range(t + 1)]) * layer.scale
+            p = torch.softmax(s, 0)[: len(mem)]
+            total = p.sum()
+            target = p / total
+            wt = torch.stack([torch.exp(sl.r[0, h, t, j // c])
+                              / (phq[0, h, t] @ phk[0, 0, (j // c) * c: min((j // c + 1) * c, len(mem))].sum(0))
+                              * (phq[0, h, t] @ phk[0, 0, j]) for j in mem])
+            kl = (target * (target.log() - (wt / wt.sum()).log())).sum()
+            num, den = num + kl * total, den + total
+    return num / den
+
+
+def test_memory_kl_matches_a_plain_reference_and_trains_router_and_feature_maps():
+    for router in ("mean_key", "phi_mass", "key_phi", "phi_window"):
+        layer, (q, k, x) = _layer(variant="gated", router=router)
+        with torch.no_grad():
+            for p in layer.parameters():
+                p.add_(0.3 * torch.randn_like(p))
+        kl = memory_kl(layer, q, k, x)
+        torch.testing.assert_close(kl, _memory_kl_by_loops(layer, q, k, x), rtol=1e-4, atol=1e-6)
+        kl.backward()
+        assert kl > 0
+        for name, p in layer.named_parameters():
+            if name == "router_bias":  # a shift of every slot's logit: the distribution over tokens ignores it
+                assert p.grad.abs().max() < 1e-5
+                continue
+            assert p.grad is not None and p.grad.abs().sum() > 0, (router, name)
+
+
+def test_attention_kl_matches_a_plain_reference_and_sets_the_memory_share():
+    """KL(exact softmax || the layer's pre-selection weights over window and memory tokens), one query at a time;
+    unlike memory_kl it depends on the router bias (the memory's share against the window)."""
+    w, c = 3, 2
+    for router in ("mean_key", "phi_window"):
+        layer, (q, k, x) = _layer(variant="gated", router=router)
+        with torch.no_grad():
+            for p in layer.parameters():
+                p.add_(0.3 * torch.randn_like(p))
+        sl = slots(layer, q, k, x)
+        phq, phk = layer.phi_q(q), layer.phi_k(k)
+        total, n = torch.zeros(()), 0
+        for h in range(2):
+            for t in range(w, q.shape[2]):
+                s = torch.stack([q[0, h, t] @ k[0, 0, j] for j in range(t + 1)]) * layer.scale
+                target = torch.softmax(s, 0)
+                mem = t - w + 1
+                wt = [torch.exp(sl.r[0, h, t, j // c])
+                      / (phq[0, h, t] @ phk[0, 0, (j // c) * c: min((j // c + 1) * c, mem)].sum(0))
+                      * (phq[0, h, t] @ phk[0, 0, j]) for j in range(mem)]
+                wt = torch.stack(wt + [torch.exp(s[j]) for j in range(mem, t + 1)])
+                total, n = total + (target * (target.log() - (wt / wt.sum()).log())).sum(), n + 1
+        kl = attention_kl(layer, q, k, x)
+        torch.testing.assert_close(kl, total / n, rtol=1e-4, atol=1e-6)
+        kl.backward()
+        assert layer.router_bias.grad.abs().sum() > 0 and layer.phi_k.weight.grad.abs().sum() > 0
