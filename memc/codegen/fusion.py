@@ -152,8 +152,8 @@ def _skip_norm_once(model: onnx.ModelProto) -> bool:
 
 def _shapes(model: onnx.ModelProto) -> dict[str, tuple[int, int]]:
     """(rank, static size of the last axis) of the values a node computes or the graph takes: the exporter's
-    value_info where a standard op made the value, and through MatMul weights, embedding Gathers, elementwise ops, norms,
-    rotary embeddings and GroupQueryAttention where it did not (contrib ops' recorded shapes are placeholders). Initializers are left out: the fused op
+    value_info where a standard op made the value, and through MatMul weights, MatMulNBits, embedding Gathers (plain and
+    block-quantized), elementwise ops, norms, rotary embeddings and GroupQueryAttention where it did not (contrib ops' recorded shapes are placeholders). Initializers are left out: the fused op
     does not take a broadcast skip."""
     graph = model.graph
     recorded: dict[str, tuple[int, int | None]] = {}
@@ -163,6 +163,7 @@ def _shapes(model: onnx.ModelProto) -> dict[str, tuple[int, int]]:
             last = t.shape.dim[-1]
             recorded[v.name] = (len(t.shape.dim), int(last.dim_value) if last.HasField("dim_value") else None)
     inits = {t.name: t for t in graph.initializer}
+    producer = {o: n for n in graph.node for o in n.output}
     shapes = {i.name: recorded[i.name] for i in graph.input if i.name in recorded}
     for n in graph.node:  # topological order: a node's inputs are sized before its outputs
         out = n.output[0] if n.output else ""
@@ -178,6 +179,10 @@ def _shapes(model: onnx.ModelProto) -> dict[str, tuple[int, int]]:
         elif n.op_type in ("RMSNormalization", "RotaryEmbedding", "Relu", "Sigmoid", "Cast") and n.input \
                 and n.input[0] in shapes:  # the input's shape
             shape = shapes[n.input[0]]
+        elif n.op_type == "MatMulNBits" and n.input[0] in shapes and _attr(n, "N", 0):
+            shape = (shapes[n.input[0]][0], int(_attr(n, "N", 0)))
+        elif n.op_type == "GatherBlockQuantized" and n.input[1] in shapes and _gathered_width(n, inits, producer):
+            shape = (shapes[n.input[1]][0] + 1, _gathered_width(n, inits, producer))
         elif n.op_type == "GroupQueryAttention" and len(n.input) > 2 and n.input[1] and n.input[0] in shapes:
             shape = shapes[n.input[0]]  # [batch, seq, heads * head_dim], the query's (unpacked)
         elif n.op_type == "SkipSimplifiedLayerNormalization" and n.input[0] in shapes:
@@ -190,6 +195,25 @@ def _shapes(model: onnx.ModelProto) -> dict[str, tuple[int, int]]:
         if shape is not None and out:
             shapes[out] = shape
     return shapes
+
+
+def _gathered_width(node: onnx.NodeProto, inits: dict, producer: dict) -> int | None:
+    """The row width a quantized embedding lookup (GatherBlockQuantized over axis 0, blocks along axis 1) returns:
+    the packed row's bytes * 8 / bits, the data being an initializer or a Reshape of one to a constant shape."""
+    if _attr(node, "gather_axis", 0) != 0 or _attr(node, "quantize_axis", 1) != 1:
+        return None
+    data = node.input[0]
+    if data in inits and len(inits[data].dims) == 2:
+        cols = int(inits[data].dims[1])
+    else:
+        reshape = producer.get(data)
+        if reshape is None or reshape.op_type != "Reshape" or reshape.input[1] not in inits:
+            return None
+        target = numpy_helper.to_array(inits[reshape.input[1]])
+        if target.shape != (2,) or target[1] <= 0:
+            return None
+        cols = int(target[1])
+    return cols * 8 // int(_attr(node, "bits", 4))
 
 
 def _drop_unused_initializers(graph: onnx.GraphProto) -> None:

@@ -2,6 +2,8 @@
 (exact-check mode, 1e-4), predicted bytes == the bytes of the weight initializers on disk, tied weights once."""
 from __future__ import annotations
 
+import copy
+
 import onnx
 import pytest
 import torch
@@ -116,3 +118,21 @@ def test_no_format_is_a_clear_error(tiny_llama_program):
         Quantize(QuantizeOptions()).run(tiny_llama_program, PassContext())
     with pytest.raises(ValueError, match="unknown format"):
         QuantizeOptions(format="int4g128").validate()
+
+
+def test_quantized_graph_gets_the_fp32_graphs_fusions(tiny_llama_program, tmp_path):
+    """MatMulNBits / GatherBlockQuantized outputs are sized for the fusion rules: the quantized artifact has the fp32
+    artifact's skip norms and 3-D rotary (no head Transposes left), not the unfused Add + RMSNormalization pairs."""
+    target = OnnxRuntimeTarget(TargetConfig())
+    for d in ("fp32", "q"):
+        (tmp_path / d).mkdir()
+    target.build(tiny_llama_program, tmp_path / "fp32")
+    plan = {w.name: "int4-g16" for w in find_weights(tiny_llama_program)[0]}
+    p = tiny_llama_program.replace(module=copy.deepcopy(tiny_llama_program.module),
+                                   annotations={**tiny_llama_program.annotations, PLAN: plan})
+    program = Quantize(QuantizeOptions()).run(p, PassContext()).program
+    OnnxRuntimeTarget(TargetConfig()).build(program, tmp_path / "q")  # a target caches its program's export
+    fp32, quant = ([n.op_type for n in onnx.load(str(tmp_path / d / "model.onnx")).graph.node] for d in ("fp32", "q"))
+    assert fp32.count("SkipSimplifiedLayerNormalization") > 0 and quant.count("MatMulNBits") == 15
+    for op in ("SkipSimplifiedLayerNormalization", "RMSNormalization", "RotaryEmbedding", "Transpose"):
+        assert quant.count(op) == fp32.count(op), op
