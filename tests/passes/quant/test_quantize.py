@@ -136,3 +136,15 @@ def test_quantized_graph_gets_the_fp32_graphs_fusions(tiny_llama_program, tmp_pa
     assert fp32.count("SkipSimplifiedLayerNormalization") > 0 and quant.count("MatMulNBits") == 15
     for op in ("SkipSimplifiedLayerNormalization", "RMSNormalization", "RotaryEmbedding", "Transpose"):
         assert quant.count(op) == fp32.count(op), op
+
+
+def test_accuracy_level_per_format(tiny_llama_program):
+    """accuracy_level -1: each QuantLinear gets the level memc.quant.speed measured fastest for its format."""
+    p = tiny_llama_program
+    p.annotations[PLAN] = {**MIXED, "model.layers.1.mlp.down_proj.weight": "int2-g128"}
+    program = Quantize(QuantizeOptions(accuracy_level=-1)).run(p, PassContext()).program
+    levels = {m.qweight.fmt.name: m.accuracy_level for m in program.module.modules() if isinstance(m, QuantLinear)}
+    assert levels == {"int2-g16": 4, "int8-g32-sym": 4, "int4-g32-s32": 4, "int4-g64-sym": 4, "int2-g128": 0,
+                      "int4-g16": 4}
+    with pytest.raises(ValueError, match="accuracy_level"):
+        QuantizeOptions(accuracy_level=5).validate()
