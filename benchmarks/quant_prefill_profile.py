@@ -41,6 +41,23 @@ def _by_op(path: Path, feeds: dict, runs: int, prefix: str) -> tuple[dict[str, f
     return dict(ops), dict(nodes)
 
 
+def _per_format_levels(src: Path, dst: Path) -> Path:
+    """A copy whose MatMulNBits nodes take the level memc.quant.speed measured fastest for their format (what
+    ``quantize.accuracy_level = -1`` lowers to)."""
+    import onnx
+
+    from memc.quant.formats import Format
+    from memc.quant.speed import measured_level
+
+    model = onnx.load(str(src))
+    for n in model.graph.node:
+        if n.op_type == "MatMulNBits":
+            a = {x.name: x for x in n.attribute}
+            a["accuracy_level"].i = measured_level(Format("", a["bits"].i, a["block_size"].i))
+    onnx.save(model, str(dst))
+    return dst
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="models/ref-llama")
@@ -73,7 +90,8 @@ def main() -> None:
         target.build(res.program, q)
         worst = max(target.verify(res.program, q, [tuple(torch.from_numpy(v) for v in feeds.values())]).worst.values())
         cases = {"fp32": fp / MODEL_FILE, "quantized, accuracy level 0": q / MODEL_FILE,
-                 "quantized, accuracy level 4": _with_accuracy_level(q / MODEL_FILE, q / "model-acc4.onnx", 4)}
+                 "quantized, accuracy level 4": _with_accuracy_level(q / MODEL_FILE, q / "model-acc4.onnx", 4),
+                 "quantized, level per format": _per_format_levels(q / MODEL_FILE, q / "model-auto.onnx")}
         sessions = {k: ort_session(v) for k, v in cases.items()}
         times: dict[str, list[float]] = {k: [] for k in cases}
         for name, s in sessions.items():

@@ -169,10 +169,13 @@ def _register_schema() -> None:
         GQA, MSFT, 1,
         inputs=[fp("query", "T"), fp("key", "T", param_option=opt.Optional), fp("value", "T", param_option=opt.Optional),
                 fp("past_key", "T", param_option=opt.Optional), fp("past_value", "T", param_option=opt.Optional),
-                fp("seqlens_k", "M"), fp("total_sequence_length", "M")],
+                fp("seqlens_k", "M"), fp("total_sequence_length", "M"),
+                fp("cos_cache", "T", param_option=opt.Optional), fp("sin_cache", "T", param_option=opt.Optional)],
         outputs=[fp("output", "T"), fp("present_key", "T"), fp("present_value", "T")],
         type_constraints=[("T", ["tensor(float)", "tensor(float16)"], ""), ("M", ["tensor(int32)"], "")],
-        attributes=[attr("num_heads", ints, ""), attr("kv_num_heads", ints, ""), attr("scale", floats, "")],
+        attributes=[attr("num_heads", ints, ""), attr("kv_num_heads", ints, ""), attr("scale", floats, ""),
+                    attr("do_rotary", ints, "", required=False),
+                    attr("rotary_interleaved", ints, "", required=False)],
     )
     onnx.defs.register_schema(schema)
 

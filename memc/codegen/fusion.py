@@ -13,6 +13,16 @@ ONNX graph (no onnxruntime needed to apply them):
   sum for the residual stream. onnxruntime 1.32 fuses this pattern only for its own SimplifiedLayerNormalization,
   not for opset-23 RMSNormalization (its optimized graph keeps the Add).
 
+* **packed QKV attention**: a GroupQueryAttention without a past (model.onnx) whose query and key are
+  ``RotaryEmbedding`` of two outputs of one Split and whose value is the third (the packed q / k / v MatMul) reads
+  the packed projection directly (key / value omitted) and applies the rotary itself (``do_rotary``), with cos / sin
+  caches [seq, rotary_dim / 2] computed in the graph from the positions 0..seq-1 — the graph's own ``Range`` — so
+  no context cap. Applies only where the rotary's cos / sin provably come from those positions (Range(0, n, 1)
+  through Unsqueeze / Expand / Cast / Reshape, times a 1-D frequency initializer): GroupQueryAttention rotates a
+  prompt's token i at position i. Graphs with a past (decode steps) keep the Split: their positions start at the
+  past length and a cos / sin cache would have to cover the whole context. onnxruntime 1.32's rotary inside
+  GroupQueryAttention needs head_size % 16 == 0 (checked).
+
 The rules keep every graph output and the nodes' topological order; unused initializers are dropped.
 """
 from __future__ import annotations
@@ -152,8 +162,8 @@ def _skip_norm_once(model: onnx.ModelProto) -> bool:
 
 def _shapes(model: onnx.ModelProto) -> dict[str, tuple[int, int]]:
     """(rank, static size of the last axis) of the values a node computes or the graph takes: the exporter's
-    value_info where a standard op made the value, and through MatMul weights, embedding Gathers, elementwise ops, norms,
-    rotary embeddings and GroupQueryAttention where it did not (contrib ops' recorded shapes are placeholders). Initializers are left out: the fused op
+    value_info where a standard op made the value, and through MatMul weights, MatMulNBits, embedding Gathers (plain and
+    block-quantized), elementwise ops, norms, rotary embeddings and GroupQueryAttention where it did not (contrib ops' recorded shapes are placeholders). Initializers are left out: the fused op
     does not take a broadcast skip."""
     graph = model.graph
     recorded: dict[str, tuple[int, int | None]] = {}
@@ -163,6 +173,7 @@ def _shapes(model: onnx.ModelProto) -> dict[str, tuple[int, int]]:
             last = t.shape.dim[-1]
             recorded[v.name] = (len(t.shape.dim), int(last.dim_value) if last.HasField("dim_value") else None)
     inits = {t.name: t for t in graph.initializer}
+    producer = {o: n for n in graph.node for o in n.output}
     shapes = {i.name: recorded[i.name] for i in graph.input if i.name in recorded}
     for n in graph.node:  # topological order: a node's inputs are sized before its outputs
         out = n.output[0] if n.output else ""
@@ -178,6 +189,10 @@ def _shapes(model: onnx.ModelProto) -> dict[str, tuple[int, int]]:
         elif n.op_type in ("RMSNormalization", "RotaryEmbedding", "Relu", "Sigmoid", "Cast") and n.input \
                 and n.input[0] in shapes:  # the input's shape
             shape = shapes[n.input[0]]
+        elif n.op_type == "MatMulNBits" and n.input[0] in shapes and _attr(n, "N", 0):
+            shape = (shapes[n.input[0]][0], int(_attr(n, "N", 0)))
+        elif n.op_type == "GatherBlockQuantized" and n.input[1] in shapes and _gathered_width(n, inits, producer):
+            shape = (shapes[n.input[1]][0] + 1, _gathered_width(n, inits, producer))
         elif n.op_type == "GroupQueryAttention" and len(n.input) > 2 and n.input[1] and n.input[0] in shapes:
             shape = shapes[n.input[0]]  # [batch, seq, heads * head_dim], the query's (unpacked)
         elif n.op_type == "SkipSimplifiedLayerNormalization" and n.input[0] in shapes:
@@ -190,6 +205,144 @@ def _shapes(model: onnx.ModelProto) -> dict[str, tuple[int, int]]:
         if shape is not None and out:
             shapes[out] = shape
     return shapes
+
+
+def _gathered_width(node: onnx.NodeProto, inits: dict, producer: dict) -> int | None:
+    """The row width a quantized embedding lookup (GatherBlockQuantized over axis 0, blocks along axis 1) returns:
+    the packed row's bytes * 8 / bits, the data being an initializer or a Reshape of one to a constant shape."""
+    if _attr(node, "gather_axis", 0) != 0 or _attr(node, "quantize_axis", 1) != 1:
+        return None
+    data = node.input[0]
+    if data in inits and len(inits[data].dims) == 2:
+        cols = int(inits[data].dims[1])
+    else:
+        reshape = producer.get(data)
+        if reshape is None or reshape.op_type != "Reshape" or reshape.input[1] not in inits:
+            return None
+        target = numpy_helper.to_array(inits[reshape.input[1]])
+        if target.shape != (2,) or target[1] <= 0:
+            return None
+        cols = int(target[1])
+    return cols * 8 // int(_attr(node, "bits", 4))
+
+
+_POSITION_OPS = ("Unsqueeze", "Expand", "Cast", "Reshape")
+
+
+def _const(idx: _Index, producer: dict, name: str):
+    if name in idx.inits:
+        return numpy_helper.to_array(idx.inits[name])
+    node = producer.get(name)
+    if node is not None and node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+        return numpy_helper.to_array(node.attribute[0].t)
+    return None
+
+
+def _positions(idx: _Index, producer: dict, trig: str, op: str) -> tuple[str, str] | None:
+    """(Range output, frequency initializer) when ``trig`` = op(positions * freq) with positions 0..n-1 per row."""
+    node = producer.get(trig)
+    if node is None or node.op_type != op or node.domain not in ("", "ai.onnx"):
+        return None
+    mul = producer.get(node.input[0])
+    if mul is None or mul.op_type != "Mul" or len(mul.input) != 2:
+        return None
+    for pos, freq in (mul.input, mul.input[::-1]):
+        f = idx.inits.get(freq)
+        if f is None or len(f.dims) != 1 or f.data_type != onnx.TensorProto.FLOAT:
+            continue
+        src = producer.get(pos)
+        while src is not None and src.op_type in _POSITION_OPS and src.domain in ("", "ai.onnx"):
+            src = producer.get(src.input[0])
+        if src is None or src.op_type != "Range":
+            continue
+        start, delta = _const(idx, producer, src.input[0]), _const(idx, producer, src.input[2])
+        if start is not None and delta is not None and start.size == 1 and delta.size == 1 and \
+                float(start.reshape(())) == 0 and float(delta.reshape(())) == 1:
+            return src.output[0], freq
+    return None
+
+
+def _packed_gqa_once(model: onnx.ModelProto, caches: dict) -> bool:
+    graph = model.graph
+    idx = _Index(graph)
+    producer = {o: n for n in graph.node for o in n.output}
+    for gqa in graph.node:
+        if gqa.op_type != "GroupQueryAttention" or gqa.domain != MSFT or len(gqa.input) != 7 or \
+                any(gqa.input[3:5]) or not all(gqa.input[:3]) or _attr(gqa, "do_rotary", 0):
+            continue
+        rq, rk = producer.get(gqa.input[0]), producer.get(gqa.input[1])
+        if rq is None or rk is None or any(r.op_type != "RotaryEmbedding" or r.domain not in ("", "ai.onnx") or
+                                           len([i for i in r.input if i]) != 3 or _attr(r, "rotary_embedding_dim", 0)
+                                           for r in (rq, rk)):
+            continue
+        interleaved = _attr(rq, "interleaved", 0)
+        if _attr(rk, "interleaved", 0) != interleaved or \
+                (_attr(rq, "num_heads", 0), _attr(rk, "num_heads", 0)) != (_attr(gqa, "num_heads", 0), _attr(gqa, "kv_num_heads", 0)):
+            continue
+        split = producer.get(rq.input[0])
+        if split is None or split.op_type != "Split" or list(split.output) != [rq.input[0], rk.input[0], gqa.input[2]] \
+                or _attr(split, "axis", 0) not in (-1, 2) or split.input[0] in idx.inits:
+            continue
+        if any(len(idx.users.get(o, [])) != 1 or o in idx.outputs for o in split.output) or \
+                any(o in idx.outputs or len(idx.users.get(o, [])) != 1 for o in (rq.output[0], rk.output[0])):
+            continue
+        sizes = _const(idx, producer, split.input[1]) if len(split.input) > 1 else None
+        hq, hkv = _attr(gqa, "num_heads", 0), _attr(gqa, "kv_num_heads", 0)
+        d = int(sizes[0]) // hq if sizes is not None and sizes.shape == (3,) and hq and hkv else 0
+        if not d or d % 16 or list(sizes) != [hq * d, hkv * d, hkv * d]:  # its rotary kernel: head_size % 16 == 0
+            continue
+        trig = [_positions(idx, producer, r.input[k], op) for r in (rq, rk) for k, op in ((1, "Cos"), (2, "Sin"))]
+        if any(t is None for t in trig) or len(set(trig)) != 1:
+            continue
+        positions, freq = trig[0]
+        if (positions, freq) not in caches:
+            base = _unique(graph, positions + "_rotary")
+            axes = numpy_helper.from_array(np.array([1], np.int64), base + "_axes")
+            graph.initializer.append(axes)
+            made = [helper.make_node("Unsqueeze", [positions, axes.name], [base + "_col"], name=base + "_col"),
+                    helper.make_node("Cast", [base + "_col"], [base + "_f"], to=onnx.TensorProto.FLOAT, name=base + "_f"),
+                    helper.make_node("Mul", [base + "_f", freq], [base + "_angles"], name=base + "_angles"),
+                    helper.make_node("Cos", [base + "_angles"], [base + "_cos"], name=base + "_cos"),
+                    helper.make_node("Sin", [base + "_angles"], [base + "_sin"], name=base + "_sin")]
+            at = list(graph.node).index(producer[positions]) + 1
+            for k, n in enumerate(made):
+                graph.node.insert(at + k, n)
+            caches[(positions, freq)] = (base + "_cos", base + "_sin")
+        cos, sin = caches[(positions, freq)]
+        attrs = {a.name: helper.get_attribute_value(a) for a in gqa.attribute}
+        attrs.update(do_rotary=1, rotary_interleaved=int(interleaved))
+        fused = helper.make_node("GroupQueryAttention", [split.input[0], "", "", "", "", gqa.input[5], gqa.input[6], cos, sin],
+                                 list(gqa.output), domain=MSFT, name=(gqa.name or "gqa") + "_packed", **attrs)
+        at = list(graph.node).index(gqa)
+        graph.node.insert(at, fused)
+        for n in (gqa, rq, rk, split):
+            graph.node.remove(n)
+        return True
+    return False
+
+
+def _drop_dead_nodes(graph: onnx.GraphProto) -> None:
+    """Nodes none of whose outputs is read (the Cos / Sin the packed rule left without users)."""
+    while True:
+        used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+        for n in graph.node:
+            used |= {i for sub in _subgraph_nodes(n) for i in sub.input}
+        dead = [n for n in graph.node if not any(o in used for o in n.output if o)]
+        if not dead:
+            return
+        for n in dead:
+            graph.node.remove(n)
+
+
+def pack_gqa_inputs(model: onnx.ModelProto) -> int:
+    """Apply the packed-QKV-attention rule to a fixpoint; returns how many attention nodes read a packed input."""
+    count, caches = 0, {}
+    while _packed_gqa_once(model, caches):
+        count += 1
+    if count:
+        _drop_dead_nodes(model.graph)
+        _drop_unused_initializers(model.graph)
+    return count
 
 
 def _drop_unused_initializers(graph: onnx.GraphProto) -> None:
@@ -222,7 +375,8 @@ def fuse_skip_rms_norm(model: onnx.ModelProto) -> int:
 
 
 def fuse_for_onnxruntime(model: onnx.ModelProto) -> dict[str, int]:
-    """Both rules (the norms first: they read value shapes that packing would route through Splits); returns what
-    each did."""
+    """The rules (the norms first: they read value shapes that packing would route through Splits; the packed
+    attention last: it reads the packing's Splits); returns what each did."""
     norms = fuse_skip_rms_norm(model)
-    return {"packed_matmuls": pack_matmuls(model), "skip_rms_norms": norms}
+    packed = pack_matmuls(model)
+    return {"packed_matmuls": packed, "skip_rms_norms": norms, "packed_attention": pack_gqa_inputs(model)}

@@ -11,7 +11,8 @@ matmul. Rules (to a fixpoint; a value that is a graph output is never removed):
   -> one 3-D RotaryEmbedding (``num_heads`` = H) on the [B, S, H*D] input (opset 23).
 
 Shapes come from the exporter's value_info; values made by contrib ops are not trusted (their inferred shapes
-are placeholders), except GroupQueryAttention's output, which has its query's shape.
+are placeholders), except GroupQueryAttention's output, which has its query's shape, and MatMulNBits' output
+([..., N] from its input and N attribute: the rotary rule then applies to quantized projections too).
 """
 from __future__ import annotations
 
@@ -49,6 +50,10 @@ class _Graph:
         if node is not None and node.domain == MSFT:
             if node.op_type == "GroupQueryAttention" and name == node.output[0]:
                 return self.shape(node.input[0])
+            if node.op_type == "MatMulNBits":  # [..., K] x [K, N] -> [..., N]
+                a = self.shape(node.input[0])
+                n = next((x.i for x in node.attribute if x.name == "N"), 0)
+                return a[:-1] + (int(n),) if a is not None and n else None
             return None
         s = self.shapes.get(name)
         if s is None or not s or any(d is None or d == "" or d == 0 for d in s):  # 0: a literal shape, not real

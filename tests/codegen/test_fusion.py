@@ -9,7 +9,7 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from memc.codegen.fusion import fuse_for_onnxruntime, fuse_skip_rms_norm, pack_matmuls
+from memc.codegen.fusion import fuse_for_onnxruntime, fuse_skip_rms_norm, pack_gqa_inputs, pack_matmuls
 
 H = 16
 
@@ -144,7 +144,70 @@ def test_both_rules_on_a_layer():
              numpy_helper.from_array(np.ones(H, np.float32), "scale")]
     before = _model(nodes, [_vi("x", ["b", "s", H]), _vi("y", ["b", "s", H])], [_vi("out", ["b", "s", H])], inits)
     after = copy.deepcopy(before)
-    assert fuse_for_onnxruntime(after) == {"packed_matmuls": 1, "skip_rms_norms": 1}
+    assert fuse_for_onnxruntime(after) == {"packed_matmuls": 1, "skip_rms_norms": 1, "packed_attention": 0}
     assert _ops(after) == ["SkipSimplifiedLayerNormalization", "MatMul", "Split", "Mul", "MatMul", "Add"]
     feeds = {"x": _x(1, 5, H, seed=3), "y": _x(1, 5, H, seed=4)}
     np.testing.assert_allclose(_run(after, feeds)[0], _run(before, feeds)[0], rtol=1e-5, atol=1e-5)
+
+
+# -- packed QKV attention ---------------------------------------------------------------------------------------------
+def _attention_layer(start: float = 0.0, past: bool = False):
+    """x [1, s, 16] -> packed q|k|v MatMul -> Split -> rotary q (2 heads) / k (1 head) from positions Range(start, s, 1)
+    -> GroupQueryAttention (head 16), as memc lowers a prefill layer."""
+    from memc.codegen.attention import _register_schema
+
+    _register_schema()
+    d, hq, hkv = 16, 2, 1
+    consts = [numpy_helper.from_array(np.array(v, dt), n) for n, v, dt in
+              [("start", start, np.float32), ("one", 1.0, np.float32), ("ax", [0, 2], np.int64),
+               ("sizes", [hq * d, hkv * d, hkv * d], np.int64)]]
+    freq = numpy_helper.from_array((1.0 / 10000 ** (np.arange(d // 2) / (d // 2))).astype(np.float32), "freq")
+    nodes = [
+        helper.make_node("Shape", ["x"], ["xs"], start=1, end=2),
+        helper.make_node("Cast", ["xs"], ["xsf"], to=TensorProto.FLOAT),
+        helper.make_node("Squeeze", ["xsf"], ["n"]),
+        helper.make_node("Add", ["n", "start"], ["limit"]),
+        helper.make_node("Range", ["start", "limit", "one"], ["pos"]),
+        helper.make_node("Unsqueeze", ["pos", "ax"], ["pos3"]),
+        helper.make_node("Mul", ["pos3", "freq"], ["angles"]),
+        helper.make_node("Cos", ["angles"], ["cos"]), helper.make_node("Sin", ["angles"], ["sin"]),
+        helper.make_node("MatMul", ["x", "w"], ["qkv"]),
+        helper.make_node("Split", ["qkv", "sizes"], ["q", "k", "v"], axis=-1),
+        helper.make_node("RotaryEmbedding", ["q", "cos", "sin"], ["rq"], num_heads=hq),
+        helper.make_node("RotaryEmbedding", ["k", "cos", "sin"], ["rk"], num_heads=hkv),
+        helper.make_node("Shape", ["x"], ["s64"], start=1, end=2),
+        helper.make_node("Cast", ["s64"], ["total1"], to=TensorProto.INT32),
+        helper.make_node("Squeeze", ["total1"], ["total"]),
+        helper.make_node("Sub", ["total1", "one_i"], ["seqlens"]),
+        helper.make_node("GroupQueryAttention", ["rq", "rk", "v", "pk" if past else "", "pv" if past else "", "seqlens",
+                                                 "total"], ["y", "present_k", "present_v"], domain=MSFT_DOMAIN,
+                         num_heads=hq, kv_num_heads=hkv, scale=d ** -0.5),
+    ]
+    one_i = numpy_helper.from_array(np.array([1], np.int32), "one_i")
+    inputs = [_vi("x", [1, "s", H])]
+    if past:
+        inputs += [_vi("pk", [1, hkv, "p", d]), _vi("pv", [1, hkv, "p", d])]
+    graph = helper.make_graph(nodes, "g", inputs, [_vi("y", [1, "s", hq * d])],
+                              initializer=[*consts, freq, one_i, _w("w", H, (hq + 2 * hkv) * d, 5)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23), helper.make_opsetid(MSFT_DOMAIN, 1)])
+
+
+MSFT_DOMAIN = "com.microsoft"
+
+
+def test_packed_attention_expected_graph():
+    before = _attention_layer()
+    after = copy.deepcopy(before)
+    assert pack_gqa_inputs(after) == 1
+    gqa = next(n for n in after.graph.node if n.op_type == "GroupQueryAttention")
+    assert gqa.input[0] == "qkv" and list(gqa.input[1:5]) == [""] * 4 and len(gqa.input) == 9
+    assert {a.name: a.i for a in gqa.attribute if a.name in ("do_rotary", "rotary_interleaved")} == \
+        {"do_rotary": 1, "rotary_interleaved": 0}
+    assert "Split" not in _ops(after) and "RotaryEmbedding" not in _ops(after)
+    x = _x(1, 11, H)
+    np.testing.assert_allclose(_run(after, {"x": x})[0], _run(before, {"x": x})[0], atol=1e-5)
+
+
+def test_packed_attention_needs_positions_from_zero_and_no_past():
+    for model in (_attention_layer(start=3.0), _attention_layer(past=True)):
+        assert pack_gqa_inputs(model) == 0 and "Split" in _ops(model)

@@ -7,6 +7,7 @@ from memc.nn.quant_linear import QuantEmbedding, QuantizedWeight, QuantLinear
 from memc.program import Program
 from memc.quant.rtn import QuantTensor
 from memc.quant.sites import WeightTensor
+from memc.quant.speed import level_for
 
 QUANT_ATTR = "quant"  # the new module lives at <original module path>.quant
 
@@ -28,7 +29,8 @@ def _install(gm: torch.fx.GraphModule, path: str, module: torch.nn.Module) -> st
 def apply_quantization(
     program: Program, weights: list[WeightTensor], quantized: dict[str, QuantTensor], accuracy_level: int = 0
 ) -> int:
-    """Replace every use of each tensor in ``quantized``; returns the stored bytes of the quantized tensors."""
+    """Replace every use of each tensor in ``quantized``; returns the stored bytes of the quantized tensors.
+    ``accuracy_level`` -1 picks the MatMulNBits level measured fastest for each tensor's format (memc.quant.speed)."""
     gm = program.module
     nodes = {n.name: n for n in gm.graph.nodes}
     total = 0
@@ -42,7 +44,7 @@ def apply_quantization(
             node = nodes[use.node]
             if use.kind == "linear":
                 x, _w, *rest = node.args
-                target = _install(gm, use.module, QuantLinear(qw, accuracy_level=accuracy_level))
+                target = _install(gm, use.module, QuantLinear(qw, accuracy_level=level_for(q.fmt, accuracy_level)))
                 with gm.graph.inserting_before(node):
                     new = gm.graph.call_module(target, (x,))
                     new.meta = dict(node.meta)

@@ -33,7 +33,8 @@ class QuantizeOptions:
     block_size: int = option(128, "gptq: columns per lazy-update block")
     accuracy_level: int = option(
         0, "onnxruntime MatMulNBits compute: 0 float32 (the artifact matches the torch program to 1e-4); 4 int8 "
-        "activations (much faster for 2- and 8-bit; then raise target.atol, the artifact no longer matches exactly)"
+        "activations (faster for 4- and 8-bit; then raise target.atol, the artifact no longer matches exactly); -1 "
+        "the level measured fastest for each tensor's format (memc.quant.speed; also needs a larger target.atol)"
     )
     keep: list[str] = option(factory=list, doc="tensor names (or name fragments) that stay unquantized")
     distill_steps: int = option(
@@ -56,8 +57,8 @@ class QuantizeOptions:
                 parse_format(self.format, "format")
             except ConfigError as exc:  # from_dict prefixes the pipeline entry's key path
                 raise ValueError(str(exc)) from None
-        if self.accuracy_level not in (0, 1, 2, 3, 4):
-            raise ValueError(f"accuracy_level must be 0..4, got {self.accuracy_level}")
+        if self.accuracy_level not in (-1, 0, 1, 2, 3, 4):
+            raise ValueError(f"accuracy_level must be 0..4 or -1 (per format, measured), got {self.accuracy_level}")
         if self.damp <= 0 or self.block_size < 1:
             raise ValueError("damp must be > 0 and block_size >= 1")
         for name in ("distill_steps", "distill_windows"):

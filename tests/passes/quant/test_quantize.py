@@ -2,6 +2,8 @@
 (exact-check mode, 1e-4), predicted bytes == the bytes of the weight initializers on disk, tied weights once."""
 from __future__ import annotations
 
+import copy
+
 import onnx
 import pytest
 import torch
@@ -119,3 +121,33 @@ def test_no_format_is_a_clear_error(tiny_llama_program):
         Quantize(QuantizeOptions()).run(tiny_llama_program, PassContext())
     with pytest.raises(ValueError, match="unknown format"):
         QuantizeOptions(format="int4g128").validate()
+
+
+def test_quantized_graph_gets_the_fp32_graphs_fusions(tiny_llama_program, tmp_path):
+    """MatMulNBits / GatherBlockQuantized outputs are sized for the fusion rules: the quantized artifact has the fp32
+    artifact's skip norms and 3-D rotary (no head Transposes left), not the unfused Add + RMSNormalization pairs."""
+    target = OnnxRuntimeTarget(TargetConfig())
+    for d in ("fp32", "q"):
+        (tmp_path / d).mkdir()
+    target.build(tiny_llama_program, tmp_path / "fp32")
+    plan = {w.name: "int4-g16" for w in find_weights(tiny_llama_program)[0]}
+    p = tiny_llama_program.replace(module=copy.deepcopy(tiny_llama_program.module),
+                                   annotations={**tiny_llama_program.annotations, PLAN: plan})
+    program = Quantize(QuantizeOptions()).run(p, PassContext()).program
+    OnnxRuntimeTarget(TargetConfig()).build(program, tmp_path / "q")  # a target caches its program's export
+    fp32, quant = ([n.op_type for n in onnx.load(str(tmp_path / d / "model.onnx")).graph.node] for d in ("fp32", "q"))
+    assert fp32.count("SkipSimplifiedLayerNormalization") > 0 and quant.count("MatMulNBits") == 15
+    for op in ("SkipSimplifiedLayerNormalization", "RMSNormalization", "RotaryEmbedding", "Transpose"):
+        assert quant.count(op) == fp32.count(op), op
+
+
+def test_accuracy_level_per_format(tiny_llama_program):
+    """accuracy_level -1: each QuantLinear gets the level memc.quant.speed measured fastest for its format."""
+    p = tiny_llama_program
+    p.annotations[PLAN] = {**MIXED, "model.layers.1.mlp.down_proj.weight": "int2-g128"}
+    program = Quantize(QuantizeOptions(accuracy_level=-1)).run(p, PassContext()).program
+    levels = {m.qweight.fmt.name: m.accuracy_level for m in program.module.modules() if isinstance(m, QuantLinear)}
+    assert levels == {"int2-g16": 4, "int8-g32-sym": 4, "int4-g32-s32": 4, "int4-g64-sym": 4, "int2-g128": 0,
+                      "int4-g16": 4}
+    with pytest.raises(ValueError, match="accuracy_level"):
+        QuantizeOptions(accuracy_level=5).validate()
