@@ -16,6 +16,23 @@ from memc.nn.mc_parallel import grouped_matmul, slots
 from memc.nn.memory_caching import MemoryCachingAttention
 
 
+def _kl_rows(target: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
+    """KL(target || q) per row over the last dim, with 0 log 0 = 0."""
+    terms = torch.where(target > 0, target * (torch.log(target.clamp_min(1e-30)) - logq), torch.zeros_like(logq))
+    return terms.sum(-1)
+
+
+def _memory_token_weights(layer: MemoryCachingAttention, sl, m: torch.Tensor) -> torch.Tensor:
+    """The layer's weight on each memory token before sparse selection, scaled by ``e^-m``:
+    ``e^{r_t,slot(j) - m} / (phi_q . z_slot) * phi_q . phi_k_j`` as [B, Hq, T, T], zero off memory."""
+    r = sl.r.float()
+    live = torch.isfinite(r)
+    a = torch.where(live, torch.exp(r - m) / torch.where(live, sl.den.float() + layer.cfg.eps, 1.0), 0.0)
+    if sl.rep is not None:
+        a = torch.gather(a, -1, sl.rep.expand_as(a))
+    return torch.matmul(a, sl.onehot.float().transpose(0, 1)) * sl.pm.float()
+
+
 def teacher_slot_mass(layer: MemoryCachingAttention, q: torch.Tensor, k: torch.Tensor, sl) -> torch.Tensor:
     """The exact causal softmax's probability on memory tokens, summed per slot the layer reads: [B, Hq, T, N]."""
     t = q.shape[2]
@@ -39,8 +56,7 @@ def router_kl(layer: MemoryCachingAttention, q: torch.Tensor, k: torch.Tensor, x
     live = total > 0  # query positions with memory and teacher mass on it
     r = torch.where(live.unsqueeze(-1), sl.r.float(), torch.zeros_like(sl.r, dtype=torch.float32))
     logp = torch.log_softmax(r, dim=-1)
-    terms = torch.where(target > 0, target * (torch.log(target.clamp_min(1e-30)) - logp), torch.zeros_like(logp))
-    kl = terms.sum(-1)
+    kl = _kl_rows(target, logp)
     return (kl * total).sum() / total.sum().clamp_min(1e-30)
 
 
@@ -62,17 +78,11 @@ def memory_kl(layer: MemoryCachingAttention, q: torch.Tensor, k: torch.Tensor, x
         p = torch.softmax(s.float(), dim=-1) * mem
         total = p.sum(-1)
         target = p / total.clamp_min(1e-30).unsqueeze(-1)
-    r = sl.r.float()
-    top = r.amax(-1, keepdim=True).detach()
+    top = sl.r.float().amax(-1, keepdim=True).detach()
     top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
-    live = torch.isfinite(r)
-    a = torch.where(live, torch.exp(r - top) / torch.where(live, sl.den.float() + layer.cfg.eps, 1.0), 0.0)
-    if sl.rep is not None:
-        a = torch.gather(a, -1, sl.rep.expand_as(a))
-    w = torch.matmul(a, sl.onehot.float().transpose(0, 1)) * sl.pm.float()  # [B, Hq, T, T], zero off memory
+    w = _memory_token_weights(layer, sl, top)
     logq = torch.log(w.clamp_min(1e-30)) - torch.log(w.sum(-1, keepdim=True).clamp_min(1e-30))
-    terms = torch.where(target > 0, target * (torch.log(target.clamp_min(1e-30)) - logq), torch.zeros_like(logq))
-    kl = terms.sum(-1)
+    kl = _kl_rows(target, logq)
     return (kl * total).sum() / total.sum().clamp_min(1e-30)
 
 
@@ -90,14 +100,8 @@ def attention_kl(layer: MemoryCachingAttention, q: torch.Tensor, k: torch.Tensor
         target = torch.softmax(s_all.masked_fill(tk > tq, float("-inf")), dim=-1)
     s = s_all.masked_fill(~window, float("-inf"))
     sl = slots(layer, q, k, x, s.to(q.dtype))
-    r = sl.r.float()
-    m = torch.maximum(s.amax(-1), r.amax(-1)).detach().unsqueeze(-1)
-    live = torch.isfinite(r)
-    a = torch.where(live, torch.exp(r - m) / torch.where(live, sl.den.float() + layer.cfg.eps, 1.0), 0.0)
-    if sl.rep is not None:
-        a = torch.gather(a, -1, sl.rep.expand_as(a))
-    w = torch.exp(s - m) + torch.matmul(a, sl.onehot.float().transpose(0, 1)) * sl.pm.float()
+    m = torch.maximum(s.amax(-1), sl.r.float().amax(-1)).detach().unsqueeze(-1)
+    w = torch.exp(s - m) + _memory_token_weights(layer, sl, m)
     logq = torch.log(w.clamp_min(1e-30)) - torch.log(w.sum(-1, keepdim=True))
-    terms = torch.where(target > 0, target * (torch.log(target.clamp_min(1e-30)) - logq), torch.zeros_like(logq))
-    kl = terms.sum(-1)[..., layer.cfg.window:]
+    kl = _kl_rows(target, logq)[..., layer.cfg.window:]
     return kl.mean() if kl.numel() else kl.sum()
