@@ -16,6 +16,7 @@ from memc.quant.formats import Format, parse_format
 from memc.quant.gptq import Hessian, gptq
 from memc.quant.record import Observer
 from memc.quant.rtn import QuantTensor, rtn
+from memc.quant.speed import AUTO
 from memc.quant.sites import WeightTensor, block_of, find_weights, tie_groups
 from memc.schema import option
 
@@ -57,7 +58,7 @@ class QuantizeOptions:
                 parse_format(self.format, "format")
             except ConfigError as exc:  # from_dict prefixes the pipeline entry's key path
                 raise ValueError(str(exc)) from None
-        if self.accuracy_level not in (-1, 0, 1, 2, 3, 4):
+        if self.accuracy_level not in (AUTO, 0, 1, 2, 3, 4):
             raise ValueError(f"accuracy_level must be 0..4 or -1 (per format, measured), got {self.accuracy_level}")
         if self.damp <= 0 or self.block_size < 1:
             raise ValueError("damp must be > 0 and block_size >= 1")
