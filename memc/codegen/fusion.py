@@ -47,6 +47,7 @@ class _Index:
     def __init__(self, graph: onnx.GraphProto):
         self.inits = {t.name: t for t in graph.initializer}
         self.outputs = {o.name for o in graph.output}
+        self.producer = {o: n for n in graph.node for o in n.output}
         self.users: dict[str, list[onnx.NodeProto]] = {}
         for n in graph.node:
             for i in n.input:
@@ -126,11 +127,10 @@ def _skip_norm_once(model: onnx.ModelProto) -> bool:
     graph = model.graph
     shapes = _shapes(model)
     idx = _Index(graph)
-    producer = {o: n for n in graph.node for o in n.output}
     for norm in graph.node:
         if norm.op_type != "RMSNormalization" or norm.domain not in ("", "ai.onnx") or len(norm.input) < 2:
             continue
-        add = producer.get(norm.input[0])
+        add = idx.producer.get(norm.input[0])
         if add is None or add.op_type != "Add" or add.domain not in ("", "ai.onnx") or len(norm.output) != 1:
             continue
         scale = idx.inits.get(norm.input[1])
@@ -229,33 +229,33 @@ def _gathered_width(node: onnx.NodeProto, inits: dict, producer: dict) -> int | 
 _POSITION_OPS = ("Unsqueeze", "Expand", "Cast", "Reshape")
 
 
-def _const(idx: _Index, producer: dict, name: str):
+def _const(idx: _Index, name: str):
     if name in idx.inits:
         return numpy_helper.to_array(idx.inits[name])
-    node = producer.get(name)
+    node = idx.producer.get(name)
     if node is not None and node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
         return numpy_helper.to_array(node.attribute[0].t)
     return None
 
 
-def _positions(idx: _Index, producer: dict, trig: str, op: str) -> tuple[str, str] | None:
+def _positions(idx: _Index, trig: str, op: str) -> tuple[str, str] | None:
     """(Range output, frequency initializer) when ``trig`` = op(positions * freq) with positions 0..n-1 per row."""
-    node = producer.get(trig)
+    node = idx.producer.get(trig)
     if node is None or node.op_type != op or node.domain not in ("", "ai.onnx"):
         return None
-    mul = producer.get(node.input[0])
+    mul = idx.producer.get(node.input[0])
     if mul is None or mul.op_type != "Mul" or len(mul.input) != 2:
         return None
     for pos, freq in (mul.input, mul.input[::-1]):
         f = idx.inits.get(freq)
         if f is None or len(f.dims) != 1 or f.data_type != onnx.TensorProto.FLOAT:
             continue
-        src = producer.get(pos)
+        src = idx.producer.get(pos)
         while src is not None and src.op_type in _POSITION_OPS and src.domain in ("", "ai.onnx"):
-            src = producer.get(src.input[0])
+            src = idx.producer.get(src.input[0])
         if src is None or src.op_type != "Range":
             continue
-        start, delta = _const(idx, producer, src.input[0]), _const(idx, producer, src.input[2])
+        start, delta = _const(idx, src.input[0]), _const(idx, src.input[2])
         if start is not None and delta is not None and start.size == 1 and delta.size == 1 and \
                 float(start.reshape(())) == 0 and float(delta.reshape(())) == 1:
             return src.output[0], freq
@@ -265,12 +265,11 @@ def _positions(idx: _Index, producer: dict, trig: str, op: str) -> tuple[str, st
 def _packed_gqa_once(model: onnx.ModelProto, caches: dict) -> bool:
     graph = model.graph
     idx = _Index(graph)
-    producer = {o: n for n in graph.node for o in n.output}
     for gqa in graph.node:
         if gqa.op_type != "GroupQueryAttention" or gqa.domain != MSFT or len(gqa.input) != 7 or \
                 any(gqa.input[3:5]) or not all(gqa.input[:3]) or _attr(gqa, "do_rotary", 0):
             continue
-        rq, rk = producer.get(gqa.input[0]), producer.get(gqa.input[1])
+        rq, rk = idx.producer.get(gqa.input[0]), idx.producer.get(gqa.input[1])
         if rq is None or rk is None or any(r.op_type != "RotaryEmbedding" or r.domain not in ("", "ai.onnx") or
                                            len([i for i in r.input if i]) != 3 or _attr(r, "rotary_embedding_dim", 0)
                                            for r in (rq, rk)):
@@ -279,19 +278,19 @@ def _packed_gqa_once(model: onnx.ModelProto, caches: dict) -> bool:
         if _attr(rk, "interleaved", 0) != interleaved or \
                 (_attr(rq, "num_heads", 0), _attr(rk, "num_heads", 0)) != (_attr(gqa, "num_heads", 0), _attr(gqa, "kv_num_heads", 0)):
             continue
-        split = producer.get(rq.input[0])
+        split = idx.producer.get(rq.input[0])
         if split is None or split.op_type != "Split" or list(split.output) != [rq.input[0], rk.input[0], gqa.input[2]] \
                 or _attr(split, "axis", 0) not in (-1, 2) or split.input[0] in idx.inits:
             continue
         if any(len(idx.users.get(o, [])) != 1 or o in idx.outputs for o in split.output) or \
                 any(o in idx.outputs or len(idx.users.get(o, [])) != 1 for o in (rq.output[0], rk.output[0])):
             continue
-        sizes = _const(idx, producer, split.input[1]) if len(split.input) > 1 else None
+        sizes = _const(idx, split.input[1]) if len(split.input) > 1 else None
         hq, hkv = _attr(gqa, "num_heads", 0), _attr(gqa, "kv_num_heads", 0)
         d = int(sizes[0]) // hq if sizes is not None and sizes.shape == (3,) and hq and hkv else 0
         if not d or d % 16 or list(sizes) != [hq * d, hkv * d, hkv * d]:  # its rotary kernel: head_size % 16 == 0
             continue
-        trig = [_positions(idx, producer, r.input[k], op) for r in (rq, rk) for k, op in ((1, "Cos"), (2, "Sin"))]
+        trig = [_positions(idx, r.input[k], op) for r in (rq, rk) for k, op in ((1, "Cos"), (2, "Sin"))]
         if any(t is None for t in trig) or len(set(trig)) != 1:
             continue
         positions, freq = trig[0]
@@ -304,7 +303,7 @@ def _packed_gqa_once(model: onnx.ModelProto, caches: dict) -> bool:
                     helper.make_node("Mul", [base + "_f", freq], [base + "_angles"], name=base + "_angles"),
                     helper.make_node("Cos", [base + "_angles"], [base + "_cos"], name=base + "_cos"),
                     helper.make_node("Sin", [base + "_angles"], [base + "_sin"], name=base + "_sin")]
-            at = list(graph.node).index(producer[positions]) + 1
+            at = list(graph.node).index(idx.producer[positions]) + 1
             for k, n in enumerate(made):
                 graph.node.insert(at + k, n)
             caches[(positions, freq)] = (base + "_cos", base + "_sin")
