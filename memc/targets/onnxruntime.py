@@ -57,22 +57,24 @@ class OnnxRuntimeTarget(Target):
 
     def __init__(self, config):
         super().__init__(config)
-        self._ep: torch.export.ExportedProgram | None = None
-        self._session: ort.InferenceSession | None = None
+        # Caches for one check -> build -> verify sequence, keyed so that a target reused for another program
+        # or another output directory re-exports / reopens instead of answering for the previous one.
+        self._export: tuple[Program, torch.export.ExportedProgram] | None = None
+        self._session: tuple[Path, ort.InferenceSession] | None = None
         self._fused: list[str] = []
         self._cache_plan = None
 
     def _exported(self, program: Program) -> torch.export.ExportedProgram:
         """The program re-exported, its plain causal attention sites fused for onnxruntime (codegen.attention)."""
-        if self._ep is None:
+        if self._export is None or self._export[0] is not program:
             from memc.codegen.attention import fuse_attention
 
             try:
                 fused, self._fused = fuse_attention(program)
-                self._ep = fused.export()
+                self._export = (program, fused.export())
             except Exception as exc:
                 raise CaptureError(f"re-exporting the rewritten program failed: {type(exc).__name__}: {exc}") from None
-        return self._ep
+        return self._export[1]
 
     def check(self, program: Program) -> None:
         if self.config.decode_graph:
@@ -133,10 +135,12 @@ class OnnxRuntimeTarget(Target):
         return Artifact(DECODE_FILE, path.stat().st_size, "decode graph: input_ids + past state -> logits + present")
 
     def run(self, out_dir: Path, inputs: tuple[torch.Tensor, ...]) -> list[np.ndarray]:
-        if self._session is None:
-            self._session = create_session(out_dir / MODEL_FILE)
-        feeds = {i.name: t.numpy() for i, t in zip(self._session.get_inputs(), inputs)}
-        return self._session.run(None, feeds)
+        path = out_dir / MODEL_FILE
+        if self._session is None or self._session[0] != path:
+            self._session = (path, create_session(path))
+        session = self._session[1]
+        feeds = {i.name: t.numpy() for i, t in zip(session.get_inputs(), inputs)}
+        return session.run(None, feeds)
 
     def verify(self, program: Program, out_dir: Path, samples: list[tuple[torch.Tensor, ...]]) -> Verification:
         result = super().verify(program, out_dir, samples)
