@@ -190,9 +190,7 @@ def main(argv: list[str] | None = None) -> None:
                    "one op per graph at ref-llama's shapes (4 query / 2 KV heads, head_dim 64); steps that grow a past "
                    "include its copy into the present.")
     t.raw = res
-    path = t.write()
-    print(t.markdown())
-    print(f"wrote {path}")
+    t.publish()
 
 
 if __name__ == "__main__":

@@ -99,9 +99,7 @@ def main(argv: list[str] | None = None) -> None:
     t.notes.append(f"Model: all-MiniLM-L6-v2 (22.7M params, real pretrained weights, loaded offline). Medians of {args.repeats} "
                    "passes over all sentences after a warm-up; every case in a fresh process.")
     t.raw = {"cosine_mean": float(cos.mean()), "cosine_min": float(cos.min()), "torch_s": eager["seconds"], "onnx_s": ort["seconds"]}
-    path = t.write()
-    print(t.markdown())
-    print(f"wrote {path}")
+    t.publish()
 
 
 if __name__ == "__main__":

@@ -115,6 +115,13 @@ class Table:
         (RESULTS / f"{self.name}.json").write_text(json.dumps(payload, indent=2, default=str) + "\n", encoding="utf-8")
         return md
 
+    def publish(self) -> Path:
+        """Write results/NAME.{md,json} and print the table and where it went: how every benchmark ends."""
+        path = self.write()
+        print(self.markdown())
+        print(f"wrote {path}")
+        return path
+
 
 def ort_session(path: str | Path, profile: str | None = None, optimized: str | None = None):
     """One-thread onnxruntime CPU session, quiet; optionally profiling (file prefix) or saving the optimized graph."""

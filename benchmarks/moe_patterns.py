@@ -186,9 +186,7 @@ def main(argv: list[str] | None = None) -> None:
     ]
     raw["overlap_with_global"] = overlap
     table.raw = raw
-    path = table.write()
-    print(table.markdown())
-    print(f"wrote {path}")
+    table.publish()
 
 
 if __name__ == "__main__":

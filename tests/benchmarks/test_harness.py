@@ -102,3 +102,12 @@ def test_table_write(tmp_path, monkeypatch) -> None:
     assert set(payload["env"]) == {"python", "machine", "cpus", "cpu"}
     assert payload["env"]["cpu"] == harness.cpu_info() and "(" in payload["env"]["cpu"]  # model and ISA
     assert not (harness.Path(harness.__file__).parent / "results" / "unit_table.md").exists()
+
+
+def test_table_publish_writes_and_prints_the_table(tmp_path, monkeypatch, capsys) -> None:
+    monkeypatch.setattr(harness, "RESULTS", tmp_path)
+    t = _table()
+    path = t.publish()
+    printed = capsys.readouterr().out
+    assert path.read_text(encoding="utf-8") == t.markdown()
+    assert t.markdown() in printed and printed.rstrip().endswith(f"wrote {path}")
