@@ -214,6 +214,8 @@ class DecodeEngine:
             self.kv_layout = "concat"
         # bounded-state graphs have no context limit of their own
         self.max_seq_len: int | None = (int(meta.get("memc.max_seq_len", "0")) or None) if has_past else None
+        # a hard limit, unlike max_seq_len (which speed runs lift): attention's rotary table has this many positions
+        self.max_positions: int | None = int(kv.get("rotary_positions") or 0) or None
         self._buffers = _Buffers()
         self._io = self.session.io_binding() if self.length_input else None
         self._bound: dict[tuple[str, bool], np.ndarray] = {}
@@ -296,6 +298,11 @@ class DecodeEngine:
                 f"past {past} + {ids.shape[1]} new token(s) exceeds the model's maximum sequence length "
                 f"{self.max_seq_len}"
             )
+        if self.max_positions is not None and past + ids.shape[1] > self.max_positions:
+            raise DecodeStateError(
+                f"past {past} + {ids.shape[1]} new token(s) exceeds the {self.max_positions} positions of this "
+                "decode graph's rotary table (memc.kv_cache rotary_positions)"
+            )
         if self.vocab_size is not None and ids.size and not self._ids_in_vocab(ids):
             raise DecodeStateError(f"token ids must be in [0, {self.vocab_size}), got {ids.min()}..{ids.max()}")
         # a one-token graph, or GroupQueryAttention continuing a batch > 1 cache: the sequence goes token by token
@@ -352,6 +359,7 @@ class DecodeEngine:
         (the general path then checks, binds, or says what is wrong)."""
         n = last.past + 1
         if n > last.capacity or (self.max_seq_len is not None and n > self.max_seq_len) or not self._all_kv \
+                or (self.max_positions is not None and n > self.max_positions) \
                 or self._io_shape != (last.batch, 1) or not last.is_(last.state, last.batch) \
                 or self.vocab_size is None or not self._ids_in_vocab(token):
             return None
