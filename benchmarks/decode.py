@@ -6,7 +6,7 @@ onnxruntime-genai peers built from the same weights, engines taking turns in one
 
 Per engine: prefill tokens/s of a 990-token held-out prompt (``--rounds`` prefills in turns), decode ms/token and
 CPU ms/token (medians of ``--steps`` greedy steps after it, ``--slice`` steps at a time in turns with the other
-engines, the order reversed every turn), the state's bytes, bytes on disk
+engines, no engine's slice right after its own: turn_orders), the state's bytes, bytes on disk
 and greedy agreement with torch over those steps. At each longer context the engines that can reach it step from a
 synthesised state of that length: random KV caches for torch / memc KV (positions beyond the trained 1024 are
 fine for speed and state size, never for quality); for memory caching the prefilled state with its counters set
@@ -180,6 +180,22 @@ def _greedy_run(engine, prompt, steps: int, per: int):
             yield times, tokens, state, cpu
 
 
+def turn_orders(keys: list[str], turns: int) -> list[list[str]]:
+    """The engines' order in each turn: ``keys`` and, every other turn, ``keys[1], keys[0], keys[-1], ..., keys[2]``.
+
+    A slice's first step pays for the caches the previous slice's engine left (torch eager's steps write a new
+    KV cache each time, evicting the most). Reversing the order every turn, as this benchmark did before, gives the
+    engines at the ends back-to-back slices (the second one warm) and the middle one none: on the AVX-512 machine
+    that alone made memc, listed in the middle, 1.14x genai, and 1.01x with the two swapped. Here every engine's
+    predecessor is another engine in every turn; with three engines each follows each of the other two half the
+    time (with two, each always follows the other).
+    """
+    if len(keys) < 3:
+        return [list(keys)] * turns
+    back = [keys[1], keys[0], *keys[:1:-1]]
+    return [list(keys) if turn % 2 == 0 else back for turn in range(turns)]
+
+
 def turns_case(model: str, kv: str | None, mc: str | None, segment: int, peers: dict, steps: int, rounds: int,
                contexts: list[int], slice_steps: int = 4) -> dict:
     import statistics
@@ -204,13 +220,12 @@ def turns_case(model: str, kv: str | None, mc: str | None, segment: int, peers: 
             t = time.perf_counter()
             e.prefill(prompt)
             out[key]["prefill_s"].append(time.perf_counter() - t)
-    # greedy steps after the prompt (~1k context), slices in turns, the order reversed every turn (on a shared
-    # machine, which engine waits for a core depends on where the preemptions land in the rotation)
+    # greedy steps after the prompt (~1k context), slices in turns whose order alternates so that no engine follows
+    # itself and, with three, each follows each other one equally often (turn_orders)
     runs = {k: _greedy_run(e, prompt, steps, slice_steps) for k, e in engines.items()}
     last: dict = {}
-    keys = list(engines)
-    for turn in range(-(-steps // slice_steps)):
-        for key in keys if turn % 2 == 0 else keys[::-1]:
+    for order in turn_orders(list(engines), -(-steps // slice_steps)):
+        for key in order:
             last[key] = next(runs[key])
     ref_tokens = last["torch"][1]
     for key, e in engines.items():
@@ -377,7 +392,7 @@ def main(argv: list[str] | None = None) -> None:
     t.notes.append(
         f"Prompt: {PROMPT} held-out code tokens; prefill tok/s is the median of {args.rounds} prefills per engine in "
         f"turns; decode ms/token @{PROMPT} the median of {args.steps} greedy steps after it (slices of {args.slice} "
-        "steps in turns, the order reversed every turn), CPU ms/token the median process CPU time of those steps "
+        "steps in turns, no engine following itself: benchmarks.decode.turn_orders), CPU ms/token the median process CPU time of those steps "
         "(wall times on this shared, oversubscribed machine include waiting for a core; CPU time is the work). "
         "Longer contexts: synthesised states (see the module docstring), median of "
         f"{max(args.rounds, args.steps // 2)} steps in turns; genai's context_length is the model's 1024. The memory-"

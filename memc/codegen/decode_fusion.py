@@ -28,7 +28,7 @@ from onnx import helper, numpy_helper
 
 from memc.codegen.fusion import MSFT, _attr, _const, _drop_dead_nodes, _drop_unused_initializers, _Index, _unique
 
-ROTARY_POSITIONS = 32768  # the table's rows: the long-context speed runs (memc eval --speed, benchmarks.decode) reach 32k
+ROTARY_POSITIONS = 32768  # the table's rows: the speed runs (memc eval --speed, benchmarks.decode) go to 32k
 _PASS_OPS = ("Unsqueeze", "Expand", "Cast", "Reshape")
 
 
@@ -114,7 +114,8 @@ def _rotary_gqa_once(model: onnx.ModelProto, length: str, positions: int, tables
             continue
         hq, hkv = _attr(gqa, "num_heads", 0), _attr(gqa, "kv_num_heads", 0)
         interleaved = _attr(rq, "interleaved", 0)
-        if _attr(rk, "interleaved", 0) != interleaved or (_attr(rq, "num_heads", 0), _attr(rk, "num_heads", 0)) != (hq, hkv):
+        heads = (_attr(rq, "num_heads", 0), _attr(rk, "num_heads", 0))
+        if _attr(rk, "interleaved", 0) != interleaved or heads != (hq, hkv):
             continue
         if any(o in idx.outputs or len(idx.users.get(o, [])) != 1 for o in (rq.output[0], rk.output[0])):
             continue
