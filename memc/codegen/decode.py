@@ -24,7 +24,7 @@ import onnx
 import torch
 
 from memc.atomic import atomic_file
-from memc.codegen.decode_fusion import ROTARY_POSITIONS, rotary_into_attention
+from memc.codegen.decode_fusion import ROTARY_POSITIONS, rotary_into_attention, share_lengths
 from memc.codegen.decode_rewrite import DecodeGraph, decode_graph, export_decode
 from memc.codegen.onnx import check_exportable, lower_exported
 from memc.errors import CaptureError, UnsupportedError, first_line
@@ -61,6 +61,7 @@ def lower_decode(
         positions = max(ROTARY_POSITIONS, graph.max_seq_len or 0)
         if rotary_into_attention(model, graph.length_input, positions):
             graph.rotary_positions = positions
+        share_lengths(model, graph.length_input)
     meta = {
         "memc.graph": "decode",
         "memc.layers": str(graph.layers),

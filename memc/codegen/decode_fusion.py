@@ -1,4 +1,5 @@
-"""Rotary embedding inside the decode graph's GroupQueryAttention, over a cos / sin table of fixed length.
+"""Rotary embedding inside the decode graph's GroupQueryAttention, over a cos / sin table of fixed length; and one
+short subgraph for the attention's length inputs.
 
 A decode step of a small model is per-node overhead plus one pass over the weights (measured with
 ``python -m benchmarks.decode_profile``): on ref-llama the step graph onnxruntime ran had 74 nodes against
@@ -16,9 +17,11 @@ becomes one GroupQueryAttention on the unrotated q / k with ``do_rotary``. When 
 one Split (the packed projection of memc.codegen.fusion), it reads the packed tensor directly (key / value
 omitted), as genai's graphs do. The table covers positions 0 .. ``positions - 1`` and is built in the graph from
 constants only (Range over a constant, times the frequency initializer), so onnxruntime folds it once when the
-session loads (a few MB in memory, nothing on disk); a step beyond the table is refused by the engine, which reads
-the length from the graph's ``memc.kv_cache`` metadata (``rotary_positions``). onnxruntime 1.32's rotary inside
-GroupQueryAttention needs head_size % 16 == 0 (checked).
+session loads (ref-llama: 8.7 MB in memory, nothing on disk); a step beyond the table is refused by the engine,
+which reads the length from the graph's ``memc.kv_cache`` metadata (``rotary_positions``). onnxruntime 1.32's
+rotary inside GroupQueryAttention needs head_size % 16 == 0 (checked).
+
+With both (``share_lengths``), ref-llama's step graph as onnxruntime runs it has 49 nodes, as many as genai's.
 """
 from __future__ import annotations
 
@@ -28,7 +31,8 @@ from onnx import helper, numpy_helper
 
 from memc.codegen.fusion import MSFT, _attr, _const, _drop_dead_nodes, _drop_unused_initializers, _Index, _unique
 
-ROTARY_POSITIONS = 32768  # the table's rows: the speed runs (memc eval --speed, benchmarks.decode) go to 32k
+# the table's rows: speed runs (memc eval --speed, benchmarks.decode) step from contexts up to 32k, a few steps on
+ROTARY_POSITIONS = 32768 + 1024
 _PASS_OPS = ("Unsqueeze", "Expand", "Cast", "Reshape")
 
 
@@ -159,3 +163,34 @@ def rotary_into_attention(model: onnx.ModelProto, length_input: str, positions: 
         _drop_unused_initializers(model.graph)
     return count
 
+
+
+def share_lengths(model: onnx.ModelProto, length_input: str, ids: str = "input_ids") -> bool:
+    """Every GroupQueryAttention whose lengths come from ``length_input`` reads one short subgraph for them:
+    ``total = Cast(past_length + Shape(ids)[1:2])`` ([1] int32) and ``seqlens_k = Expand(total - 1,
+    Shape(ids)[0:1])`` ([batch]): six nodes instead of the exporter's nine (Squeeze / Reshape / a second Cast, and
+    the batch read from a KV input's shape). ``ids``: the graph input of shape [batch, seq, ...]. Returns whether
+    it changed anything."""
+    graph = model.graph
+    idx = _Index(graph)
+    sites = [n for n in graph.node if n.op_type == "GroupQueryAttention" and n.domain == MSFT and len(n.input) >= 7
+             and _lengths_from(idx, n, length_input)]
+    if not sites or ids not in {i.name for i in graph.input}:
+        return False
+    base = _unique(graph, "gqa_lengths")
+    one = numpy_helper.from_array(np.array([1], np.int32), base + "_one")
+    graph.initializer.append(one)
+    made = [helper.make_node("Shape", [ids], [base + "_seq"], start=1, end=2, name=base + "_seq"),
+            helper.make_node("Shape", [ids], [base + "_batch"], start=0, end=1, name=base + "_batch"),
+            helper.make_node("Add", [length_input, base + "_seq"], [base + "_total64"], name=base + "_total64"),
+            helper.make_node("Cast", [base + "_total64"], [base + "_total"], to=onnx.TensorProto.INT32,
+                             name=base + "_total"),
+            helper.make_node("Sub", [base + "_total", one.name], [base + "_last"], name=base + "_last"),
+            helper.make_node("Expand", [base + "_last", base + "_batch"], [base + "_seqlens"], name=base + "_seqlens")]
+    for k, n in enumerate(made):
+        graph.node.insert(k, n)
+    for n in sites:
+        n.input[5], n.input[6] = base + "_seqlens", base + "_total"
+    _drop_dead_nodes(graph)
+    _drop_unused_initializers(graph)
+    return True

@@ -12,7 +12,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from memc.codegen.decode_fusion import rotary_into_attention
+from memc.codegen.decode_fusion import ROTARY_POSITIONS, rotary_into_attention, share_lengths
 
 D, HQ, HKV, H, CAP = 16, 2, 1, 16, 24
 MSFT = "com.microsoft"
@@ -113,6 +113,22 @@ def test_rotary_moves_into_attention(packed):
             np.testing.assert_allclose(a, b, atol=1e-5, err_msg=f"past {past}, seq {seq}")
 
 
+def test_one_lengths_subgraph():
+    before = _layer()
+    after = copy.deepcopy(before)
+    assert rotary_into_attention(after, "past_length") == 1
+    fused = copy.deepcopy(after)
+    assert share_lengths(after, "past_length", ids="x")  # x [batch, seq, hidden]: its first two axes are the ids'
+    onnx.checker.check_model(after)
+    assert len(after.graph.node) < len(fused.graph.node) and "Reshape" not in _ops(after)
+    want, got = _session(before), _session(after)
+    for past, seq in ((0, 5), (7, 1), (4, 3)):
+        feeds = _feeds(past, seq, seed=past)
+        for a, b in zip(got.run(None, feeds), want.run(None, feeds)):
+            np.testing.assert_allclose(a, b, atol=1e-5, err_msg=f"past {past}, seq {seq}")
+    assert not share_lengths(_layer(lengths_from_past=False), "past_length", ids="x")
+
+
 def test_the_table_is_folded_at_load(tmp_path):
     model = _layer()
     rotary_into_attention(model, "past_length", positions=4096)
@@ -160,9 +176,9 @@ def test_tiny_llama_decode_with_rotary_inside_attention(rotary_llama):
     assert gqa and all(any(a.name == "do_rotary" and a.i == 1 for a in n.attribute) for n in gqa)
     assert "RotaryEmbedding" not in _ops(model)
     layout = json.loads(next(p.value for p in model.metadata_props if p.key == "memc.kv_cache"))
-    assert layout["rotary_positions"] == 32768
+    assert layout["rotary_positions"] == ROTARY_POSITIONS
     engine = DecodeEngine(path, threads=1)
-    assert engine.max_positions == 32768
+    assert engine.max_positions == ROTARY_POSITIONS
     ids = np.random.default_rng(2).integers(0, VOCAB, size=(2, 20), dtype=np.int64)
     for prefill in (1, 9):  # prefill then one step per token, batch 2
         check = verify_decode(engine, src, ids, prefill=prefill)
