@@ -6,7 +6,7 @@ onnxruntime-genai peers built from the same weights, engines taking turns in one
 
 Per engine: prefill tokens/s of a 990-token held-out prompt (``--rounds`` prefills in turns), decode ms/token and
 CPU ms/token (medians of ``--steps`` greedy steps after it, ``--slice`` steps at a time in turns with the other
-engines, the order reversed every turn), the state's bytes, bytes on disk
+engines, no engine's slice right after its own: turn_orders), the state's bytes, bytes on disk
 and greedy agreement with torch over those steps. At each longer context the engines that can reach it step from a
 synthesised state of that length: random KV caches for torch / memc KV (positions beyond the trained 1024 are
 fine for speed and state size, never for quality); for memory caching the prefilled state with its counters set
@@ -180,8 +180,29 @@ def _greedy_run(engine, prompt, steps: int, per: int):
             yield times, tokens, state, cpu
 
 
+def turn_orders(keys: list[str], turns: int, order: str = "alternate") -> list[list[str]]:
+    """The engines' order in each turn: ``keys`` and, every other turn, ``keys[1], keys[0], keys[-1], ..., keys[2]``
+    (``order="reversed"``: ``keys`` reversed every other turn, this benchmark's schedule before, kept to compare).
+
+    A slice's first step pays for the caches the previous slice's engine left (torch eager's steps write a new
+    KV cache each time, evicting the most). Reversing the order every turn, as this benchmark did before, gives the
+    engines at the ends back-to-back slices (the second one warm) and the middle one none: on the AVX-512 machine
+    that alone made memc, listed in the middle, 1.14x genai, and 1.01x with the two swapped. Here every engine's
+    predecessor is another engine in every turn; with three engines each follows each of the other two half the
+    time (with two, each always follows the other).
+    """
+    if order == "reversed":
+        return [list(keys) if turn % 2 == 0 else list(keys)[::-1] for turn in range(turns)]
+    if order != "alternate":
+        raise ValueError(f"order must be alternate | reversed, got {order!r}")
+    if len(keys) < 3:
+        return [list(keys)] * turns
+    back = [keys[1], keys[0], *keys[:1:-1]]
+    return [list(keys) if turn % 2 == 0 else back for turn in range(turns)]
+
+
 def turns_case(model: str, kv: str | None, mc: str | None, segment: int, peers: dict, steps: int, rounds: int,
-               contexts: list[int], slice_steps: int = 4) -> dict:
+               contexts: list[int], slice_steps: int = 4, order: str = "alternate") -> dict:
     import statistics
 
     import numpy as np
@@ -204,13 +225,12 @@ def turns_case(model: str, kv: str | None, mc: str | None, segment: int, peers: 
             t = time.perf_counter()
             e.prefill(prompt)
             out[key]["prefill_s"].append(time.perf_counter() - t)
-    # greedy steps after the prompt (~1k context), slices in turns, the order reversed every turn (on a shared
-    # machine, which engine waits for a core depends on where the preemptions land in the rotation)
+    # greedy steps after the prompt (~1k context), slices in turns whose order alternates so that no engine follows
+    # itself and, with three, each follows each other one equally often (turn_orders)
     runs = {k: _greedy_run(e, prompt, steps, slice_steps) for k, e in engines.items()}
     last: dict = {}
-    keys = list(engines)
-    for turn in range(-(-steps // slice_steps)):
-        for key in keys if turn % 2 == 0 else keys[::-1]:
+    for turn in turn_orders(list(engines), -(-steps // slice_steps), order):
+        for key in turn:
             last[key] = next(runs[key])
     ref_tokens = last["torch"][1]
     for key, e in engines.items():
@@ -307,6 +327,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--engines", default=",".join(ENGINES),
                     help=f"engines besides torch eager (the reference), comma-separated from {','.join(ENGINES)}")
     ap.add_argument("--slice", type=int, default=4, help="greedy steps per engine per turn")
+    ap.add_argument("--order", choices=["alternate", "reversed"], default="alternate",
+                    help="engines' order per turn (turn_orders); reversed: the earlier schedule, to compare")
     args = ap.parse_args(argv)
     contexts = [int(c) for c in args.contexts.split(",")]
     chosen = [e.strip() for e in args.engines.split(",") if e.strip()]
@@ -332,7 +354,7 @@ def main(argv: list[str] | None = None) -> None:
         build_s = time.perf_counter() - t
         res = run_case("benchmarks.decode:turns_case", model=args.model, kv=str(kv) if kv else None,
                        mc=str(mc) if mc else None, segment=segment, peers=peers, steps=args.steps,
-                       rounds=args.rounds, contexts=contexts, slice_steps=args.slice)
+                       rounds=args.rounds, contexts=contexts, slice_steps=args.slice, order=args.order)
         reports = {k: json.loads((d / "report.json").read_text())["verification"] for k, d in
                    (("KV", kv), ("memory caching", mc)) if d is not None}
 
@@ -374,10 +396,12 @@ def main(argv: list[str] | None = None) -> None:
     t.notes.append(
         f"CPU: {cpu_info()}; one thread per engine; versions: "
         + ", ".join(f"{k} {v}" for k, v in versions.items()) + ".")
+    schedule = ("no engine following itself: benchmarks.decode.turn_orders" if args.order == "alternate"
+                else "the order reversed every turn")
     t.notes.append(
         f"Prompt: {PROMPT} held-out code tokens; prefill tok/s is the median of {args.rounds} prefills per engine in "
         f"turns; decode ms/token @{PROMPT} the median of {args.steps} greedy steps after it (slices of {args.slice} "
-        "steps in turns, the order reversed every turn), CPU ms/token the median process CPU time of those steps "
+        f"steps in turns, {schedule}), CPU ms/token the median process CPU time of those steps "
         "(wall times on this shared, oversubscribed machine include waiting for a core; CPU time is the work). "
         "Longer contexts: synthesised states (see the module docstring), median of "
         f"{max(args.rounds, args.steps // 2)} steps in turns; genai's context_length is the model's 1024. The memory-"

@@ -24,6 +24,7 @@ import onnx
 import torch
 
 from memc.atomic import atomic_file
+from memc.codegen.decode_fusion import ROTARY_POSITIONS, rotary_into_attention, share_lengths
 from memc.codegen.decode_rewrite import DecodeGraph, decode_graph, export_decode
 from memc.codegen.onnx import check_exportable, lower_exported
 from memc.errors import CaptureError, UnsupportedError, first_line
@@ -56,6 +57,11 @@ def lower_decode(
         raise UnsupportedError(
             f"lowering the decode form of {graph.source} to ONNX (opset {opset}) failed: {first_line(exc)}"
         ) from None
+    if graph.length_input:  # the rotary table's length goes into memc.kv_cache: the engine refuses steps beyond it
+        positions = max(ROTARY_POSITIONS, graph.max_seq_len or 0)
+        if rotary_into_attention(model, graph.length_input, positions):
+            graph.rotary_positions = positions
+        share_lengths(model, graph.length_input)
     meta = {
         "memc.graph": "decode",
         "memc.layers": str(graph.layers),
@@ -80,7 +86,10 @@ def kv_cache_layout(graph: DecodeGraph) -> dict[str, Any]:
                     "values are written at positions past_length .. past_length + seq - 1 and present_* have the "
                     "buffers' shape. Bind each present_* output to its past_* input's memory (I/O binding) to "
                     "update in place; the next call's past_length is past_length + seq. Batch > 1 continuing a "
-                    "non-empty cache takes one token per call.",
+                    "non-empty cache takes one token per call."
+                    + (f" Attention applies the rotary from a table of {graph.rotary_positions} positions: "
+                       "past_length + seq must not exceed it." if graph.rotary_positions else ""),
+            **({"rotary_positions": graph.rotary_positions} if graph.rotary_positions else {}),
         }
     return {"layout": "concat", "rule": "present_* = concat(past_*, new) along axis 2 (past); feed them back"}
 

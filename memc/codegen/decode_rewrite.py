@@ -92,6 +92,7 @@ class DecodeGraph:
     source: str
     sites: list[dict[str, Any]] = field(default_factory=list)  # one {"module", "kind", "state"} per site
     kv_layout: str | None = None  # preallocated | concat, None without KV sites
+    rotary_positions: int | None = None  # set by lowering when attention applies the rotary from a table of this length
 
     @property
     def length_input(self) -> str | None:

@@ -214,6 +214,8 @@ class DecodeEngine:
             self.kv_layout = "concat"
         # bounded-state graphs have no context limit of their own
         self.max_seq_len: int | None = (int(meta.get("memc.max_seq_len", "0")) or None) if has_past else None
+        # a hard limit, unlike max_seq_len (which speed runs lift): attention's rotary table has this many positions
+        self.max_positions: int | None = int(kv.get("rotary_positions") or 0) or None
         self._buffers = _Buffers()
         self._io = self.session.io_binding() if self.length_input else None
         self._bound: dict[tuple[str, bool], np.ndarray] = {}
@@ -296,6 +298,11 @@ class DecodeEngine:
                 f"past {past} + {ids.shape[1]} new token(s) exceeds the model's maximum sequence length "
                 f"{self.max_seq_len}"
             )
+        if self.max_positions is not None and past + ids.shape[1] > self.max_positions:
+            raise DecodeStateError(
+                f"past {past} + {ids.shape[1]} new token(s) exceeds the {self.max_positions} positions of this "
+                "decode graph's rotary table (memc.kv_cache rotary_positions)"
+            )
         if self.vocab_size is not None and ids.size and not self._ids_in_vocab(ids):
             raise DecodeStateError(f"token ids must be in [0, {self.vocab_size}), got {ids.min()}..{ids.max()}")
         # a one-token graph, or GroupQueryAttention continuing a batch > 1 cache: the sequence goes token by token
@@ -339,12 +346,23 @@ class DecodeEngine:
         self._bound[(name, output)] = array
 
     def _io_arrays(self, batch: int, seq: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-        """input_ids, past_length and logits arrays for a call of this shape, reused from the last such call."""
+        """input_ids, past_length and logits arrays for a call of this shape, reused from the last such call; the
+        logits of a call of more than one token are a new array every time (returned as they are, see _out)."""
         if self._io_shape != (batch, seq):
             logits = np.empty((batch, seq, self.vocab_size), self._logits_dtype) if self.vocab_size else None
             self._io_cache = (np.empty((batch, seq), np.int64), np.zeros((), np.int64), logits)
             self._io_shape = (batch, seq)
+        elif seq > 1 and self.vocab_size:
+            ids_in, length, _ = self._io_cache
+            self._io_cache = (ids_in, length, np.empty((batch, seq, self.vocab_size), self._logits_dtype))
         return self._io_cache
+
+    @staticmethod
+    def _out(logits: np.ndarray) -> np.ndarray:
+        """What a call returns of its bound logits: a step's are copied (the array is bound again for the next
+        step); a prompt's (seq > 1: e.g. 16 MB for ref-llama at 1k tokens) are not, as their array is used once,
+        so a prefill does not stream them through the caches a second time."""
+        return logits if logits.shape[1] > 1 else logits.copy()
 
     def _loop_step(self, token: np.ndarray, last: _Last) -> tuple[np.ndarray, State] | None:
         """step() in a decode loop: ``token`` [batch] int64 after the engine's own last state, whose buffers (and
@@ -352,6 +370,7 @@ class DecodeEngine:
         (the general path then checks, binds, or says what is wrong)."""
         n = last.past + 1
         if n > last.capacity or (self.max_seq_len is not None and n > self.max_seq_len) or not self._all_kv \
+                or (self.max_positions is not None and n > self.max_positions) \
                 or self._io_shape != (last.batch, 1) or not last.is_(last.state, last.batch) \
                 or self.vocab_size is None or not self._ids_in_vocab(token):
             return None
@@ -384,7 +403,7 @@ class DecodeEngine:
         new_state = [b[:, :, :n] for b in last.buffers]
         views = tuple(new_state)
         self._last = _Last(new_state, views, batch, n, last.buffers, views, last.capacity)
-        return logits.copy(), new_state
+        return self._out(logits), new_state
 
     def _run_in_place(self, ids: np.ndarray, state: Sequence[np.ndarray], past: int,
                       last: _Last | None) -> tuple[np.ndarray, State]:
@@ -423,7 +442,7 @@ class DecodeEngine:
         self._buffers.leave(old, buffers)
         views = tuple(a for a, s in zip(new_state, self.state_specs) if s.kind == "kv")
         self._last = _Last(new_state, tuple(new_state), batch, past + seq, buffers, views)
-        out = self._io.get_outputs()[0].numpy() if logits is None else logits.copy()
+        out = self._io.get_outputs()[0].numpy() if logits is None else self._out(logits)
         del keep
         return out, new_state
 

@@ -1,0 +1,196 @@
+"""Rotary embedding inside the decode graph's GroupQueryAttention, over a cos / sin table of fixed length; and one
+short subgraph for the attention's length inputs.
+
+A decode step of a small model is per-node overhead plus one pass over the weights (measured with
+``python -m benchmarks.decode_profile``): on ref-llama the step graph onnxruntime ran had 74 nodes against
+onnxruntime-genai's 49, the difference being the rotary (two RotaryEmbedding nodes per layer, the Split of the
+packed q / k / v projection, and the position subgraph feeding them). GroupQueryAttention applies the rotary itself
+(``do_rotary``) from caches ``cos`` / ``sin`` [positions, rotary_dim / 2] indexed by each token's position, which it
+derives from ``seqlens_k``: a step's token sits at ``seqlens_k`` (= past + seq - 1), a prompt's token i at
+``past + i``. So the rewrite is exact where the rotary's positions are ``past_length + Range(0, seq, 1)`` and the
+attention's lengths come from the same ``past_length`` (how memc.codegen.decode_rewrite builds them).
+
+The rule: a GroupQueryAttention with a past whose query and key are ``RotaryEmbedding`` (full rotary, the shapes
+GroupQueryAttention takes) of q / k, the rotary's cos / sin being ``Cos`` / ``Sin`` of ``positions * freq`` (a 1-D
+float initializer) with positions ``Range(0, n, 1) + past_length`` (through Unsqueeze / Expand / Cast / Reshape),
+becomes one GroupQueryAttention on the unrotated q / k with ``do_rotary``. When q / k / v are the three outputs of
+one Split (the packed projection of memc.codegen.fusion), it reads the packed tensor directly (key / value
+omitted), as genai's graphs do. The table covers positions 0 .. ``positions - 1`` and is built in the graph from
+constants only (Range over a constant, times the frequency initializer), so onnxruntime folds it once when the
+session loads (ref-llama: 8.7 MB in memory, nothing on disk); a step beyond the table is refused by the engine,
+which reads the length from the graph's ``memc.kv_cache`` metadata (``rotary_positions``). onnxruntime 1.32's
+rotary inside GroupQueryAttention needs head_size % 16 == 0 (checked).
+
+With both (``share_lengths``), ref-llama's step graph as onnxruntime runs it has 49 nodes, as many as genai's.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from memc.codegen.fusion import MSFT, _attr, _const, _drop_dead_nodes, _drop_unused_initializers, _Index, _unique
+
+# the table's rows: speed runs (memc eval --speed, benchmarks.decode) step from contexts up to 32k, a few steps on
+ROTARY_POSITIONS = 32768 + 1024
+_PASS_OPS = ("Unsqueeze", "Expand", "Cast", "Reshape")
+
+
+def _is_std(node: onnx.NodeProto | None, op: str) -> bool:
+    return node is not None and node.op_type == op and node.domain in ("", "ai.onnx")
+
+
+def _zero_based_range(idx: _Index, node: onnx.NodeProto | None) -> bool:
+    if not _is_std(node, "Range"):
+        return False
+    start, delta = _const(idx, node.input[0]), _const(idx, node.input[2])
+    return start is not None and delta is not None and start.size == 1 and delta.size == 1 and \
+        float(start.reshape(())) == 0 and float(delta.reshape(())) == 1
+
+
+def _offset_positions(idx: _Index, pos: str, length: str) -> bool:
+    """``pos`` is Range(0, n, 1) + ``length`` (the graph's past-length input), through shape-only ops and casts."""
+    src = idx.producer.get(pos)
+    while src is not None and src.op_type in _PASS_OPS and src.domain in ("", "ai.onnx"):
+        src = idx.producer.get(src.input[0])
+    if not _is_std(src, "Add") or len(src.input) != 2:
+        return False
+    for a, b in (src.input, src.input[::-1]):
+        if b == length and _zero_based_range(idx, idx.producer.get(a)):
+            return True
+    return False
+
+
+def _trig_freq(idx: _Index, trig: str, op: str, length: str) -> str | None:
+    """The frequency initializer when ``trig`` = op(positions * freq) with positions past_length + 0..n-1."""
+    node = idx.producer.get(trig)
+    if not _is_std(node, op):
+        return None
+    mul = idx.producer.get(node.input[0])
+    if not _is_std(mul, "Mul") or len(mul.input) != 2:
+        return None
+    for pos, freq in (mul.input, mul.input[::-1]):
+        f = idx.inits.get(freq)
+        if f is not None and len(f.dims) == 1 and f.data_type == onnx.TensorProto.FLOAT and \
+                _offset_positions(idx, pos, length):
+            return freq
+    return None
+
+
+def _lengths_from(idx: _Index, gqa: onnx.NodeProto, length: str) -> bool:
+    """GroupQueryAttention's total length is Cast(past_length + seq) (memc.codegen.attention.lengths), so the
+    positions it derives for the rotary are the graph's own."""
+    cast = idx.producer.get(gqa.input[6])
+    if not _is_std(cast, "Cast"):
+        return False
+    add = idx.producer.get(cast.input[0])
+    return _is_std(add, "Add") and length in add.input
+
+
+def _table(graph: onnx.GraphProto, freq: str, positions: int) -> tuple[str, str]:
+    """cos / sin [positions, len(freq)] from constants only (folded by onnxruntime at load)."""
+    base = _unique(graph, freq + "_rotary_table")
+    consts = [numpy_helper.from_array(np.array(v, np.int64), f"{base}_{n}")
+              for n, v in (("start", 0), ("limit", positions), ("delta", 1), ("axes", [1]))]
+    graph.initializer.extend(consts)
+    start, limit, delta, axes = (c.name for c in consts)
+    made = [helper.make_node("Range", [start, limit, delta], [base + "_pos"], name=base + "_pos"),
+            helper.make_node("Unsqueeze", [base + "_pos", axes], [base + "_col"], name=base + "_col"),
+            helper.make_node("Cast", [base + "_col"], [base + "_f"], to=onnx.TensorProto.FLOAT, name=base + "_f"),
+            helper.make_node("Mul", [base + "_f", freq], [base + "_angles"], name=base + "_angles"),
+            helper.make_node("Cos", [base + "_angles"], [base + "_cos"], name=base + "_cos"),
+            helper.make_node("Sin", [base + "_angles"], [base + "_sin"], name=base + "_sin")]
+    for k, n in enumerate(made):
+        graph.node.insert(k, n)
+    return base + "_cos", base + "_sin"
+
+
+def _rotary_gqa_once(model: onnx.ModelProto, length: str, positions: int, tables: dict) -> bool:
+    graph = model.graph
+    idx = _Index(graph)
+    for gqa in graph.node:
+        if gqa.op_type != "GroupQueryAttention" or gqa.domain != MSFT or len(gqa.input) != 7 or \
+                not all(gqa.input[:7]) or _attr(gqa, "do_rotary", 0):
+            continue
+        rq, rk = idx.producer.get(gqa.input[0]), idx.producer.get(gqa.input[1])
+        if rq is None or rk is None or any(not _is_std(r, "RotaryEmbedding") or len([i for i in r.input if i]) != 3
+                                           or _attr(r, "rotary_embedding_dim", 0) for r in (rq, rk)):
+            continue
+        hq, hkv = _attr(gqa, "num_heads", 0), _attr(gqa, "kv_num_heads", 0)
+        interleaved = _attr(rq, "interleaved", 0)
+        heads = (_attr(rq, "num_heads", 0), _attr(rk, "num_heads", 0))
+        if _attr(rk, "interleaved", 0) != interleaved or heads != (hq, hkv):
+            continue
+        if any(o in idx.outputs or len(idx.users.get(o, [])) != 1 for o in (rq.output[0], rk.output[0])):
+            continue
+        freqs = {_trig_freq(idx, r.input[k], op, length) for r in (rq, rk) for k, op in ((1, "Cos"), (2, "Sin"))}
+        if len(freqs) != 1 or None in freqs or not _lengths_from(idx, gqa, length):
+            continue
+        freq = freqs.pop()
+        d = 2 * int(idx.inits[freq].dims[0])
+        if d % 16:  # onnxruntime's rotary kernel inside GroupQueryAttention: head_size % 16 == 0
+            continue
+        q, k, v = rq.input[0], rk.input[0], gqa.input[2]
+        split = idx.producer.get(q)
+        packed = _is_std(split, "Split") and list(split.output) == [q, k, v] and \
+            _attr(split, "axis", 0) in (-1, 2) and split.input[0] not in idx.inits and \
+            all(len(idx.users.get(o, [])) == 1 and o not in idx.outputs for o in split.output)
+        sizes = _const(idx, split.input[1]) if packed and len(split.input) > 1 else None
+        packed = packed and sizes is not None and list(sizes.reshape(-1)) == [hq * d, hkv * d, hkv * d]
+        if freq not in tables:
+            tables[freq] = _table(graph, freq, positions)
+        cos, sin = tables[freq]
+        qkv = [split.input[0], "", ""] if packed else [q, k, v]
+        attrs = {a.name: helper.get_attribute_value(a) for a in gqa.attribute}
+        attrs.update(do_rotary=1, rotary_interleaved=int(interleaved))
+        fused = helper.make_node("GroupQueryAttention", [*qkv, *gqa.input[3:7], cos, sin], list(gqa.output),
+                                 domain=MSFT, name=(gqa.name or "gqa") + "_rotary", **attrs)
+        graph.node.insert(list(graph.node).index(gqa), fused)
+        for n in (gqa, rq, rk, *([split] if packed else [])):
+            graph.node.remove(n)
+        return True
+    return False
+
+
+def rotary_into_attention(model: onnx.ModelProto, length_input: str, positions: int = ROTARY_POSITIONS) -> int:
+    """Apply the rule to a fixpoint; returns how many attention nodes now apply the rotary themselves (the caller
+    records ``positions``, the table's rows, when this is > 0)."""
+    count, tables = 0, {}
+    while _rotary_gqa_once(model, length_input, positions, tables):
+        count += 1
+    if count:
+        _drop_dead_nodes(model.graph)
+        _drop_unused_initializers(model.graph)
+    return count
+
+
+
+def share_lengths(model: onnx.ModelProto, length_input: str, ids: str = "input_ids") -> bool:
+    """Every GroupQueryAttention whose lengths come from ``length_input`` reads one short subgraph for them:
+    ``total = Cast(past_length + Shape(ids)[1:2])`` ([1] int32) and ``seqlens_k = Expand(total - 1,
+    Shape(ids)[0:1])`` ([batch]): six nodes instead of the exporter's nine (Squeeze / Reshape / a second Cast, and
+    the batch read from a KV input's shape). ``ids``: the graph input of shape [batch, seq, ...]. Returns whether
+    it changed anything."""
+    graph = model.graph
+    idx = _Index(graph)
+    sites = [n for n in graph.node if n.op_type == "GroupQueryAttention" and n.domain == MSFT and len(n.input) >= 7
+             and _lengths_from(idx, n, length_input)]
+    if not sites or ids not in {i.name for i in graph.input}:
+        return False
+    base = _unique(graph, "gqa_lengths")
+    one = numpy_helper.from_array(np.array([1], np.int32), base + "_one")
+    graph.initializer.append(one)
+    made = [helper.make_node("Shape", [ids], [base + "_seq"], start=1, end=2, name=base + "_seq"),
+            helper.make_node("Shape", [ids], [base + "_batch"], start=0, end=1, name=base + "_batch"),
+            helper.make_node("Add", [length_input, base + "_seq"], [base + "_total64"], name=base + "_total64"),
+            helper.make_node("Cast", [base + "_total64"], [base + "_total"], to=onnx.TensorProto.INT32,
+                             name=base + "_total"),
+            helper.make_node("Sub", [base + "_total", one.name], [base + "_last"], name=base + "_last"),
+            helper.make_node("Expand", [base + "_last", base + "_batch"], [base + "_seqlens"], name=base + "_seqlens")]
+    for k, n in enumerate(made):
+        graph.node.insert(k, n)
+    for n in sites:
+        n.input[5], n.input[6] = base + "_seqlens", base + "_total"
+    _drop_dead_nodes(graph)
+    _drop_unused_initializers(graph)
+    return True
