@@ -119,12 +119,17 @@ def heldout_windows(info, stride: int) -> tuple[np.ndarray, np.ndarray, int]:
     return ids[: n * CONTEXT].reshape(n, CONTEXT)[pick], spans[: n * CONTEXT].reshape(n, CONTEXT)[pick, 1:], n
 
 
+def _pct(d) -> str:
+    """Δ per-byte perplexity and its paired SE, in percent (SE through d(2**δ)/dδ = 2**δ ln 2)."""
+    return f"{100 * d.per_byte_ppl_change:+.3f}% ± {100 * 2 ** d.delta * np.log(2) * d.se:.3f}"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="models/ref-llama")
     ap.add_argument("--budgets", default="2273258B,3bits", help="comma-separated allocate-bits budgets")
-    ap.add_argument("--levels", default="0,-1", help="MatMulNBits accuracy levels (0 first: the built artifact)")
-    ap.add_argument("--turns", type=int, default=12)
+    ap.add_argument("--levels", default="0,4,-1", help="MatMulNBits accuracy levels (0 first: the built artifact)")
+    ap.add_argument("--turns", type=int, default=20)
     ap.add_argument("--distill-steps", type=int, default=None, help="override the toolchain's (quick runs)")
     ap.add_argument("--stride", type=int, default=1, help="every N-th held-out window (1 = all 392)")
     ap.add_argument("--out", default="", help="keep the artifacts here")
@@ -160,7 +165,8 @@ def main() -> None:
             program = built["fp32" if key == "fp32" else key.split(" @ ")[0]]["program"]
             with torch.no_grad():
                 ref = [program(torch.from_numpy(w[None]))[0].float().numpy() for w in windows[:2]]
-            worst[key] = max(float(np.abs(backend.forward({"input_ids": w[None]}) - r).max()) for w, r in zip(windows, ref))
+            worst[key] = max(float(np.abs(backend.forward({"input_ids": w[None]}) - r).max())
+                             for w, r in zip(windows, ref))
             print(f"{key}: quality on {len(windows)} windows in {time.perf_counter() - t:.0f} s", flush=True)
         sizes = {k: v.stat().st_size for k, v in paths.items()}
         counts = {k: node_counts(v) for k, v in paths.items()}
@@ -168,29 +174,35 @@ def main() -> None:
             for b in budgets:
                 shutil.copy(built[b]["dir"] / "report.json", out / f"report-{b}.json")
     med = {k: {m: float(np.median(v[m])) for m in ("wall", "cpu")} for k, v in times.items()}
-    rows, raw = [], {"load": load, "times": times, "sizes": sizes, "node_counts": counts, "levels": level_counts, "max_abs_diff": worst,
-                     "quality": {}, "builds": {k: {x: y for x, y in v.items() if x not in ("program", "dir")}
+    rows, raw = [], {"load": load, "times": times, "sizes": sizes, "node_counts": counts, "levels": level_counts,
+                     "max_abs_diff": worst, "quality": {}, "builds": {k: {x: y for x, y in v.items() if x not in ("program", "dir")}
                                                for k, v in built.items()}}
     for key in paths:
         d = paired_delta(nll["fp32"], nll[key], spans)
         raw["quality"][key] = d.as_dict()
-        q = "—" if key == "fp32" else f"{100 * d.per_byte_ppl_change:+.3f}% ± {100 * 2 ** d.delta * np.log(2) * d.se:.3f}"
+        q = "—" if key == "fp32" else _pct(d)
+        base, vs_base = key.split(" @ ")[0] + f" @ level {levels[0]}", "—"
+        if key not in ("fp32", base):  # the level's own cost: the same plan at the first level, paired
+            d0 = paired_delta(nll[base], nll[key], spans)
+            raw["quality"][f"{key} vs {base}"] = d0.as_dict()
+            vs_base = _pct(d0)
         c = counts[key]
         rows.append([key, f"{sizes[key]:,}", f"{CONTEXT / med[key]['wall']:,.0f}",
                      f"{med['fp32']['wall'] / med[key]['wall']:.3f}x", f"{1e3 * med[key]['cpu']:.1f}",
-                     f"{med['fp32']['cpu'] / med[key]['cpu']:.3f}x", f"{d.bits_per_byte_b:.5f}", q,
+                     f"{med['fp32']['cpu'] / med[key]['cpu']:.3f}x", f"{d.bits_per_byte_b:.5f}", q, vs_base,
                      f"{worst[key]:.2g}", f"{c['MatMulNBits']} / {c['MatMul']} / {c['GroupQueryAttention']} / {c['nodes']}"])
     cmd = (f"python -m benchmarks.quant_prefill --budgets {','.join(budgets)} --levels {args.levels} --turns {args.turns}"
            + (f" --distill-steps {args.distill_steps}" if args.distill_steps is not None else "")
            + (f" --stride {args.stride}" if args.stride != 1 else ""))
+    settings = "the toolchain settings" if args.distill_steps is None else f"distill steps {args.distill_steps}"
     notes = [f"ref-llama ({args.model}); fp32 = `memc compile` with the default toolchain; `B @ level L` = `memc compile "
-             f"-c toolchains/mixed-bits.toml --budget B` ({'distill steps ' + str(args.distill_steps) if args.distill_steps is not None else 'the toolchain settings'}), "
+             f"-c toolchains/mixed-bits.toml --budget B` ({settings}), "
              "its model.onnx with MatMulNBits accuracy_level L (-1: per format, memc.quant.speed; level 0 as built). "
              f"Prefill of {CONTEXT} random ids, one thread, {args.turns} turns of every session in one process (order "
              "reversed each turn), medians of wall and CPU (process_time) ms; ratios vs fp32 in the same turns. Quality "
              f"through onnxruntime on {len(windows)} of {total} held-out code windows of {CONTEXT} tokens: bits/byte, Δ "
-             "per-byte perplexity vs the fp32 artifact ± paired SE over windows; max |Δ| of the logits vs the torch "
-             "program on the first two windows. Nodes: MatMulNBits / MatMul / GroupQueryAttention / all in model.onnx. "
+             "per-byte perplexity vs the fp32 artifact (and vs the same plan at the first level) ± paired SE over "
+             "windows; max |Δ| of the logits vs the torch program on the first two windows. Nodes: MatMulNBits / MatMul / GroupQueryAttention / all in model.onnx. "
              f"CPU: {cpu_info()}; 1-min load average {load[0]:.1f} before / {load[1]:.1f} after the timed turns."]
     for b in budgets:
         info = built[b]
@@ -199,6 +211,7 @@ def main() -> None:
                      f"{ {k: v for k, v in level_counts.items() if k.startswith(b)} }; compile {info['compile_s']:.0f} s")
     t = Table("quant_prefill", cmd, ["artifact", "model.onnx bytes", "prefill tok/s (median)", "vs fp32",
                                      "CPU ms / prefill (median)", "CPU vs fp32", "bits/byte", "Δ per-byte ppl ± SE",
+                                     f"Δ vs level {levels[0]} ± SE",
                                      "max |Δ| vs torch", "nodes"], rows, notes, raw)
     print(t.markdown())
     print(f"wrote {t.write()}")
