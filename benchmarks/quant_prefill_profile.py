@@ -41,23 +41,6 @@ def _by_op(path: Path, feeds: dict, runs: int, prefix: str) -> tuple[dict[str, f
     return dict(ops), dict(nodes)
 
 
-def _per_format_levels(src: Path, dst: Path) -> Path:
-    """A copy whose MatMulNBits nodes take the level memc.quant.speed measured fastest for their format (what
-    ``quantize.accuracy_level = -1`` lowers to)."""
-    import onnx
-
-    from memc.quant.formats import Format
-    from memc.quant.speed import measured_level
-
-    model = onnx.load(str(src))
-    for n in model.graph.node:
-        if n.op_type == "MatMulNBits":
-            a = {x.name: x for x in n.attribute}
-            a["accuracy_level"].i = measured_level(Format("", a["bits"].i, a["block_size"].i))
-    onnx.save(model, str(dst))
-    return dst
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="models/ref-llama")
@@ -69,14 +52,15 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(1)
-    from benchmarks.mixed_bits import _program, _with_accuracy_level
-    from memc.config import TargetConfig
+    from benchmarks.quant_prefill import with_level
+    from memc.capture import capture
+    from memc.config import TargetConfig, ToolchainConfig
     from memc.passes.base import PassContext
     from memc.passes.quant.quantize import PLAN, Quantize, QuantizeOptions
     from memc.targets.onnxruntime import MODEL_FILE, OnnxRuntimeTarget
 
     plan = json.loads((RESULTS / "mixed_bits.json").read_text())["raw"]["plans"][args.plan]
-    program, _ = _program(args.model)
+    program = capture(args.model, ToolchainConfig())
     feeds = {"input_ids": np.random.default_rng(0).integers(0, 4096, (1, CONTEXT)).astype(np.int64)}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(args.out or tmp)
@@ -90,8 +74,8 @@ def main() -> None:
         target.build(res.program, q)
         worst = max(target.verify(res.program, q, [tuple(torch.from_numpy(v) for v in feeds.values())]).worst.values())
         cases = {"fp32": fp / MODEL_FILE, "quantized, accuracy level 0": q / MODEL_FILE,
-                 "quantized, accuracy level 4": _with_accuracy_level(q / MODEL_FILE, q / "model-acc4.onnx", 4),
-                 "quantized, level per format": _per_format_levels(q / MODEL_FILE, q / "model-auto.onnx")}
+                 "quantized, accuracy level 4": with_level(q / MODEL_FILE, q / "model-acc4.onnx", 4)[0],
+                 "quantized, level per format": with_level(q / MODEL_FILE, q / "model-auto.onnx", -1)[0]}
         sessions = {k: ort_session(v) for k, v in cases.items()}
         times: dict[str, list[float]] = {k: [] for k in cases}
         for name, s in sessions.items():

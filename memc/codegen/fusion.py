@@ -8,6 +8,12 @@ ONNX graph (no onnxruntime needed to apply them):
   (a layer's q / k / v projections, its gate / up projections) become one MatMul over the weights concatenated
   along the output axis and a Split back into the original outputs. Each weight must be used by that MatMul only
   (so the packed weight replaces, not duplicates, them).
+* **pack MatMulNBits**: the same for onnxruntime's quantized MatMul (memc.codegen.quant): ``MatMulNBits`` nodes
+  reading the same input with equal K, bits, block size, accuracy level and zero-point-ness (a layer's tied q / k / v
+  or gate / up formats) become one ``MatMulNBits`` over codes, scales and zero points concatenated along N (all three
+  are N-major, so concatenation along axis 0 is the packed layout; float16 scales keep their one Cast) and a Split.
+  Same bytes stored (one Split-size initializer more, fewer Casts), same numbers per column, and the packed-QKV
+  attention rule then applies to quantized graphs as to fp32 ones.
 * **skip RMS norm**: ``Add(a, b)`` (both computed [batch, seq, hidden] values, the sum not a graph output) feeding the standard ``RMSNormalization`` over the last axis (the residual add
   before a layer's norm) becomes ``com.microsoft`` SkipSimplifiedLayerNormalization, whose fourth output is the
   sum for the residual stream. onnxruntime 1.32 fuses this pattern only for its own SimplifiedLayerNormalization,
@@ -363,6 +369,101 @@ def pack_matmuls(model: onnx.ModelProto) -> int:
     return before - sum(n.op_type == "MatMul" for n in model.graph.node)
 
 
+def _nbits_parts(idx: _Index, node: onnx.NodeProto) -> tuple | None:
+    """(codes, scales, scale Cast or None, zero points or None) initializers of a MatMulNBits whose stored tensors
+    only it reads (so packing moves them, never copies), or None. Scales are a float32 initializer or a Cast of a
+    float16 one (memc.codegen.quant.store_half_scales)."""
+    if len(node.input) < 3 or any(node.input[4:]):  # g_idx / bias: not packed
+        return None
+    def only_here(name: str, user: onnx.NodeProto) -> onnx.TensorProto | None:
+        t = idx.inits.get(name)
+        users = idx.users.get(name, [])
+        return t if t is not None and len(users) == 1 and users[0] is user and name not in idx.outputs else None
+    codes = only_here(node.input[1], node)
+    zeros = only_here(node.input[3], node) if len(node.input) > 3 and node.input[3] else None
+    if codes is None or (len(node.input) > 3 and node.input[3] and zeros is None):
+        return None
+    cast = None
+    scales = only_here(node.input[2], node)
+    if scales is None:
+        cast = idx.producer.get(node.input[2])
+        if cast is None or cast.op_type != "Cast" or len(idx.users.get(node.input[2], [])) != 1 or \
+                node.input[2] in idx.outputs:
+            return None
+        scales = only_here(cast.input[0], cast)
+        if scales is None:
+            return None
+    return codes, scales, cast, zeros
+
+
+def _pack_nbits_once(graph: onnx.GraphProto) -> bool:
+    idx = _Index(graph)
+    position = {id(n): k for k, n in enumerate(graph.node)}
+    for x, users in idx.users.items():
+        groups: dict[tuple, list[tuple[onnx.NodeProto, tuple]]] = {}
+        for n in users:
+            if n.op_type != "MatMulNBits" or n.domain != MSFT or n.input[0] != x:
+                continue
+            parts = _nbits_parts(idx, n)
+            if parts is None:
+                continue
+            codes, scales, cast, zeros = parts
+            key = (tuple(_attr(n, a, 0) for a in ("K", "bits", "block_size", "accuracy_level")), zeros is not None,
+                   scales.data_type, cast is not None and _attr(cast, "to", 0), tuple(codes.dims[1:]), len(scales.dims),
+                   tuple(zeros.dims[1:]) if zeros is not None else None)
+            groups.setdefault(key, []).append((n, parts))
+        for members in groups.values():
+            if len(members) < 2:
+                continue
+            members.sort(key=lambda m: position[id(m[0])])
+            first = members[0][0]
+            base = first.output[0] + "_packed"
+
+            def concat(k: int, suffix: str) -> onnx.TensorProto:
+                t = numpy_helper.from_array(np.concatenate([numpy_helper.to_array(m[1][k]) for m in members], axis=0),
+                                            _unique(graph, base + suffix))
+                graph.initializer.append(t)
+                return t
+            codes, scales = concat(0, "_codes"), concat(1, "_scales")
+            zeros = concat(3, "_zeros") if members[0][1][3] is not None else None
+            made = []
+            scale_in = scales.name
+            if members[0][1][2] is not None:
+                scale_in = _unique(graph, base + "_scales_f32")
+                made.append(helper.make_node("Cast", [scales.name], [scale_in], to=_attr(members[0][1][2], "to", 0),
+                                             name=scale_in))
+            sizes = [int(_attr(m[0], "N", 0)) for m in members]
+            split_sizes = numpy_helper.from_array(np.array(sizes, np.int64), _unique(graph, base + "_split"))
+            graph.initializer.append(split_sizes)
+            attrs = {a.name: helper.get_attribute_value(a) for a in first.attribute}
+            attrs["N"] = sum(sizes)
+            out = _unique(graph, base)
+            made.append(helper.make_node("MatMulNBits", [x, codes.name, scale_in] + ([zeros.name] if zeros else []),
+                                         [out], domain=MSFT, name=out, **attrs))
+            made.append(helper.make_node("Split", [out, split_sizes.name], [m[0].output[0] for m in members], axis=-1,
+                                         name=out + "_split"))
+            at = position[id(first)]
+            for n, (_, _, cast, _) in members:
+                graph.node.remove(n)
+                if cast is not None:
+                    graph.node.remove(cast)
+                    at -= position[id(cast)] < position[id(first)]
+            for k, n in enumerate(made):
+                graph.node.insert(at + k, n)
+            return True
+    return False
+
+
+def pack_matmul_nbits(model: onnx.ModelProto) -> int:
+    """Apply the pack-MatMulNBits rule to a fixpoint; returns how many MatMulNBits nodes went away."""
+    count = lambda: sum(n.op_type == "MatMulNBits" and n.domain == MSFT for n in model.graph.node)  # noqa: E731
+    before = count()
+    while _pack_nbits_once(model.graph):
+        pass
+    _drop_unused_initializers(model.graph)
+    return before - count()
+
+
 def fuse_skip_rms_norm(model: onnx.ModelProto) -> int:
     """Apply the skip-RMS-norm rule to a fixpoint; returns how many Add + RMSNormalization pairs were fused."""
     count = 0
@@ -377,5 +478,5 @@ def fuse_for_onnxruntime(model: onnx.ModelProto) -> dict[str, int]:
     """The rules (the norms first: they read value shapes that packing would route through Splits; the packed
     attention last: it reads the packing's Splits); returns what each did."""
     norms = fuse_skip_rms_norm(model)
-    packed = pack_matmuls(model)
+    packed = pack_matmuls(model) + pack_matmul_nbits(model)
     return {"packed_matmuls": packed, "skip_rms_norms": norms, "packed_attention": pack_gqa_inputs(model)}

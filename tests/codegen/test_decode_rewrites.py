@@ -52,7 +52,8 @@ def test_quantized_linears(tiny_llama_dir, tmp_path):
     original, quantized = _rewrite(tiny_llama_dir, [("quantize", {"format": "int4-g16"})])
     model, _ = _check_carries_the_rewrite(original, quantized, tmp_path, "int4 llama")
     ops = [n.op_type for n in model.graph.node]
-    assert ops.count("MatMulNBits") >= 14, sorted(set(ops))  # q, k, v, o, gate, up, down per layer (2 layers)
+    # q|k|v, o, gate|up, down per layer (2 layers; same-format siblings packed, memc.codegen.fusion) + the LM head
+    assert ops.count("MatMulNBits") == 2 * 4 + 1, sorted(set(ops))
 
 
 def test_pruned_experts(tiny_hf, tmp_path):

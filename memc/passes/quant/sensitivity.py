@@ -100,7 +100,7 @@ class QuantSensitivity(Pass):
                 cheapest[m] = table.candidates[c]
         path = None
         if self.config.cache_dir:
-            key = cache_key(program, [], sorted(set(cheapest.values())), "graph-v3", f"{target_cfg.name}-{target_cfg.opset}-{target_cfg.optimize}", 0)
+            key = cache_key(program, [], sorted(set(cheapest.values())), "graph-v4", f"{target_cfg.name}-{target_cfg.opset}-{target_cfg.optimize}", 0)
             path = Path(self.config.cache_dir).expanduser() / f"graph-{key}.json"
             if path.is_file():
                 return int(json.loads(path.read_text())["graph_bytes"])
