@@ -234,6 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--recall-mc-dir", type=Path, default=ROOT / "models" / "ref-llama-recall-mc")
     ap.add_argument("--recall-distances", default="16,64,160,288,416,672,896")
     ap.add_argument("--recall-trials", type=int, default=32)
+    ap.add_argument("--recall-table", default="memory_caching_recall",
+                    help="name of the recall table under benchmarks/results/ (another name keeps the committed one)")
     args = ap.parse_args(argv)
     import torch
 
@@ -274,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
 def recall_table(args: argparse.Namespace, variants: list[str], command: str) -> None:
     r_rows, r_raw = recall(args.recall_model, args.recall_mc_dir, variants,
                            [int(d) for d in args.recall_distances.split(",")], args.recall_trials)
-    rec = Table("memory_caching_recall", command, ["model", *[f"d={d}" for d in args.recall_distances.split(",")]],
+    rec = Table(args.recall_table, command, ["model", *[f"d={d}" for d in args.recall_distances.split(",")]],
                 r_rows, raw=r_raw)
     layers = {v: _layer(args.recall_mc_dir / v) for v in variants if (args.recall_mc_dir / v / "metrics.json").is_file()}
     shape = "; ".join(f"{v}: window {x['window']}, segment {x['segment']}, "
