@@ -56,3 +56,31 @@ def test_distillation_trains_only_the_scorers_and_lowers_their_loss(byte_llama):
     assert sum(a["salience_mse"] for a in after.values()) < sum(b["salience_mse"] for b in before.values())
     again = _run(byte_llama, mc, opts)  # deterministic from the seed
     assert all(torch.equal(p, dict(again.module.named_parameters())[n]) for n, p in params.items())
+
+
+def test_select_pipeline_compiles_to_onnx_and_verifies(byte_llama, tmp_path):
+    """detect -> rewrite (select, capped) -> distill -> ONNX: the parallel form lowers and matches the program."""
+    from tests.helpers import compile_model, write_toml
+
+    toml = write_toml(tmp_path / "select.toml", """
+        [[pipeline]]
+        pass = "detect-attention"
+        [[pipeline]]
+        pass = "memory-caching"
+        variant = "select"
+        window = 4
+        segment = 4
+        keep = 2
+        max_tokens = 3
+        [[pipeline]]
+        pass = "distill-attention"
+        steps = 2
+        batch = 1
+        seq_len = 48
+        eval_windows = 1
+        [target]
+        verify_shapes = [[1, 37]]
+    """)
+    result = compile_model(byte_llama, tmp_path / "out", "-c", toml)
+    assert result.rc == 0, result.explain()
+    assert result.report["verification"]["passed"]
