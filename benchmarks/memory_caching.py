@@ -125,8 +125,15 @@ def state_bytes(layer: dict, layers: int, kv_heads: int, head_dim: int, context:
     keeps at most max_segments of them.
     """
     from memc.nn.mc_state import MemoryCachingState
+    from memc.nn.selective_state import SelectiveState
 
     closed = max(context - layer["window"], 0) // layer["segment"]
+    if layer.get("variant") == "select":  # raw window + open segment + the pool of kept tokens (with their scores)
+        kept = (layer.get("keep") or layer["segment"]) * closed
+        cap = layer.get("max_tokens", 0)
+        state = SelectiveState.zeros(1, kv_heads, layer["window"], layer["segment"], min(kept, cap) if cap else kept,
+                                     head_dim)
+        return layers * state.nbytes()
     slots = min(closed, layer["max_segments"]) if layer["max_segments"] else closed
     state = MemoryCachingState.zeros(1, kv_heads, layer["window"], head_dim, layer["feature_dim"], slots)
     return layers * state.nbytes()
@@ -227,6 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--recall-mc-dir", type=Path, default=ROOT / "models" / "ref-llama-recall-mc")
     ap.add_argument("--recall-distances", default="16,64,160,288,416,672,896")
     ap.add_argument("--recall-trials", type=int, default=32)
+    ap.add_argument("--recall-table", default="memory_caching_recall",
+                    help="name of the recall table under benchmarks/results/ (another name keeps the committed one)")
     args = ap.parse_args(argv)
     import torch
 
@@ -267,10 +276,12 @@ def main(argv: list[str] | None = None) -> int:
 def recall_table(args: argparse.Namespace, variants: list[str], command: str) -> None:
     r_rows, r_raw = recall(args.recall_model, args.recall_mc_dir, variants,
                            [int(d) for d in args.recall_distances.split(",")], args.recall_trials)
-    rec = Table("memory_caching_recall", command, ["model", *[f"d={d}" for d in args.recall_distances.split(",")]],
+    rec = Table(args.recall_table, command, ["model", *[f"d={d}" for d in args.recall_distances.split(",")]],
                 r_rows, raw=r_raw)
     layers = {v: _layer(args.recall_mc_dir / v) for v in variants if (args.recall_mc_dir / v / "metrics.json").is_file()}
-    shape = "; ".join(f"{v}: window {x['window']}, segment {x['segment']}, feature_dim {x['feature_dim']}"
+    shape = "; ".join(f"{v}: window {x['window']}, segment {x['segment']}, "
+                      + (f"keep {x.get('keep') or x['segment']}, max_tokens {x.get('max_tokens', 0)}"
+                         if x.get("variant") == "select" else f"feature_dim {x['feature_dim']}")
                       for v, x in layers.items())
     rec.notes.append(f"Token accuracy of the recalled value (control in parentheses: a different key was "
                      f"planted); {args.recall_trials} trials per distance, filler = held-out code; {shape}. "

@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--toolchain", type=Path, default=TOOLCHAIN)
     ap.add_argument("--seed", type=int, help="overrides the toolchain's seed")
-    ap.add_argument("--variant", choices=["residual", "gated", "soup", "sparse"])
+    ap.add_argument("--variant", choices=["residual", "gated", "soup", "sparse", "select"])
     ap.add_argument("--set", action="append", default=[], metavar="PASS.OPTION=VALUE",
                     help="override a pass option, e.g. distill-attention.steps=300 (value parsed as JSON if it can be)")
     ap.add_argument("--recall-text", type=int, metavar="BYTES",

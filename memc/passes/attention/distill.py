@@ -7,7 +7,8 @@ new layers' parameters train; with ``router_loss`` > 0 stage 1 also fits each la
 attention mass per memory segment (router_loss.py), which the output MSE reaches only through the selected reads;
 with ``memory_loss`` > 0 it fits the layer's weight on each single memory token (router and feature maps) to the
 teacher's, and with ``attention_loss`` > 0 the layer's weight on every token, window included (so the memory's
-share too).
+share too). A select layer (memc/nn/selective.py) trains its salience scorer only, on selective_loss.py's
+regression (its selection is discrete: the output error gives the scorer no gradient).
 Stage 2 (optional): KL of the rewritten model's next-token distribution to the
 original's, through the whole network, still training only the new parameters. Window dropout during training
 keeps a layer from living off its window alone; the report measures what the memory contributes per layer.
@@ -30,7 +31,9 @@ from memc.eval.backends import TorchBackend
 from memc.eval.text import load_train_text, tokenize
 from memc.nn.memory_caching import MemoryCachingAttention
 from memc.passes.attention.memory_caching import MC_SITES_KEY, MemoryCachingSite
+from memc.nn.selective import SelectiveMemoryAttention
 from memc.passes.attention.router_loss import attention_kl, memory_kl, router_kl
+from memc.passes.attention.selective_loss import salience_loss
 from memc.passes.base import Pass, PassContext, PassResult, register_pass
 from memc.program import Program
 from memc.schema import option
@@ -203,6 +206,11 @@ class DistillAttention(Pass):
                 losses, kls, mkls, akls = {}, {}, {}, {}
                 for target, layer in layers.items():
                     q, k, v, x, out = seen[target]
+                    if isinstance(layer, SelectiveMemoryAttention):  # discrete selection: the scorer's own loss
+                        loss = salience_loss(layer, q, k, x)
+                        loss.backward()
+                        losses[target] = float(loss.detach())
+                        continue
                     loss = relative_error(layer(q, k, v, x), out)
                     if c.router_loss:
                         kl = router_kl(layer, q, k, x)
@@ -267,7 +275,7 @@ class DistillAttention(Pass):
 
     @staticmethod
     def _variant(layers: dict[str, nn.Module]) -> str:
-        return next(iter(layers.values())).cfg.variant
+        return getattr(next(iter(layers.values())).cfg, "variant", "select")
 
     def _layer_errors(self, gm, sites, layers, ids: torch.Tensor) -> dict[str, dict[str, float]]:
         """Per layer, on teacher-fed eval windows: relative error of the layer and of its window alone, the router's
@@ -283,6 +291,10 @@ class DistillAttention(Pass):
                 layer.memory_enabled = False
                 window_only = float(relative_error(layer(q, k, v, x), out))
                 layer.memory_enabled = True
+                if isinstance(layer, SelectiveMemoryAttention):
+                    errors[target] = {"error": round(full, 6), "window_only_error": round(window_only, 6),
+                                      "salience_mse": round(float(salience_loss(layer, q, k, x)), 6)}
+                    continue
                 kl = float(router_kl(layer, q, k, x))
                 mkl = float(memory_kl(layer, q, k, x))
                 akl = float(attention_kl(layer, q, k, x))
@@ -297,7 +309,8 @@ def _window_dropout(layers, p: float) -> Iterator[None]:
     saved = []
     for layer in layers:
         saved.append(layer.cfg)
-        layer.cfg = dataclasses.replace(layer.cfg, window_dropout=p)
+        if not isinstance(layer, SelectiveMemoryAttention):  # its training never runs the forward
+            layer.cfg = dataclasses.replace(layer.cfg, window_dropout=p)
         layer.train()
     try:
         yield

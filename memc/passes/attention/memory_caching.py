@@ -20,6 +20,7 @@ import torch
 
 from memc.errors import PassError
 from memc.nn.memory_caching import MemoryCachingAttention, MemoryCachingConfig
+from memc.nn.selective import SelectiveConfig, SelectiveMemoryAttention
 from memc.passes.attention.sites import SITES_KEY, AttentionSite
 from memc.passes.base import Pass, PassContext, PassResult, register_pass
 from memc.program import Program
@@ -57,7 +58,13 @@ class MemoryCachingRewrite(Pass):
         window: int = option(32, "exact softmax over the last `window` tokens (the token itself included)")
         segment: int = option(64, "older tokens are cached in segments of this many tokens")
         feature_dim: int = option(64, "feature-map dimension of each segment memory (even)")
-        variant: Literal["residual", "gated", "soup", "sparse"] = option("gated", "how segment memories are combined")
+        variant: Literal["residual", "gated", "soup", "sparse", "select"] = option(
+            "gated", "how segment memories are combined; select = keep the raw k, v of the most salient tokens of "
+                     "each closed segment (memc/nn/selective.py; reads feature_dim, top_k and the router options "
+                     "not, keep and max_tokens instead)")
+        keep: int = option(0, "select: candidates kept per closed segment (0 = every token of it)")
+        max_tokens: int = option(0, "select: cap on kept tokens per layer and KV head, the lowest-salience one "
+                                    "evicted (0 = unbounded); a cap makes the state constant")
         top_k: int = option(4, "sparse: cached segments read per query (plus the open one)")
         max_segments: int = option(0, "cap on cached segments (0 = unbounded); a cap makes the state constant")
         cap_policy: Literal["merge", "evict"] = option("merge", "over the cap: merge the oldest or drop them")
@@ -79,15 +86,19 @@ class MemoryCachingRewrite(Pass):
                 raise ValueError("sites: give at least one module-path pattern ('*' for all)")
             self.layer_config()  # every layer option is checked before any model work
 
-        def layer_config(self) -> MemoryCachingConfig:
+        def layer_config(self) -> MemoryCachingConfig | SelectiveConfig:
             try:
+                if self.variant == "select":
+                    return SelectiveConfig(window=self.window, segment=self.segment, keep=self.keep,
+                                           max_tokens=self.max_tokens)
                 return MemoryCachingConfig(
                     window=self.window, segment=self.segment, feature_dim=self.feature_dim, variant=self.variant,
                     top_k=self.top_k, max_segments=self.max_segments, cap_policy=self.cap_policy,
                     router_rank=self.router_rank, router=self.router,
                 )
             except ValueError as exc:
-                raise ValueError(str(exc).replace("memory caching option ", "")) from None
+                raise ValueError(str(exc).replace("memory caching option ", "").replace(
+                    "selective memory option ", "")) from None
 
     def run(self, program: Program, ctx: PassContext) -> PassResult:
         sites: list[AttentionSite] = program.annotations[SITES_KEY]
@@ -135,7 +146,7 @@ def save_layer_weights(path: Path, gm: torch.nn.Module, sites: list[MemoryCachin
     save_file(tensors, str(path), metadata={"memc.layer": json.dumps(layer, sort_keys=True)})
 
 
-CAP_OPTIONS = ("max_segments", "cap_policy")
+CAP_OPTIONS = ("max_segments", "cap_policy", "max_tokens")
 
 
 def load_layer_weights(gm: torch.nn.Module, sites: list[MemoryCachingSite], cfg: Any, option: str) -> None:
@@ -180,7 +191,10 @@ def _check_site(site: AttentionSite, p: Pass) -> None:
     if site.sinks or site.softcap:
         raise PassError(f"{where} uses attention sinks or a logit soft-cap, which the memory-caching form does "
                         "not reproduce yet")
-    if p.config.router_rank and site.hidden is None:
+    if p.config.variant == "select" and site.hidden is None:
+        raise PassError(f"{where}: its layer input is not a [batch, seq, hidden] tensor, so the select variant's "
+                        "salience scorer has nothing to read")
+    if p.config.variant != "select" and p.config.router_rank and site.hidden is None:
         raise PassError(f"{where}: its layer input is not a [batch, seq, hidden] tensor, so the router delta has "
                         f"nothing to read; set {p.option_path('router_rank')} = 0")
 
@@ -191,14 +205,16 @@ def _rewrite(gm: torch.fx.GraphModule, site: AttentionSite, cfg: "MemoryCachingR
     q, k, v = nodes[site.q], nodes[site.k_heads], nodes[site.v_heads]
     hidden = nodes[site.hidden] if site.hidden else None
     hidden_size = int(hidden.meta["val"].shape[-1]) if hidden is not None else 1
+    kind = SelectiveMemoryAttention if cfg.variant == "select" else MemoryCachingAttention
     with torch.random.fork_rng(devices=[]):  # each layer's initialisation depends on the seed and its index only
         torch.manual_seed(seed)
-        layer = MemoryCachingAttention(
+        layer = kind(
             cfg.layer_config(), num_heads=site.num_heads, num_kv_heads=site.num_kv_heads, head_dim=site.head_dim,
             hidden_size=hidden_size, scale=site.scale,
         )
-        with torch.no_grad():
-            layer.router_bias.fill_(cfg.router_bias_init)
+        if kind is MemoryCachingAttention:
+            with torch.no_grad():
+                layer.router_bias.fill_(cfg.router_bias_init)
     ref = next(iter(gm.parameters()), None)
     if ref is not None:
         layer = layer.to(dtype=ref.dtype if ref.is_floating_point() else torch.float32)
@@ -208,7 +224,7 @@ def _rewrite(gm: torch.fx.GraphModule, site: AttentionSite, cfg: "MemoryCachingR
         call = gm.graph.call_module(target, (q, k, v, hidden))
     call.meta = {k_: v_ for k_, v_ in out.meta.items() if k_ in ("val", "tensor_meta", "stack_trace")}
     stack = dict(out.meta.get("nn_module_stack") or {})
-    stack[target] = (target, f"{MemoryCachingAttention.__module__}.{MemoryCachingAttention.__qualname__}")
+    stack[target] = (target, f"{kind.__module__}.{kind.__qualname__}")
     call.meta["nn_module_stack"] = stack
     out.replace_all_uses_with(call)
     gm.graph.erase_node(out)  # sdpa counts as impure (seeded dropout), so dead-code elimination would keep it

@@ -1,0 +1,86 @@
+"""The memory-caching pass with variant = select inserts SelectiveMemoryAttention layers (keep every token: the
+original model exactly), and distill-attention trains only their salience scorers, lowering the regression loss."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from memc.errors import ConfigError
+from memc.nn.selective import SelectiveMemoryAttention
+from memc.passes.base import PassContext, create_pass
+from memc.passes.manager import PassManager
+from tests.eval.conftest import save_tiny_llama
+from tests.helpers import LAYERS, captured, token_batch
+
+
+def _run(source, mc: dict, distill: dict | None = None):
+    passes = [create_pass("detect-attention", {}, "pipeline[0]"), create_pass("memory-caching", mc, "pipeline[1]")]
+    if distill is not None:
+        passes.append(create_pass("distill-attention", distill, "pipeline[2]"))
+    return PassManager(passes).run(captured(source), PassContext(seed=0))
+
+
+def test_keeping_every_token_reproduces_the_original_model(tiny_llama_dir):
+    program = _run(tiny_llama_dir, {"variant": "select", "window": 3, "segment": 4})
+    layers = [m for m in program.module.modules() if isinstance(m, SelectiveMemoryAttention)]
+    assert len(layers) == LAYERS
+    ids = token_batch(2, 23)["input_ids"]
+    want = captured(tiny_llama_dir)(ids)[0]
+    assert float((program(ids)[0] - want).abs().max()) < 1e-4
+    for m in layers:
+        m.memory_enabled = False  # the ablation is window attention, which differs
+    assert float((program(ids)[0] - want).abs().max()) > 1e-3
+
+
+@pytest.mark.parametrize("option, value", [("keep", 9), ("max_tokens", -1)])
+def test_bad_select_options_name_the_option(option, value):
+    with pytest.raises(ConfigError, match=rf"pipeline\[1\].*{option}"):
+        create_pass("memory-caching", {"variant": "select", "segment": 8, option: value}, "pipeline[1]")
+
+
+@pytest.fixture(scope="module")
+def byte_llama(tmp_path_factory):
+    return save_tiny_llama(tmp_path_factory.mktemp("select-llama"))
+
+
+def test_distillation_trains_only_the_scorers_and_lowers_their_loss(byte_llama):
+    mc = {"variant": "select", "window": 4, "segment": 4, "keep": 2, "max_tokens": 6}
+    opts = {"text": "trainsplit:code", "steps": 20, "batch": 2, "seq_len": 48, "eval_windows": 1, "lr": 1e-2,
+            "log_every": 5}
+    frozen = {n: p.detach().clone() for n, p in captured(byte_llama).module.named_parameters()}
+    program = _run(byte_llama, mc, opts)
+    params = dict(program.module.named_parameters())
+    assert all(torch.equal(params[n], t) for n, t in frozen.items())
+    metrics = program.log[-1].metrics
+    before, after = metrics["layer_error_before"], metrics["layer_error_after"]
+    assert sum(a["salience_mse"] for a in after.values()) < sum(b["salience_mse"] for b in before.values())
+    again = _run(byte_llama, mc, opts)  # deterministic from the seed
+    assert all(torch.equal(p, dict(again.module.named_parameters())[n]) for n, p in params.items())
+
+
+def test_select_pipeline_compiles_to_onnx_and_verifies(byte_llama, tmp_path):
+    """detect -> rewrite (select, capped) -> distill -> ONNX: the parallel form lowers and matches the program."""
+    from tests.helpers import compile_model, write_toml
+
+    toml = write_toml(tmp_path / "select.toml", """
+        [[pipeline]]
+        pass = "detect-attention"
+        [[pipeline]]
+        pass = "memory-caching"
+        variant = "select"
+        window = 4
+        segment = 4
+        keep = 2
+        max_tokens = 3
+        [[pipeline]]
+        pass = "distill-attention"
+        steps = 2
+        batch = 1
+        seq_len = 48
+        eval_windows = 1
+        [target]
+        verify_shapes = [[1, 37]]
+    """)
+    result = compile_model(byte_llama, tmp_path / "out", "-c", toml)
+    assert result.rc == 0, result.explain()
+    assert result.report["verification"]["passed"]
