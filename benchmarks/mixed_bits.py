@@ -106,10 +106,14 @@ def main() -> None:
                     "shipped toolchain uses all 8)")
     ap.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=True,
                     help="GPTQ sweeps columns by decreasing Hessian diagonal (the quantize pass's default)")
-    ap.add_argument("--rows", default="all", choices=["all", "ilp", "uniform"],
-                    help="which rows this run measures (two runs on two cores, then --merge)")
+    ap.add_argument("--rows", default="all", choices=["all", "ilp", "uniform", "none"],
+                    help="which rows this run measures (two runs on two cores, then --merge); none: only write "
+                    "the --merge runs, in that order, as results/NAME")
     ap.add_argument("--name", default="mixed_bits", help="results/NAME.{md,json}")
-    ap.add_argument("--merge", default="", help="append the rows of results/NAME.json (another --rows run)")
+    ap.add_argument("--merge", default="", help="append the rows of results/NAME.json (another --rows / --budgets "
+                    "run; comma-separated for several)")
+    ap.add_argument("--budgets", default="", help="comma-separated ILP budget labels to measure (default: all; "
+                    "to split the ILP rows over processes)")
     ap.add_argument("--fp32-artifact", default="", help="an fp32 model.onnx of the same model for the speed baseline")
     ap.add_argument("--artifact-budgets", default="", help="comma-separated budget labels to build (default: all)")
     ap.add_argument("--distill-steps", type=int, default=0, help="also ILP + distillation rows (0 = none)")
@@ -118,6 +122,8 @@ def main() -> None:
     ap.add_argument("--distill-weight-lr", type=float, default=1e-2)
     ap.add_argument("--distill-windows", type=int, default=32, help="train-code windows of 512 tokens, 2 per step")
     args = ap.parse_args()
+    if args.rows == "none":
+        return _merge_only(args.name, args.merge)
     torch.set_num_threads(1)
     torch.manual_seed(0)
 
@@ -154,7 +160,7 @@ def main() -> None:
     command = "python -m benchmarks.mixed_bits " + " ".join(
         a for a in (f"--stride {args.stride}", f"--gptq-samples {args.gptq_samples}",
                     "" if args.act_order else "--no-act-order", f"--rows {args.rows}" if args.rows != "all" else "",
-                    "--artifacts" if args.artifacts else "",
+                    "--artifacts" if args.artifacts else "", f"--budgets '{args.budgets}'" if args.budgets else "",
                     (f"--distill-steps {args.distill_steps} --distill-scope {args.distill_scope} --distill-lr "
                      f"{args.distill_lr} --distill-weight-lr {args.distill_weight_lr} --distill-windows "
                      f"{args.distill_windows}") if args.distill_steps else "") if a)
@@ -166,6 +172,7 @@ def main() -> None:
              f"fake-quant only (onnxruntime CPU cannot store 3-bit), bytes counted densely packed (3 bits a code)."]
     table = Table(args.name, command, ["point", "quantizer", "bytes", "bits/param", "bits/byte", "Δ ppl/byte"],
                   rows, notes, raw)
+    raw["notes"] = table.notes  # the same list: artifact notes added later reach another run's --merge too
 
     def point(label: str, formats: dict, method: str, built=None) -> tuple[int, float, float]:
         t = time.perf_counter()
@@ -185,7 +192,12 @@ def main() -> None:
     int4 = sum(parse_format("int4-g128").nbytes(w.shape) for w in weights) + graph
     budgets = {"int4-g128 size": int4, "3 bits/param": int(3 * params / 8), "2.5 bits/param": int(2.5 * params / 8)}
     plans, distilled = {}, {}
+    unknown = set(filter(None, args.budgets.split(","))) - set(budgets)
+    if unknown:
+        raise SystemExit(f"--budgets: unknown {sorted(unknown)}; choose from {list(budgets)}")
     for label, budget in budgets.items() if args.rows != "uniform" else ():
+        if args.budgets and label not in args.budgets.split(","):
+            continue
         program.annotations.pop(PLAN, None)
         alloc = AllocateBits(AllocateOptions(budget=str(budget))).run(program, ctx)
         plan = {k: parse_format(v) for k, v in program.annotations[PLAN].items()}
@@ -217,10 +229,16 @@ def main() -> None:
         print(f"wrote {_merged(table, args.merge).write()}")
 
 
-def _merged(table: Table, name: str) -> Table:
-    """``table`` plus the rows, raw entries and notes of results/NAME.json (a run of the other ``--rows``)."""
+def _merged(table: Table, names: str) -> Table:
+    """``table`` plus the rows, raw entries and notes of results/NAME.json (a run of the other ``--rows``), for each
+    of the comma-separated ``names``."""
     import json
 
+    if "," in names:
+        for name in names.split(","):
+            table = _merged(table, name)
+        return table
+    name = names
     if not name:
         return table
     path = RESULTS / f"{name}.json"
@@ -230,7 +248,23 @@ def _merged(table: Table, name: str) -> Table:
     other = json.loads(path.read_text())
     raw = {**table.raw, **{k: v for k, v in other["raw"].items() if k not in table.raw}}
     return dataclasses.replace(table, rows=table.rows + [r for r in other["rows"] if r not in table.rows], raw=raw,
-                               notes=table.notes + [f"rows merged from `{other['command']}`"])
+                               notes=table.notes + [n for n in other["raw"].get("notes", []) if n not in table.notes]
+                               + [f"rows merged from `{other['command']}`"])
+
+
+def _merge_only(name: str, names: str) -> None:
+    """``--rows none``: the first of the comma-separated ``names`` followed by the others, as results/NAME."""
+    import json
+
+    first, *rest = [n for n in names.split(",") if n] or [""]
+    if not first:
+        raise SystemExit("--rows none: name the runs to merge with --merge")
+    data = json.loads((RESULTS / f"{first}.json").read_text())
+    table = _merged(Table(name, data["command"], data["columns"], data["rows"], data["raw"].get("notes", []),
+                          data["raw"]), ",".join(rest))
+    print(table.markdown())
+    print(f"wrote {table.write()}")
+    print(f"wrote {plot(RESULTS / f'{name}.json')}", flush=True)
 
 
 def _distilled(program, plan: dict, opts: dict, ctx) -> tuple:

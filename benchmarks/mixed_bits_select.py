@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import time
 
 import numpy as np
@@ -100,13 +101,16 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="models/ref-llama")
     ap.add_argument("--windows", type=int, default=96, help="validation windows of 1024 train-code tokens")
-    ap.add_argument("--candidates", default="", help="comma-separated candidate names to run (default: all)")
+    ap.add_argument("--candidates", default="", help="comma-separated candidate names to run (default: all; "
+                    "'none': only --merge the named runs and select)")
     ap.add_argument("--cache-dir", default="~/.cache/memc/sensitivity")
     ap.add_argument("--name", default="mixed_bits_select", help="results/NAME.{md,json}")
     ap.add_argument("--merge", default="", help="comma-separated results/NAME.json of other --candidates runs")
     args = ap.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
+    if args.candidates == "none":
+        return _merge_only(args.name, args.merge)
     chosen = [c for c in CANDIDATES if not args.candidates or c.name in args.candidates.split(",")]
     if args.candidates and len(chosen) != len(args.candidates.split(",")):
         raise SystemExit(f"--candidates: choose from {[c.name for c in CANDIDATES]}")
@@ -140,7 +144,7 @@ def main() -> None:
 
     base = _bits_per_window(program, windows)
     raw = {"fp32_bits_per_byte": base.sum() / nbytes.sum(), "windows": len(windows), "starts": starts.tolist(),
-           "fp32_bits": base.tolist(), "budget": budget}
+           "fp32_bits": base.tolist(), "nbytes": nbytes.tolist(), "budget": budget}
     rows: list[list] = []
     command = f"python -m benchmarks.mixed_bits_select --windows {args.windows}" + (
         f" --candidates '{args.candidates}'" if args.candidates else "")
@@ -148,6 +152,7 @@ def main() -> None:
              f"validation: {len(windows)} windows of {CONTEXT} train-code tokens disjoint from every calibration and "
              f"distillation window (token offsets {starts[0]}..{starts[-1]} of {len(tokens)}), fp32 "
              f"{raw['fp32_bits_per_byte']:.4f} bits/byte; Δ vs fp32 ± paired SE over windows."]
+    raw["note"] = notes[0]
     table = Table(args.name, command, ["candidate", "bits/byte", "Δ ppl/byte", "KL before → after", "seconds"], rows,
                   notes, raw)
     gctx = PassContext(seed=0, calibration=calib, config=cfg)
@@ -160,23 +165,46 @@ def main() -> None:
         bits = _bits_per_window(p, windows)
         d, se = _delta(bits, base, nbytes)
         raw[c.name] = {"bits": bits.tolist(), "delta_pct": d, "se_pct": se, "distill": m,
-                       "seconds": time.perf_counter() - t, "cpu_seconds": time.process_time() - cpu}
+                       "seconds": time.perf_counter() - t, "cpu_seconds": time.process_time() - cpu,
+                       "load": os.getloadavg()}
         rows.append([c.name, f"{bits.sum() / nbytes.sum():.4f}", f"{d:+.3f}% ± {se:.3f}",
                      f"{m['kl_before']:.4f} → {m['kl_after']:.4f}", f"{raw[c.name]['seconds']:.0f}"])
         print(rows[-1], flush=True)
         table.write()
-    merged = table
-    for name in filter(None, args.merge.split(",")):
-        merged = _merged(merged, name)
-    _select(merged, nbytes).write()
+    merged = _select(_merge_all(table, args.merge))
+    merged.write()
     print(merged.markdown(), flush=True)
 
 
-def _select(table: Table, nbytes: np.ndarray) -> Table:
+def _merge_all(table: Table, names: str) -> Table:
+    for name in filter(None, names.split(",")):
+        other = _merged(table, name)
+        if other.raw["starts"] != table.raw["starts"]:
+            raise SystemExit(f"--merge {name}: measured on other validation windows")
+        table = other
+    return table
+
+
+def _merge_only(name: str, names: str) -> None:
+    """``--candidates none``: the first of ``names`` plus the others' rows, with the selection, as results/NAME."""
+    import json
+
+    first, *rest = [n for n in names.split(",") if n] or [""]
+    if not first:
+        raise SystemExit("--candidates none: name the runs to merge with --merge")
+    data = json.loads((RESULTS / f"{first}.json").read_text())
+    table = Table(name, data["command"], data["columns"], data["rows"], [data["raw"]["note"]], data["raw"])
+    table = _select(_merge_all(table, ",".join(rest)))
+    print(f"wrote {table.write()}")
+    print(table.markdown(), flush=True)
+
+
+def _select(table: Table) -> Table:
     """The table with the selection (lowest validation bits/byte) once every candidate is in it."""
     raw = table.raw
     if not all(c.name in raw for c in CANDIDATES):
         return table
+    nbytes = np.array(raw["nbytes"])
     bits = {c.name: np.array(raw[c.name]["bits"]) for c in CANDIDATES}
     first = CANDIDATES[0].name
     best = min(bits, key=lambda n: bits[n].sum())

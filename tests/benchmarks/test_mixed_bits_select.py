@@ -39,3 +39,15 @@ def test_disjoint_from_calibration_and_distillation(tmp_path) -> None:
 
     assert not grams(read) & grams([tokens[s : s + 256] for s in starts])
     assert len(set(starts)) == 20 and starts[0] < starts[-1]
+
+
+def test_select_picks_the_lowest_validation_bits() -> None:
+    from benchmarks.harness import Table
+
+    nbytes = [100.0, 120.0, 90.0]
+    raw = {"nbytes": nbytes, **{c.name: {"bits": [50.0 + i, 60.0 + i, 40.0 + i]} for i, c in enumerate(sel.CANDIDATES)}}
+    raw[sel.CANDIDATES[2].name]["bits"] = [49.0, 59.0, 39.0]
+    table = sel._select(Table("t", "cmd", ["candidate"], [], [], raw))
+    assert table.raw["selected"] == sel.CANDIDATES[2].name and "selected" in table.notes[-1]
+    partial = Table("t", "cmd", ["candidate"], [], [], {"nbytes": nbytes, sel.CANDIDATES[0].name: {"bits": [1.0]}})
+    assert "selected" not in sel._select(partial).raw  # no choice before every candidate is measured
