@@ -106,10 +106,16 @@ def main() -> None:
                     "shipped toolchain uses all 8)")
     ap.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=True,
                     help="GPTQ sweeps columns by decreasing Hessian diagonal (the quantize pass's default)")
-    ap.add_argument("--rows", default="all", choices=["all", "ilp", "uniform"],
-                    help="which rows this run measures (two runs on two cores, then --merge)")
+    ap.add_argument("--rows", default="all", choices=["all", "ilp", "uniform", "none"],
+                    help="which rows this run measures (two runs on two cores, then --merge); none: only write "
+                    "the --merge runs, in that order, as results/NAME")
     ap.add_argument("--name", default="mixed_bits", help="results/NAME.{md,json}")
-    ap.add_argument("--merge", default="", help="append the rows of results/NAME.json (another --rows run)")
+    ap.add_argument("--merge", default="", help="append the rows of results/NAME.json (another --rows / --budgets "
+                    "run; comma-separated for several)")
+    ap.add_argument("--skip-plain", action="store_true", help="with --distill-steps: only the distilled ILP rows "
+                    "(saves the plain rows' evaluation where CPU time is short)")
+    ap.add_argument("--budgets", default="", help="comma-separated ILP budget labels to measure (default: all; "
+                    "to split the ILP rows over processes)")
     ap.add_argument("--fp32-artifact", default="", help="an fp32 model.onnx of the same model for the speed baseline")
     ap.add_argument("--artifact-budgets", default="", help="comma-separated budget labels to build (default: all)")
     ap.add_argument("--distill-steps", type=int, default=0, help="also ILP + distillation rows (0 = none)")
@@ -118,12 +124,15 @@ def main() -> None:
     ap.add_argument("--distill-weight-lr", type=float, default=1e-2)
     ap.add_argument("--distill-windows", type=int, default=32, help="train-code windows of 512 tokens, 2 per step")
     args = ap.parse_args()
+    if args.rows == "none":
+        return _merge_only(args.name, args.merge)
     torch.set_num_threads(1)
     torch.manual_seed(0)
 
     from memc.calibration import calibration_samples
     from memc.passes.base import PassContext
     from memc.passes.quant.allocate import AllocateBits, AllocateOptions
+    from memc.passes.quant.graph_bytes import measure_graph_bytes
     from memc.passes.quant.quantize import PLAN
     from memc.passes.quant.sensitivity import DEFAULT_CANDIDATES, SENSITIVITY, QuantSensitivity, SensitivityOptions
     from memc.quant.formats import KEEP, parse_format
@@ -154,23 +163,34 @@ def main() -> None:
     command = "python -m benchmarks.mixed_bits " + " ".join(
         a for a in (f"--stride {args.stride}", f"--gptq-samples {args.gptq_samples}",
                     "" if args.act_order else "--no-act-order", f"--rows {args.rows}" if args.rows != "all" else "",
-                    "--artifacts" if args.artifacts else "",
+                    "--artifacts" if args.artifacts else "", "--skip-plain" if args.skip_plain else "", f"--budgets '{args.budgets}'" if args.budgets else "",
                     (f"--distill-steps {args.distill_steps} --distill-scope {args.distill_scope} --distill-lr "
                      f"{args.distill_lr} --distill-weight-lr {args.distill_weight_lr} --distill-windows "
                      f"{args.distill_windows}") if args.distill_steps else "") if a)
     notes = [f"ref-llama, held-out code, {len(windows)} of {total_windows} windows of {CONTEXT} tokens (every "
              f"{args.stride}th), fp32 {fp_bpb:.4f} bits/byte; Δ = per-byte perplexity vs fp32 ± paired SE over windows; "
-             f"bytes = model.onnx as predicted: {graph:,} graph bytes (measured by a trial lowering) + exact container "
-             f"bytes of every tensor; sensitivity: fisher on {len(calib)} train-code batches of 2 x 512 tokens; GPTQ "
+             f"bytes = model.onnx as predicted: graph bytes measured by a trial lowering of that point's formats (ILP rows: "
+             f"the allocate pass's measurement of its plan; int3 rows: {graph:,}, the cheapest-candidate lowering) + "
+             f"exact container bytes of every tensor; sensitivity: fisher on {len(calib)} train-code batches of 2 x 512 tokens; GPTQ "
              f"Hessians from the first {len(gptq_calib)} of them{' (act-order)' if args.act_order else ''}; int3 rows: torch "
              f"fake-quant only (onnxruntime CPU cannot store 3-bit), bytes counted densely packed (3 bits a code)."]
+    target = program.annotations[SENSITIVITY]["target"]
+
+    def graph_of(formats: dict) -> int:
+        """model.onnx bytes besides the weights for these formats (the lowering's graph depends on them); a format
+        onnxruntime cannot store (3-bit) gets the cheapest-candidate measurement."""
+        if not all(f.keep or f.accepted_by("onnx") for f in formats.values()):
+            return graph
+        return measure_graph_bytes(program, weights, {n: f.name for n, f in formats.items()}, target)
+
     table = Table(args.name, command, ["point", "quantizer", "bytes", "bits/param", "bits/byte", "Δ ppl/byte"],
                   rows, notes, raw)
+    raw["notes"] = table.notes  # the same list: artifact notes added later reach another run's --merge too
 
-    def point(label: str, formats: dict, method: str, built=None) -> tuple[int, float, float]:
+    def point(label: str, formats: dict, method: str, built=None, overhead: int | None = None) -> tuple[int, float, float]:
         t = time.perf_counter()
         p, stored = built[:2] if built else _fake_quant(program, formats, method, gptq_calib, args.act_order)
-        size = graph + stored
+        size = (graph_of(formats) if overhead is None else overhead) + stored
         bits = _bits_per_window(p, windows)
         d, se = _delta(bits, base, nbytes)
         rows.append([label, method, f"{size / 1e6:.3f} MB", f"{8 * size / params:.2f}",
@@ -182,10 +202,15 @@ def main() -> None:
         return size, d, se
 
     uniform = lambda name: {w.name: parse_format(name) for w in weights}  # noqa: E731
-    int4 = sum(parse_format("int4-g128").nbytes(w.shape) for w in weights) + graph
+    int4 = sum(parse_format("int4-g128").nbytes(w.shape) for w in weights) + graph_of(uniform("int4-g128"))
     budgets = {"int4-g128 size": int4, "3 bits/param": int(3 * params / 8), "2.5 bits/param": int(2.5 * params / 8)}
     plans, distilled = {}, {}
+    unknown = set(filter(None, args.budgets.split(","))) - set(budgets)
+    if unknown:
+        raise SystemExit(f"--budgets: unknown {sorted(unknown)}; choose from {list(budgets)}")
     for label, budget in budgets.items() if args.rows != "uniform" else ():
+        if args.budgets and label not in args.budgets.split(","):
+            continue
         program.annotations.pop(PLAN, None)
         alloc = AllocateBits(AllocateOptions(budget=str(budget))).run(program, ctx)
         plan = {k: parse_format(v) for k, v in program.annotations[PLAN].items()}
@@ -194,12 +219,15 @@ def main() -> None:
                                "solver_seconds": alloc.metrics["solver_seconds"], "formats": alloc.metrics["formats"],
                                "table": alloc.metrics["table"]}
         print(label, budget, alloc.metrics["formats"], f"{alloc.metrics['solver_seconds']:.3f} s", flush=True)
-        point(f"memc ILP @ {label} ({budget / 1e6:.3f} MB)", {w.name: plan.get(w.name, KEEP) for w in weights}, "gptq")
+        if not (args.skip_plain and args.distill_steps):
+            point(f"memc ILP @ {label} ({budget / 1e6:.3f} MB)", {w.name: plan.get(w.name, KEEP) for w in weights}, "gptq",
+                  overhead=alloc.metrics["overhead_bytes"])
         if args.distill_steps:
             built = _distilled(program, plans[label], distill_opts, PassContext(seed=0, calibration=gptq_calib, config=cfg))
             distilled[label] = built[0]
             raw[f"distill {label}"] = built[3]
-            point(f"memc ILP + distill @ {label} ({budget / 1e6:.3f} MB)", {}, "gptq+kd", built[:3])
+            point(f"memc ILP + distill @ {label} ({budget / 1e6:.3f} MB)", {}, "gptq+kd", built[:3],
+                  overhead=alloc.metrics["overhead_bytes"])
     raw["plans"] = plans
     gptq_points = ("int4-g128", "int3-g128", "int2-g32", "int2-g128")  # at (or under) the ILP points' bytes
     for name in gptq_points if args.rows != "ilp" else ():
@@ -217,10 +245,16 @@ def main() -> None:
         print(f"wrote {_merged(table, args.merge).write()}")
 
 
-def _merged(table: Table, name: str) -> Table:
-    """``table`` plus the rows, raw entries and notes of results/NAME.json (a run of the other ``--rows``)."""
+def _merged(table: Table, names: str) -> Table:
+    """``table`` plus the rows, raw entries and notes of results/NAME.json (a run of the other ``--rows``), for each
+    of the comma-separated ``names``."""
     import json
 
+    if "," in names:
+        for name in names.split(","):
+            table = _merged(table, name)
+        return table
+    name = names
     if not name:
         return table
     path = RESULTS / f"{name}.json"
@@ -230,7 +264,23 @@ def _merged(table: Table, name: str) -> Table:
     other = json.loads(path.read_text())
     raw = {**table.raw, **{k: v for k, v in other["raw"].items() if k not in table.raw}}
     return dataclasses.replace(table, rows=table.rows + [r for r in other["rows"] if r not in table.rows], raw=raw,
-                               notes=table.notes + [f"rows merged from `{other['command']}`"])
+                               notes=table.notes + [n for n in other["raw"].get("notes", []) if n not in table.notes]
+                               + [f"rows merged from `{other['command']}`"])
+
+
+def _merge_only(name: str, names: str) -> None:
+    """``--rows none``: the first of the comma-separated ``names`` followed by the others, as results/NAME."""
+    import json
+
+    first, *rest = [n for n in names.split(",") if n] or [""]
+    if not first:
+        raise SystemExit("--rows none: name the runs to merge with --merge")
+    data = json.loads((RESULTS / f"{first}.json").read_text())
+    table = _merged(Table(name, data["command"], data["columns"], data["rows"], data["raw"].get("notes", []),
+                          data["raw"]), ",".join(rest))
+    print(table.markdown())
+    print(f"wrote {table.write()}")
+    print(f"wrote {plot(RESULTS / f'{name}.json')}", flush=True)
 
 
 def _distilled(program, plan: dict, opts: dict, ctx) -> tuple:

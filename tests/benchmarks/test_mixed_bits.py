@@ -39,3 +39,22 @@ def test_merge_appends_other_rows(tmp_path, monkeypatch) -> None:
     assert merged.raw["fp32_bits_per_byte"] == 1.0 and merged.raw["uniform int4-g128 [rtn]"] == {"bytes": 1}
     assert own.rows == [["memc ILP", "gptq"]]  # the run's own table is left as it was
     assert mb._merged(own, "") is own and mb._merged(own, "missing") is own
+
+
+def test_merge_only_writes_runs_in_order_with_their_notes(tmp_path, monkeypatch) -> None:
+    import benchmarks.harness
+
+    monkeypatch.setattr(mb, "RESULTS", tmp_path)
+    monkeypatch.setattr(benchmarks.harness, "RESULTS", tmp_path)
+    for name, label in (("a", "memc ILP @ int4"), ("b", "memc ILP @ 3 bits"), ("u", "uniform int4-g128")):
+        raw = {f"{label} [gptq]": {"bytes": 2e6, "delta_pct": 0.3, "se_pct": 0.02, "method": "gptq"},
+               "notes": ["shared", f"artifact {name}"]}
+        Table(name, f"cmd {name}", ["point", "quantizer"], [[label, "gptq"]], raw["notes"], raw).write()
+    mb._merge_only("all", "a,b,u")
+    out = json.loads((tmp_path / "all.json").read_text())
+    assert [r[0] for r in out["rows"]] == ["memc ILP @ int4", "memc ILP @ 3 bits", "uniform int4-g128"]
+    md = (tmp_path / "all.md").read_text()
+    assert md.count("shared") == 1 and "artifact a" in md and "artifact b" in md and "artifact u" in md
+    assert (tmp_path / "all.png").exists()
+    with pytest.raises(SystemExit, match="--merge"):
+        mb._merge_only("all", "")
