@@ -93,7 +93,8 @@ def test_the_pool_keeps_the_highest_salience_tokens():
         mod.scorer[2].weight.zero_(); mod.scorer[2].bias.zero_(); mod.scorer[2].weight[:, 0] = 1.0
     x[0, [1, 6, 9, 13], 0] = torch.tensor([3.0, 1.0, 2.0, 0.5], dtype=torch.float64)
     _, state = run_steps(mod, *inputs(1, 20)[:3], x)
-    assert sorted(p - 1 for p in state.pool_pos[0, 0].tolist()) == [1, 9]  # segments 0..3 closed; 6 and 13 evicted / outranked
+    # segments 0..3 closed; 6 and 13 evicted / outranked (pool_pos is position + 1)
+    assert sorted(p - 1 for p in state.pool_pos[0, 0].tolist()) == [1, 9]
     vis = mod.visible(mod.salience(x))[0, 0, 19]
     assert vis[[1, 9]].all() and not vis[[6, 13]].any()
 
