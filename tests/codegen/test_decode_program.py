@@ -5,7 +5,8 @@ full-sequence logits. Memory caching: the tiny Llama rewritten by detect-attenti
 segment 4, max_segments 2: segments close, fill the cap and merge within 24 tokens) compiled with
 ``decode_graph = true``; its decode graph is fed token by token and must match the REWRITTEN Program (rebuilt
 here with the same seed), its state inputs have no context-dependent axis, and an unbounded layer is refused at
-check time naming the site. One decode export per model (the machine is slow; fixtures are shared).
+check time naming the site. The select variant (window 4, segment 4, keep 1, max_tokens 2: the pool fills and
+evicts within 24 tokens) the same way, its uncapped form refused naming max_tokens. One decode export per model (the machine is slow; fixtures are shared).
 """
 from __future__ import annotations
 
@@ -251,3 +252,24 @@ def test_select_decode_compiles_and_matches_the_rewritten_program(tiny_hf, tmp_p
         if type(mod).__name__ == "SelectiveMemoryAttention":
             mod.memory_enabled = False
     assert np.abs(reference(ids)[:, 8:] - with_memory[:, 8:]).max() > 1e-3
+
+
+def test_compile_refuses_an_uncapped_select_decode_graph(tiny_hf, tmp_path):
+    cfg = write_toml(tmp_path / "toolchain.toml", """
+        [[pipeline]]
+        pass = "detect-attention"
+
+        [[pipeline]]
+        pass = "memory-caching"
+        variant = "select"
+        window = 4
+        segment = 4
+
+        [target]
+        decode_graph = true
+    """)
+    res = compile_model(tiny_hf("llama"), tmp_path / "out", "-c", cfg)
+    assert res.rc == 2, res.explain()
+    assert "model.layers.0.self_attn" in res.stderr and "max_tokens" in res.stderr
+    assert "no attention site" not in res.stderr and "Traceback" not in res.stderr
+    assert not res.out_dir.exists()
