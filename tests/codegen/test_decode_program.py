@@ -6,7 +6,8 @@ segment 4, max_segments 2: segments close, fill the cap and merge within 24 toke
 ``decode_graph = true``; its decode graph is fed token by token and must match the REWRITTEN Program (rebuilt
 here with the same seed), its state inputs have no context-dependent axis, and an unbounded layer is refused at
 check time naming the site. The select variant (window 4, segment 4, keep 1, max_tokens 2: the pool fills and
-evicts within 24 tokens) the same way, its uncapped form refused naming max_tokens. One decode export per model (the machine is slow; fixtures are shared).
+evicts within 24 tokens) the same way, its uncapped form refused naming max_tokens. One decode export per model
+(the machine is slow; fixtures are shared).
 """
 from __future__ import annotations
 
