@@ -18,10 +18,12 @@ site of the final graph gets its state, in graph order (site index ``i``):
     ``concat(past, k_heads)`` / ``concat(past, v_heads)`` (GQA repeat redone after the concat) with a causal mask
     offset by the past length; the concatenations are the presents.
 * a MemoryCachingAttention call (the memory-caching pass): the layer's fixed-layout MemoryCachingState
-  ``past_mc_<field>_i`` (mc_state.py), updated by the layer's recurrent ``step``. Only capped layers
-  (``max_segments > 0``) have a fixed-size state; an unbounded one is refused here, before anything is lowered.
-  ``step`` takes one token, so a graph with any memory-caching site has a static ``seq`` of 1 and the engine
-  feeds a prompt token by token.
+  ``past_mc_<field>_i`` (mc_state.py), updated by the layer's recurrent ``step``; a SelectiveMemoryAttention call
+  (its ``select`` variant) likewise, with its SelectiveState ``past_sel_<field>_i`` (selective_state.py). Both
+  are state kind ``mc`` (fixed size; the site records ``mc`` or ``select``). Only capped layers
+  (``max_segments > 0``, ``max_tokens > 0``) have a fixed-size state; an unbounded one is refused here, before
+  anything is lowered. ``step`` takes one token, so a graph with any memory-caching site has a static ``seq`` of 1
+  and the engine feeds a prompt token by token.
 
 Positions: the captured graph derives position ids (and from them RoPE cos/sin, or learned position embeddings)
 from ``arange(seq)`` where ``seq`` is ``input_ids.shape[1]``. Every such ``arange`` gets the past length added
@@ -41,9 +43,10 @@ from torch import fx, nn
 
 from memc.codegen.attention import _attend, choose, drop_dead_masks, gqa_fits, lengths
 from memc.errors import UnsupportedError
-from memc.nn.mc_state import FIELDS as MC_FIELDS
 from memc.nn.mc_state import MemoryCachingState
 from memc.nn.memory_caching import MemoryCachingAttention
+from memc.nn.selective import SelectiveMemoryAttention
+from memc.nn.selective_state import SelectiveState
 from memc.passes.attention.detect import detect_attention
 from memc.passes.attention.sites import AttentionSite
 from memc.program import DimSpec, Program, module_path
@@ -60,8 +63,9 @@ class StateTensor:
     """One state input of a decode graph (its output is the same name with ``present_`` for ``past_``).
 
     ``shape`` holds ints and the symbolic dims ``"batch"`` and ``"past"`` (a growing KV cache) or ``"capacity"`` (a
-    preallocated one); ``kind`` is ``kv`` or ``mc``; ``site`` the owning attention module path. This is the layout report.json and the graph's metadata
-    record, and what memc.runtime.DecodeEngine reads.
+    preallocated one); ``kind`` is ``kv`` or ``mc`` (a fixed-size memory-caching state, select variant included);
+    ``site`` the owning attention module path. This is the layout report.json and the graph's metadata record, and
+    what memc.runtime.DecodeEngine reads.
     """
 
     name: str
@@ -164,15 +168,24 @@ def export_decode(graph: DecodeGraph) -> torch.export.ExportedProgram:
     )
 
 
-class MemoryCachingStep(nn.Module):
-    """A MemoryCachingAttention call in step form: ``(q, k, v, x, *state) -> (y, *new_state)``."""
+RecurrentLayer = MemoryCachingAttention | SelectiveMemoryAttention
+# per recurrent layer type: its state class, the state names' prefix (past_<prefix>_<field>_i), the site kind
+RECURRENT: dict[type, tuple[type, str, str]] = {
+    MemoryCachingAttention: (MemoryCachingState, "mc", "mc"),
+    SelectiveMemoryAttention: (SelectiveState, "sel", "select"),
+}
 
-    def __init__(self, layer: MemoryCachingAttention):
+
+class RecurrentStep(nn.Module):
+    """A memory-caching (or select) layer call in step form: ``(q, k, v, x, *state) -> (y, *new_state)``."""
+
+    def __init__(self, layer: RecurrentLayer):
         super().__init__()
         self.layer = layer
+        self.state_cls = RECURRENT[type(layer)][0]
 
     def forward(self, q, k, v, x, *state):
-        y, new = self.layer.step(q, k, v, x, MemoryCachingState.from_tensors(state))
+        y, new = self.layer.step(q, k, v, x, self.state_cls.from_tensors(state))
         return (y, *new.tensors())
 
 
@@ -193,8 +206,16 @@ def check_kv_site(site: AttentionSite) -> None:
                                "reproduce yet")
 
 
-def check_mc_layer(module: str, layer: MemoryCachingAttention) -> None:
-    if layer.cfg.max_segments <= 0:
+def check_mc_layer(module: str, layer: RecurrentLayer) -> None:
+    if isinstance(layer, SelectiveMemoryAttention):
+        if layer.cfg.max_tokens <= 0:
+            raise UnsupportedError(
+                f"{_site_label(module)}: its SelectiveMemoryAttention (memory-caching variant select) is unbounded "
+                "(max_tokens = 0), so its decode state grows with the context and has no fixed-size decode graph",
+                hint="set the memory-caching pass option max_tokens > 0 (a cap on kept tokens), or "
+                     "target.decode_graph = false",
+            )
+    elif layer.cfg.max_segments <= 0:
         raise UnsupportedError(
             f"{_site_label(module)}: its MemoryCachingAttention is unbounded (max_segments = 0), so its decode state "
             "grows with the context and has no fixed-size decode graph",
@@ -203,13 +224,13 @@ def check_mc_layer(module: str, layer: MemoryCachingAttention) -> None:
         )
 
 
-def mc_calls(gm: fx.GraphModule) -> list[tuple[fx.Node, MemoryCachingAttention]]:
-    """The call_module nodes of memory-caching layers, in graph order."""
+def mc_calls(gm: fx.GraphModule) -> list[tuple[fx.Node, RecurrentLayer]]:
+    """The call_module nodes of memory-caching layers (select variant included), in graph order."""
     out = []
     for node in gm.graph.nodes:
         if node.op == "call_module":
             mod = gm.get_submodule(node.target)
-            if isinstance(mod, MemoryCachingAttention):
+            if type(mod) in RECURRENT:
                 out.append((node, mod))
     return out
 
@@ -218,7 +239,7 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
-def check_decodable(program: Program) -> tuple[list[AttentionSite], list[tuple[fx.Node, MemoryCachingAttention]]]:
+def check_decodable(program: Program) -> tuple[list[AttentionSite], list[tuple[fx.Node, RecurrentLayer]]]:
     """Everything that can refuse a decode graph, before anything is built: returns (KV sites, MC calls)."""
     if program.source.task != "causal-lm" or program.input_names[:1] != ["input_ids"] or not program.source.vocab_size:
         raise UnsupportedError(
@@ -326,9 +347,10 @@ def decode_graph(program: Program, attention: str = "auto") -> DecodeGraph:
             layer = mc_nodes[node]
             module = str(node.target).rsplit(".", 1)[0] if "." in str(node.target) else module_path(node)
             init = layer.init_state(1, dtype=node.args[0].meta["val"].dtype)
+            state_cls, prefix, site_kind = RECURRENT[type(layer)]
             placeholders = []
-            for fname, t in zip(MC_FIELDS, init.tensors()):
-                name = f"past_mc_{fname}_{index}"
+            for fname, t in zip(state_cls.names(), init.tensors()):
+                name = f"past_{prefix}_{fname}_{index}"
                 with graph.inserting_after(last):
                     last = graph.placeholder(name)
                 placeholders.append(last)
@@ -336,15 +358,15 @@ def decode_graph(program: Program, attention: str = "auto") -> DecodeGraph:
                 state.append(StateTensor(name, tuple(int(d) if not isinstance(d, str) else d for d in shape),
                                          _dtype_name(t.dtype), "mc", module))
             target = f"memc_decode_step_{index}"
-            gm.add_submodule(target, MemoryCachingStep(layer))
+            gm.add_submodule(target, RecurrentStep(layer))
             with graph.inserting_before(node):
                 call = graph.call_module(target, (*node.args, *placeholders))
                 y = graph.call_function(operator.getitem, (call, 0))
-                new = [graph.call_function(operator.getitem, (call, 1 + j)) for j in range(len(MC_FIELDS))]
+                new = [graph.call_function(operator.getitem, (call, 1 + j)) for j in range(len(placeholders))]
             att = y
             first_t = first_t or placeholders[0]  # t, the tokens seen so far
             presents += new
-            sites.append({"module": module, "kind": "mc", "state": [p.name for p in placeholders]})
+            sites.append({"module": module, "kind": site_kind, "state": [p.name for p in placeholders]})
         node.replace_all_uses_with(att)
         graph.erase_node(node)
     if length is not None:

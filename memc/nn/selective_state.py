@@ -10,13 +10,14 @@ win_k/v     [B, H, W, D] window ring buffer: slot s holds the newest position p 
 win_score   [B, H, W]    each window token's salience (computed when it entered; needed when it leaves)
 open_k/v    [B, H, S, D] open segment, raw: slot s holds position o * S + s, valid for s <= (t - 1 - W) % S
 open_score  [B, H, S]    (o = (t - 1 - W) // S; no slot is valid while t - 1 < W)
-pool_k/v    [B, H, M, D] kept tokens, ordered by rank (best first); an empty slot has pool_pos = -1
+pool_k/v    [B, H, M, D] kept tokens, ordered by rank (best first); an empty slot has pool_pos = 0
 pool_score  [B, H, M]
-pool_pos    [B, H, M]    int64 absolute position (ties in salience go to the earlier one)
+pool_pos    [B, H, M]    int64 absolute position + 1 (ties in salience go to the earlier one; 0 = empty)
 =========== ============ ==================================================================================
 
 With ``max_tokens > 0`` no shape depends on the context length (M = max_tokens); with 0 the pool axis grows by
-``keep`` per closed segment (eager decode only).
+``keep`` per closed segment (eager decode only). The empty state is all zeros (hence position + 1), so a runtime
+that knows only the shapes and dtypes (memc.runtime.engine) can make it.
 """
 from __future__ import annotations
 
@@ -52,7 +53,7 @@ class SelectiveState:
             win_k=z(b, h, window, d), win_v=z(b, h, window, d), win_score=z(b, h, window),
             open_k=z(b, h, segment, d), open_v=z(b, h, segment, d), open_score=z(b, h, segment),
             pool_k=z(b, h, slots, d), pool_v=z(b, h, slots, d), pool_score=z(b, h, slots),
-            pool_pos=torch.full((b, h, slots), -1, dtype=torch.int64, device=device),
+            pool_pos=torch.zeros((b, h, slots), dtype=torch.int64, device=device),
         )
 
     @staticmethod

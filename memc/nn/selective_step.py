@@ -34,11 +34,11 @@ def _close(mod: "SelectiveMemoryAttention", st: SelectiveState, start: torch.Ten
     s = cfg.segment
     b, h = st.open_score.shape[:2]
     dev = st.open_score.device
-    o_pos = (start + torch.arange(s, device=dev)).expand(b, h, s)
+    o_pos = (start + 1 + torch.arange(s, device=dev)).expand(b, h, s)  # position + 1, as pool_pos
     o_cand = _rank(st.open_score, o_pos, torch.ones_like(o_pos, dtype=torch.bool)) < cfg.per_segment
     score = torch.cat([st.pool_score, st.open_score], -1)
     pos = torch.cat([st.pool_pos, o_pos], -1)
-    valid = torch.cat([st.pool_pos >= 0, o_cand], -1)
+    valid = torch.cat([st.pool_pos > 0, o_cand], -1)
     rank = _rank(score, pos, valid)
     m = cfg.max_tokens or (st.pool_pos.shape[-1] + cfg.per_segment)  # unbounded: every candidate, appended
     hot = ((rank.unsqueeze(-1) == torch.arange(m, device=dev)) & valid.unsqueeze(-1))  # [B, H, E, M]
@@ -46,8 +46,7 @@ def _close(mod: "SelectiveMemoryAttention", st: SelectiveState, start: torch.Ten
     new_k = torch.einsum("bhem,bhed->bhmd", f, torch.cat([st.pool_k, st.open_k], 2))
     new_v = torch.einsum("bhem,bhed->bhmd", f, torch.cat([st.pool_v, st.open_v], 2))
     new_score = torch.einsum("bhem,bhe->bhm", f, score)
-    filled = hot.any(-2)
-    new_pos = torch.where(filled, (hot.to(torch.int64) * pos.unsqueeze(-1)).sum(-2), -torch.ones_like(filled, dtype=torch.int64))
+    new_pos = (hot.to(torch.int64) * pos.unsqueeze(-1)).sum(-2)  # 0 where no entry landed: an empty slot
     if not cfg.max_tokens:
         return new_k, new_v, new_score, new_pos
     return tuple(torch.where(closes, new, old) for new, old in (
@@ -108,7 +107,7 @@ def _read(mod: "SelectiveMemoryAttention", q: torch.Tensor, st: SelectiveState) 
         ok.append((torch.arange(c, device=q.device) <= torch.remainder(last, c)) & (last >= 0))
         keys += [st.open_k, st.pool_k]
         values += [st.open_v, st.pool_v]
-    ok = torch.cat([a.expand(b, h, -1) for a in ok] + ([st.pool_pos >= 0] if mod.memory_enabled else []), -1)
+    ok = torch.cat([a.expand(b, h, -1) for a in ok] + ([st.pool_pos > 0] if mod.memory_enabled else []), -1)
     kk = expand_kv(torch.cat(keys, 2).to(dt), g)
     vv = expand_kv(torch.cat(values, 2).to(dt), g)
     s = torch.matmul(q, kk.transpose(-1, -2)) * mod.scale  # [B, Hq, 1, L]

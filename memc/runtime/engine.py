@@ -5,8 +5,9 @@ The graph (memc.codegen.decode) takes ``input_ids [batch, seq]`` plus its state 
 layout (names, shapes with the symbolic dims ``batch`` and ``past``, dtypes) is read from the graph's
 ``memc.state`` metadata (the same list report.json records under ``target.decode.state``): KV caches
 ``past_key_i`` / ``past_value_i`` [batch, heads, past, head_dim] grow with the context; memory-caching states
-``past_mc_<field>_i`` have fixed shapes. Prefill is the same graph from the empty state (zero-length past axes,
-zeros elsewhere); a graph with a static seq of 1 (memory-caching sites) is fed a prompt token by token.
+``past_mc_<field>_i`` (``past_sel_<field>_i`` for the select variant; kind ``mc`` both) have fixed shapes. Prefill
+is the same graph from the empty state (zero-length past axes, zeros elsewhere: every state layout's empty value);
+a graph with a static seq of 1 (memory-caching sites) is fed a prompt token by token.
 
 KV layouts (``memc.kv_cache`` metadata): ``concat`` graphs return grown presents; ``preallocated`` graphs
 (onnxruntime GroupQueryAttention) take KV buffers of a capacity plus ``past_length`` and write the new tokens in

@@ -5,7 +5,9 @@ full-sequence logits. Memory caching: the tiny Llama rewritten by detect-attenti
 segment 4, max_segments 2: segments close, fill the cap and merge within 24 tokens) compiled with
 ``decode_graph = true``; its decode graph is fed token by token and must match the REWRITTEN Program (rebuilt
 here with the same seed), its state inputs have no context-dependent axis, and an unbounded layer is refused at
-check time naming the site. One decode export per model (the machine is slow; fixtures are shared).
+check time naming the site. The select variant (window 4, segment 4, keep 1, max_tokens 2: the pool fills and
+evicts within 24 tokens) the same way, its uncapped form refused naming max_tokens. One decode export per model
+(the machine is slow; fixtures are shared).
 """
 from __future__ import annotations
 
@@ -201,3 +203,74 @@ def test_mixed_kv_and_mc_sites_decode_exactly(tiny_hf, tmp_path):
     check = verify_decode(engine, program_reference(program), _ids(2, 20), prefill=1, atol=DEFAULT_ATOL)
     assert check.passed, check.as_dict()
     record_diff("decode llama mixed kv + memory-caching", check.max_abs_diff)
+
+
+SELECT = {"variant": "select", "window": 4, "segment": 4, "keep": 1, "max_tokens": 2}  # 24 tokens: 4 segments close
+
+
+def test_unbounded_select_layer_is_refused_at_check_time(tiny_hf):
+    """Every site a select layer with no cap: refused naming the site and max_tokens (not "no attention site")."""
+    program = _mc_program(tiny_hf("llama"), **{**SELECT, "max_tokens": 0})
+    with pytest.raises(UnsupportedError, match=r"attention site model\.layers\.0\.self_attn: .*select.*unbounded "
+                                               r"\(max_tokens = 0\)") as info:
+        check_decodable(program)
+    assert "max_tokens > 0" in info.value.hint
+
+
+def test_select_decode_compiles_and_matches_the_rewritten_program(tiny_hf, tmp_path):
+    """The tiny Llama rewritten with the capped select variant, compiled with decode_graph = true: memc compile's own
+    decode verification (prefill + steps and greedy tokens vs the Program) passes; the state is kind mc, named
+    past_sel_*, with no context axis; the engine fed token by token matches the rewritten Program, where the pool
+    matters (window-only logits differ)."""
+    options = "".join(f'{k} = {json.dumps(v)}\n' for k, v in SELECT.items())
+    cfg = write_toml(tmp_path / "toolchain.toml", '[[pipeline]]\npass = "detect-attention"\n\n[[pipeline]]\n'
+                     f'pass = "memory-caching"\n{options}\n[target]\ndecode_graph = true\ndecode_steps = 16\n')
+    res = compile_model(tiny_hf("llama"), tmp_path / "out", "-c", cfg)
+    assert res.rc == 0, res.explain()
+    verification = res.report["verification"]
+    greedy = verification["decode"]["greedy"]
+    assert greedy["equal"] is True and greedy["steps"] == 16
+    assert verification["max_abs_diff"]["decode.logits"] <= DEFAULT_ATOL
+    layout = res.report["target"]["decode"]["state"]
+    assert [s["kind"] for s in layout["sites"]] == ["select"] * LAYERS and layout["seq"] == 1
+    assert {t["kind"] for t in layout["tensors"]} == {"mc"} and layout["tensors"][0]["name"] == "past_sel_t_0"
+    dims = onnx_input_dims(res.out_dir / "decode.onnx")
+    for name in (n for n in dims if n != "input_ids"):
+        assert all(isinstance(d, int) for d in dims[name][1:]), (name, dims[name])
+
+    program = _mc_program(tiny_hf("llama"), **SELECT)  # the same seed: the same scorers as the compiled one
+    engine = DecodeEngine(res.out_dir)
+    assert engine.single_token and engine.max_seq_len is None
+    ids = _ids(2, 24)
+    reference = program_reference(program)
+    check = verify_decode(engine, reference, ids, prefill=1, atol=DEFAULT_ATOL)
+    assert check.steps == 23 and check.passed, check.as_dict()
+    record_diff("decode llama select", check.max_abs_diff)
+    sizes = [engine.state_bytes(engine.prefill(_ids(1, n))[1]) for n in (8, 24)]
+    assert sizes[0] == sizes[1] > 0
+    with_memory = reference(ids)
+    for mod in program.module.modules():
+        if type(mod).__name__ == "SelectiveMemoryAttention":
+            mod.memory_enabled = False
+    assert np.abs(reference(ids)[:, 8:] - with_memory[:, 8:]).max() > 1e-3
+
+
+def test_compile_refuses_an_uncapped_select_decode_graph(tiny_hf, tmp_path):
+    cfg = write_toml(tmp_path / "toolchain.toml", """
+        [[pipeline]]
+        pass = "detect-attention"
+
+        [[pipeline]]
+        pass = "memory-caching"
+        variant = "select"
+        window = 4
+        segment = 4
+
+        [target]
+        decode_graph = true
+    """)
+    res = compile_model(tiny_hf("llama"), tmp_path / "out", "-c", cfg)
+    assert res.rc == 2, res.explain()
+    assert "model.layers.0.self_attn" in res.stderr and "max_tokens" in res.stderr
+    assert "no attention site" not in res.stderr and "Traceback" not in res.stderr
+    assert not res.out_dir.exists()
