@@ -24,17 +24,23 @@ by one every ``segment`` tokens (eager decode only).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
+
+from memc.nn.flat_state import FlatState, checked
 
 FIELDS = (
     "t", "win_k", "win_v", "open_s", "open_z", "open_ksum", "open_n", "slot_s", "slot_z", "slot_ksum", "slot_n",
 )
 
 
+@checked
 @dataclass
-class MemoryCachingState:
+class MemoryCachingState(FlatState):
+    FIELDS: ClassVar[tuple[str, ...]] = FIELDS
+
     t: torch.Tensor
     win_k: torch.Tensor
     win_v: torch.Tensor
@@ -60,31 +66,3 @@ class MemoryCachingState:
             open_s=z(b, h, f, d), open_z=z(b, h, f), open_ksum=z(b, h, d), open_n=z(b, h),
             slot_s=z(b, h, m, f, d), slot_z=z(b, h, m, f), slot_ksum=z(b, h, m, d), slot_n=z(b, h, m),
         )
-
-    @staticmethod
-    def names() -> tuple[str, ...]:
-        return FIELDS
-
-    def tensors(self) -> list[torch.Tensor]:
-        """The state as an ordered flat list (the order of ``names()``), e.g. for ONNX inputs/outputs."""
-        return [getattr(self, name) for name in FIELDS]
-
-    @classmethod
-    def from_tensors(cls, tensors: list[torch.Tensor] | tuple[torch.Tensor, ...]) -> "MemoryCachingState":
-        if len(tensors) != len(FIELDS):
-            raise ValueError(f"MemoryCachingState.from_tensors: expected {len(FIELDS)} tensors {FIELDS}, "
-                             f"got {len(tensors)}")
-        return cls(*tensors)
-
-    def spec(self) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
-        """(name, shape, dtype) of every tensor, in order."""
-        return [(name, tuple(t.shape), t.dtype) for name, t in zip(FIELDS, self.tensors())]
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors())
-
-    def clone(self) -> "MemoryCachingState":
-        return MemoryCachingState(*(t.clone() for t in self.tensors()))
-
-
-assert tuple(f.name for f in fields(MemoryCachingState)) == FIELDS

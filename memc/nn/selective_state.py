@@ -21,16 +21,22 @@ that knows only the shapes and dtypes (memc.runtime.engine) can make it.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
+
+from memc.nn.flat_state import FlatState, checked
 
 FIELDS = ("t", "win_k", "win_v", "win_score", "open_k", "open_v", "open_score", "pool_k", "pool_v", "pool_score",
           "pool_pos")
 
 
+@checked
 @dataclass
-class SelectiveState:
+class SelectiveState(FlatState):
+    FIELDS: ClassVar[tuple[str, ...]] = FIELDS
+
     t: torch.Tensor
     win_k: torch.Tensor
     win_v: torch.Tensor
@@ -55,26 +61,3 @@ class SelectiveState:
             pool_k=z(b, h, slots, d), pool_v=z(b, h, slots, d), pool_score=z(b, h, slots),
             pool_pos=torch.zeros((b, h, slots), dtype=torch.int64, device=device),
         )
-
-    @staticmethod
-    def names() -> tuple[str, ...]:
-        return FIELDS
-
-    def tensors(self) -> list[torch.Tensor]:
-        """The state as an ordered flat list (the order of ``names()``), e.g. for ONNX inputs/outputs."""
-        return [getattr(self, name) for name in FIELDS]
-
-    @classmethod
-    def from_tensors(cls, tensors: list[torch.Tensor] | tuple[torch.Tensor, ...]) -> "SelectiveState":
-        if len(tensors) != len(FIELDS):
-            raise ValueError(f"SelectiveState.from_tensors: expected {len(FIELDS)} tensors {FIELDS}, got {len(tensors)}")
-        return cls(*tensors)
-
-    def spec(self) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
-        return [(name, tuple(t.shape), t.dtype) for name, t in zip(FIELDS, self.tensors())]
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors())
-
-
-assert tuple(f.name for f in fields(SelectiveState)) == FIELDS
