@@ -62,6 +62,15 @@ def _fail(option: str, message: str) -> None:
     raise MemoryCachingConfigError(f"memory caching option {option!r}: {message}")
 
 
+def check_head_shape(fail, **sizes: int) -> None:
+    """The attention shape options every memc layer takes: each >= 1, and KV heads dividing query heads."""
+    for name, value in sizes.items():
+        if value < 1:
+            fail(name, f"must be >= 1, got {value}")
+    if sizes["num_heads"] % sizes["num_kv_heads"]:
+        fail("num_kv_heads", f"must divide num_heads ({sizes['num_heads']}), got {sizes['num_kv_heads']}")
+
+
 @dataclass
 class MemoryCachingConfig:
     """Options of one MemoryCachingAttention layer (validated on construction)."""
@@ -132,12 +141,8 @@ class MemoryCachingAttention(nn.Module):
         scale: float | None = None,
     ):
         super().__init__()
-        for name, value in (("num_heads", num_heads), ("num_kv_heads", num_kv_heads), ("head_dim", head_dim),
-                            ("hidden_size", hidden_size)):
-            if value < 1:
-                _fail(name, f"must be >= 1, got {value}")
-        if num_heads % num_kv_heads:
-            _fail("num_kv_heads", f"must divide num_heads ({num_heads}), got {num_kv_heads}")
+        check_head_shape(_fail, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
+                         hidden_size=hidden_size)
         self.cfg = cfg
         self.num_heads, self.num_kv_heads, self.head_dim, self.hidden_size = (
             num_heads, num_kv_heads, head_dim, hidden_size)

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from memc.nn.mc_parallel import expand_kv, floor_div
-from memc.nn.memory_caching import MemoryCachingConfigError
+from memc.nn.memory_caching import MemoryCachingConfigError, check_head_shape
 from memc.nn.selective_state import SelectiveState
 
 
@@ -78,12 +78,8 @@ class SelectiveMemoryAttention(nn.Module):
     def __init__(self, cfg: SelectiveConfig, *, num_heads: int, num_kv_heads: int, head_dim: int, hidden_size: int,
                  scale: float | None = None):
         super().__init__()
-        for name, value in (("num_heads", num_heads), ("num_kv_heads", num_kv_heads), ("head_dim", head_dim),
-                            ("hidden_size", hidden_size)):
-            if value < 1:
-                _fail(name, f"must be >= 1, got {value}")
-        if num_heads % num_kv_heads:
-            _fail("num_kv_heads", f"must divide num_heads ({num_heads}), got {num_kv_heads}")
+        check_head_shape(_fail, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
+                         hidden_size=hidden_size)
         self.cfg = cfg
         self.num_heads, self.num_kv_heads, self.head_dim, self.hidden_size = num_heads, num_kv_heads, head_dim, hidden_size
         self.groups = num_heads // num_kv_heads
