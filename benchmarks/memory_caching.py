@@ -189,7 +189,8 @@ def quality(model: str, mc_dir: Path, variants: list[str], stride: int, context:
     return rows, raw
 
 
-def recall(model: str, mc_dir: Path, variants: list[str], distances: list[int], trials: int) -> tuple[list, dict]:
+def recall(model: str, mc_dir: Path, variants: list[str], distances: list[int], trials: int,
+           seed: int = 0) -> tuple[list, dict]:
     from memc.eval.backends import TorchBackend
     from memc.eval.recall import recall_probe
     from memc.eval.text import load_text, text_codec
@@ -200,7 +201,7 @@ def recall(model: str, mc_dir: Path, variants: list[str], distances: list[int], 
     def probe(label: str, program) -> None:
         backend = _Chunked(TorchBackend(program), 4)
         codec = text_codec(backend.info)
-        results[label] = [p.as_dict() for p in recall_probe(backend, filler, distances, 1024, trials, 0, codec.encode)]
+        results[label] = [p.as_dict() for p in recall_probe(backend, filler, distances, 1024, trials, seed, codec.encode)]
         print(f"  recall {label}: {[round(p['token_accuracy'], 2) for p in results[label]]}", file=sys.stderr)
 
     probe("(a) original", _program(model, None, None))
@@ -234,6 +235,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--recall-mc-dir", type=Path, default=ROOT / "models" / "ref-llama-recall-mc")
     ap.add_argument("--recall-distances", default="16,64,160,288,416,672,896")
     ap.add_argument("--recall-trials", type=int, default=32)
+    ap.add_argument("--recall-seed", type=int, default=0,
+                    help="the probe's seed (keys, values, positions); another seed is a fresh sample of trials")
     ap.add_argument("--recall-table", default="memory_caching_recall",
                     help="name of the recall table under benchmarks/results/ (another name keeps the committed one)")
     args = ap.parse_args(argv)
@@ -275,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def recall_table(args: argparse.Namespace, variants: list[str], command: str) -> None:
     r_rows, r_raw = recall(args.recall_model, args.recall_mc_dir, variants,
-                           [int(d) for d in args.recall_distances.split(",")], args.recall_trials)
+                           [int(d) for d in args.recall_distances.split(",")], args.recall_trials, args.recall_seed)
     rec = Table(args.recall_table, command, ["model", *[f"d={d}" for d in args.recall_distances.split(",")]],
                 r_rows, raw=r_raw)
     layers = {v: _layer(args.recall_mc_dir / v) for v in variants if (args.recall_mc_dir / v / "metrics.json").is_file()}
@@ -284,7 +287,8 @@ def recall_table(args: argparse.Namespace, variants: list[str], command: str) ->
                          if x.get("variant") == "select" else f"feature_dim {x['feature_dim']}")
                       for v, x in layers.items())
     rec.notes.append(f"Token accuracy of the recalled value (control in parentheses: a different key was "
-                     f"planted); {args.recall_trials} trials per distance, filler = held-out code; {shape}. "
+                     f"planted); {args.recall_trials} trials per distance (probe seed {args.recall_seed}), filler = held-out code; "
+                     f"{shape}. "
                      f"CPU: {cpu_info()}.")
     print(rec.markdown())
     rec.write()
