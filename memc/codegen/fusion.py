@@ -1,7 +1,7 @@
 """Operator fusions on a lowered ONNX graph, for onnxruntime's CPU kernels: fewer, larger nodes.
 
 A decode step of a small model is per-node overhead plus one pass over the weights, so fewer nodes over the same
-weights are faster (measured with ``python -m benchmarks.decode_profile``). Two rules, each a plain rewrite of the
+weights are faster (measured with ``python -m benchmarks.decode_profile``). Four rules, each a plain rewrite of the
 ONNX graph (no onnxruntime needed to apply them):
 
 * **pack MatMuls**: MatMuls that read the same input with 2-D float weight initializers of the same row count
@@ -25,8 +25,8 @@ ONNX graph (no onnxruntime needed to apply them):
   caches [seq, rotary_dim / 2] computed in the graph from the positions 0..seq-1 — the graph's own ``Range`` — so
   no context cap. Applies only where the rotary's cos / sin provably come from those positions (Range(0, n, 1)
   through Unsqueeze / Expand / Cast / Reshape, times a 1-D frequency initializer): GroupQueryAttention rotates a
-  prompt's token i at position i. Graphs with a past (decode steps) keep the Split: their positions start at the
-  past length and a cos / sin cache would have to cover the whole context. onnxruntime 1.32's rotary inside
+  prompt's token i at position i. Graphs with a past (decode steps) are not matched here: their positions start at
+  the past length, and memc.codegen.decode_fusion gives them a cos / sin table covering the KV buffer instead. onnxruntime 1.32's rotary inside
   GroupQueryAttention needs head_size % 16 == 0 (checked).
 
 The rules keep every graph output and the nodes' topological order; unused initializers are dropped.
