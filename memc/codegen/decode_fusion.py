@@ -29,52 +29,25 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from memc.codegen.fusion import MSFT, _attr, _const, _drop_dead_nodes, _drop_unused_initializers, _Index, _unique
+from memc.codegen.fusion import (MSFT, _attr, _drop_dead_nodes, _drop_unused_initializers, _Index, _is_std,
+                                  _packed_split, _replace_with_rotary_gqa, _rotary_pair, _through_shape_ops,
+                                  _trig_operands, _unique, _zero_based_range)
 
 # the table's rows: speed runs (memc eval --speed, benchmarks.decode) step from contexts up to 32k, a few steps on
 ROTARY_POSITIONS = 32768 + 1024
-_PASS_OPS = ("Unsqueeze", "Expand", "Cast", "Reshape")
-
-
-def _is_std(node: onnx.NodeProto | None, op: str) -> bool:
-    return node is not None and node.op_type == op and node.domain in ("", "ai.onnx")
-
-
-def _zero_based_range(idx: _Index, node: onnx.NodeProto | None) -> bool:
-    if not _is_std(node, "Range"):
-        return False
-    start, delta = _const(idx, node.input[0]), _const(idx, node.input[2])
-    return start is not None and delta is not None and start.size == 1 and delta.size == 1 and \
-        float(start.reshape(())) == 0 and float(delta.reshape(())) == 1
 
 
 def _offset_positions(idx: _Index, pos: str, length: str) -> bool:
     """``pos`` is Range(0, n, 1) + ``length`` (the graph's past-length input), through shape-only ops and casts."""
-    src = idx.producer.get(pos)
-    while src is not None and src.op_type in _PASS_OPS and src.domain in ("", "ai.onnx"):
-        src = idx.producer.get(src.input[0])
+    src = _through_shape_ops(idx, pos)
     if not _is_std(src, "Add") or len(src.input) != 2:
         return False
-    for a, b in (src.input, src.input[::-1]):
-        if b == length and _zero_based_range(idx, idx.producer.get(a)):
-            return True
-    return False
+    return any(b == length and _zero_based_range(idx, idx.producer.get(a)) for a, b in (src.input, src.input[::-1]))
 
 
 def _trig_freq(idx: _Index, trig: str, op: str, length: str) -> str | None:
     """The frequency initializer when ``trig`` = op(positions * freq) with positions past_length + 0..n-1."""
-    node = idx.producer.get(trig)
-    if not _is_std(node, op):
-        return None
-    mul = idx.producer.get(node.input[0])
-    if not _is_std(mul, "Mul") or len(mul.input) != 2:
-        return None
-    for pos, freq in (mul.input, mul.input[::-1]):
-        f = idx.inits.get(freq)
-        if f is not None and len(f.dims) == 1 and f.data_type == onnx.TensorProto.FLOAT and \
-                _offset_positions(idx, pos, length):
-            return freq
-    return None
+    return next((freq for pos, freq in _trig_operands(idx, trig, op) if _offset_positions(idx, pos, length)), None)
 
 
 def _lengths_from(idx: _Index, gqa: onnx.NodeProto, length: str) -> bool:
@@ -112,17 +85,10 @@ def _rotary_gqa_once(model: onnx.ModelProto, length: str, positions: int, tables
         if gqa.op_type != "GroupQueryAttention" or gqa.domain != MSFT or len(gqa.input) != 7 or \
                 not all(gqa.input[:7]) or _attr(gqa, "do_rotary", 0):
             continue
-        rq, rk = idx.producer.get(gqa.input[0]), idx.producer.get(gqa.input[1])
-        if rq is None or rk is None or any(not _is_std(r, "RotaryEmbedding") or len([i for i in r.input if i]) != 3
-                                           or _attr(r, "rotary_embedding_dim", 0) for r in (rq, rk)):
+        pair = _rotary_pair(idx, gqa)
+        if pair is None:
             continue
-        hq, hkv = _attr(gqa, "num_heads", 0), _attr(gqa, "kv_num_heads", 0)
-        interleaved = _attr(rq, "interleaved", 0)
-        heads = (_attr(rq, "num_heads", 0), _attr(rk, "num_heads", 0))
-        if _attr(rk, "interleaved", 0) != interleaved or heads != (hq, hkv):
-            continue
-        if any(o in idx.outputs or len(idx.users.get(o, [])) != 1 for o in (rq.output[0], rk.output[0])):
-            continue
+        rq, rk, interleaved = pair
         freqs = {_trig_freq(idx, r.input[k], op, length) for r in (rq, rk) for k, op in ((1, "Cos"), (2, "Sin"))}
         if len(freqs) != 1 or None in freqs or not _lengths_from(idx, gqa, length):
             continue
@@ -131,23 +97,15 @@ def _rotary_gqa_once(model: onnx.ModelProto, length: str, positions: int, tables
         if d % 16:  # onnxruntime's rotary kernel inside GroupQueryAttention: head_size % 16 == 0
             continue
         q, k, v = rq.input[0], rk.input[0], gqa.input[2]
-        split = idx.producer.get(q)
-        packed = _is_std(split, "Split") and list(split.output) == [q, k, v] and \
-            _attr(split, "axis", 0) in (-1, 2) and split.input[0] not in idx.inits and \
-            all(len(idx.users.get(o, [])) == 1 and o not in idx.outputs for o in split.output)
-        sizes = _const(idx, split.input[1]) if packed and len(split.input) > 1 else None
-        packed = packed and sizes is not None and list(sizes.reshape(-1)) == [hq * d, hkv * d, hkv * d]
+        hq, hkv = _attr(gqa, "num_heads", 0), _attr(gqa, "kv_num_heads", 0)
+        packed = _packed_split(idx, q, k, v, hq, hkv)
+        split = packed[0] if packed is not None and packed[1] == d else None
         if freq not in tables:
             tables[freq] = _table(graph, freq, positions)
         cos, sin = tables[freq]
-        qkv = [split.input[0], "", ""] if packed else [q, k, v]
-        attrs = {a.name: helper.get_attribute_value(a) for a in gqa.attribute}
-        attrs.update(do_rotary=1, rotary_interleaved=int(interleaved))
-        fused = helper.make_node("GroupQueryAttention", [*qkv, *gqa.input[3:7], cos, sin], list(gqa.output),
-                                 domain=MSFT, name=(gqa.name or "gqa") + "_rotary", **attrs)
-        graph.node.insert(list(graph.node).index(gqa), fused)
-        for n in (gqa, rq, rk, *([split] if packed else [])):
-            graph.node.remove(n)
+        qkv = [split.input[0], "", ""] if split is not None else [q, k, v]
+        _replace_with_rotary_gqa(graph, gqa, qkv, cos, sin, interleaved, "_rotary",
+                                 (rq, rk, *([split] if split is not None else [])))
         return True
     return False
 
@@ -162,7 +120,6 @@ def rotary_into_attention(model: onnx.ModelProto, length_input: str, positions: 
         _drop_dead_nodes(model.graph)
         _drop_unused_initializers(model.graph)
     return count
-
 
 
 def share_lengths(model: onnx.ModelProto, length_input: str, ids: str = "input_ids") -> bool:

@@ -235,6 +235,10 @@ def _gathered_width(node: onnx.NodeProto, inits: dict, producer: dict) -> int | 
 _POSITION_OPS = ("Unsqueeze", "Expand", "Cast", "Reshape")
 
 
+def _is_std(node: onnx.NodeProto | None, op: str) -> bool:
+    return node is not None and node.op_type == op and node.domain in ("", "ai.onnx")
+
+
 def _const(idx: _Index, name: str):
     if name in idx.inits:
         return numpy_helper.to_array(idx.inits[name])
@@ -244,28 +248,93 @@ def _const(idx: _Index, name: str):
     return None
 
 
-def _positions(idx: _Index, trig: str, op: str) -> tuple[str, str] | None:
-    """(Range output, frequency initializer) when ``trig`` = op(positions * freq) with positions 0..n-1 per row."""
+def _through_shape_ops(idx: _Index, name: str) -> onnx.NodeProto | None:
+    """The producer of ``name`` past any Unsqueeze / Expand / Cast / Reshape (ops that keep the values)."""
+    src = idx.producer.get(name)
+    while src is not None and src.op_type in _POSITION_OPS and src.domain in ("", "ai.onnx"):
+        src = idx.producer.get(src.input[0])
+    return src
+
+
+def _zero_based_range(idx: _Index, node: onnx.NodeProto | None) -> bool:
+    """``node`` is Range(0, n, 1)."""
+    if not _is_std(node, "Range"):
+        return False
+    start, delta = _const(idx, node.input[0]), _const(idx, node.input[2])
+    return start is not None and delta is not None and start.size == 1 and delta.size == 1 and \
+        float(start.reshape(())) == 0 and float(delta.reshape(())) == 1
+
+
+def _trig_operands(idx: _Index, trig: str, op: str) -> list[tuple[str, str]]:
+    """(positions, frequency initializer) readings of ``trig`` = op(positions * freq), freq a 1-D float
+    initializer: both operand orders of the Mul that qualify."""
     node = idx.producer.get(trig)
-    if node is None or node.op_type != op or node.domain not in ("", "ai.onnx"):
-        return None
+    if not _is_std(node, op):
+        return []
     mul = idx.producer.get(node.input[0])
-    if mul is None or mul.op_type != "Mul" or len(mul.input) != 2:
-        return None
+    if not _is_std(mul, "Mul") or len(mul.input) != 2:
+        return []
+    out = []
     for pos, freq in (mul.input, mul.input[::-1]):
         f = idx.inits.get(freq)
-        if f is None or len(f.dims) != 1 or f.data_type != onnx.TensorProto.FLOAT:
-            continue
-        src = idx.producer.get(pos)
-        while src is not None and src.op_type in _POSITION_OPS and src.domain in ("", "ai.onnx"):
-            src = idx.producer.get(src.input[0])
-        if src is None or src.op_type != "Range":
-            continue
-        start, delta = _const(idx, src.input[0]), _const(idx, src.input[2])
-        if start is not None and delta is not None and start.size == 1 and delta.size == 1 and \
-                float(start.reshape(())) == 0 and float(delta.reshape(())) == 1:
+        if f is not None and len(f.dims) == 1 and f.data_type == onnx.TensorProto.FLOAT:
+            out.append((pos, freq))
+    return out
+
+
+def _positions(idx: _Index, trig: str, op: str) -> tuple[str, str] | None:
+    """(Range output, frequency initializer) when ``trig`` = op(positions * freq) with positions 0..n-1 per row."""
+    for pos, freq in _trig_operands(idx, trig, op):
+        src = _through_shape_ops(idx, pos)
+        if _zero_based_range(idx, src):
             return src.output[0], freq
     return None
+
+
+def _rotary_pair(idx: _Index, gqa: onnx.NodeProto) -> tuple[onnx.NodeProto, onnx.NodeProto, int] | None:
+    """(query rotary, key rotary, interleaved) when ``gqa``'s query and key are standard RotaryEmbedding nodes it can
+    apply itself: full rotary from cos / sin inputs, the same interleaving, its own head counts, and outputs that
+    only ``gqa`` reads."""
+    rq, rk = idx.producer.get(gqa.input[0]), idx.producer.get(gqa.input[1])
+    if rq is None or rk is None or any(not _is_std(r, "RotaryEmbedding") or len([i for i in r.input if i]) != 3
+                                       or _attr(r, "rotary_embedding_dim", 0) for r in (rq, rk)):
+        return None
+    interleaved = _attr(rq, "interleaved", 0)
+    if _attr(rk, "interleaved", 0) != interleaved or \
+            (_attr(rq, "num_heads", 0), _attr(rk, "num_heads", 0)) != (_attr(gqa, "num_heads", 0), _attr(gqa, "kv_num_heads", 0)):
+        return None
+    if any(o in idx.outputs or len(idx.users.get(o, [])) != 1 for o in (rq.output[0], rk.output[0])):
+        return None
+    return rq, rk, interleaved
+
+
+def _packed_split(idx: _Index, q: str, k: str, v: str, hq: int, hkv: int) -> tuple[onnx.NodeProto, int] | None:
+    """(Split, head_dim) when q / k / v are the three outputs of one Split of a computed tensor along its last axis,
+    read only once each, in sizes [hq * d, hkv * d, hkv * d] (the packed projection of ``pack_matmuls``)."""
+    split = idx.producer.get(q)
+    if not _is_std(split, "Split") or list(split.output) != [q, k, v] or _attr(split, "axis", 0) not in (-1, 2) \
+            or split.input[0] in idx.inits:
+        return None
+    if any(len(idx.users.get(o, [])) != 1 or o in idx.outputs for o in split.output):
+        return None
+    sizes = _const(idx, split.input[1]) if len(split.input) > 1 else None
+    d = int(sizes.reshape(-1)[0]) // hq if sizes is not None and sizes.size == 3 and hq and hkv else 0
+    if not d or list(sizes.reshape(-1)) != [hq * d, hkv * d, hkv * d]:
+        return None
+    return split, d
+
+
+def _replace_with_rotary_gqa(graph: onnx.GraphProto, gqa: onnx.NodeProto, qkv: list[str], cos: str, sin: str,
+                             interleaved: int, suffix: str, removed: tuple[onnx.NodeProto, ...]) -> None:
+    """``gqa`` becomes a GroupQueryAttention on ``qkv`` (+ its past / lengths inputs) applying the rotary itself from
+    ``cos`` / ``sin``; the ``removed`` nodes (its RotaryEmbeddings, a packed Split) go."""
+    attrs = {a.name: helper.get_attribute_value(a) for a in gqa.attribute}
+    attrs.update(do_rotary=1, rotary_interleaved=int(interleaved))
+    fused = helper.make_node("GroupQueryAttention", [*qkv, *gqa.input[3:7], cos, sin], list(gqa.output),
+                             domain=MSFT, name=(gqa.name or "gqa") + suffix, **attrs)
+    graph.node.insert(list(graph.node).index(gqa), fused)
+    for n in (gqa, *removed):
+        graph.node.remove(n)
 
 
 def _packed_gqa_once(model: onnx.ModelProto, caches: dict) -> bool:
@@ -275,27 +344,15 @@ def _packed_gqa_once(model: onnx.ModelProto, caches: dict) -> bool:
         if gqa.op_type != "GroupQueryAttention" or gqa.domain != MSFT or len(gqa.input) != 7 or \
                 any(gqa.input[3:5]) or not all(gqa.input[:3]) or _attr(gqa, "do_rotary", 0):
             continue
-        rq, rk = idx.producer.get(gqa.input[0]), idx.producer.get(gqa.input[1])
-        if rq is None or rk is None or any(r.op_type != "RotaryEmbedding" or r.domain not in ("", "ai.onnx") or
-                                           len([i for i in r.input if i]) != 3 or _attr(r, "rotary_embedding_dim", 0)
-                                           for r in (rq, rk)):
+        pair = _rotary_pair(idx, gqa)
+        if pair is None:
             continue
-        interleaved = _attr(rq, "interleaved", 0)
-        if _attr(rk, "interleaved", 0) != interleaved or \
-                (_attr(rq, "num_heads", 0), _attr(rk, "num_heads", 0)) != (_attr(gqa, "num_heads", 0), _attr(gqa, "kv_num_heads", 0)):
-            continue
-        split = idx.producer.get(rq.input[0])
-        if split is None or split.op_type != "Split" or list(split.output) != [rq.input[0], rk.input[0], gqa.input[2]] \
-                or _attr(split, "axis", 0) not in (-1, 2) or split.input[0] in idx.inits:
-            continue
-        if any(len(idx.users.get(o, [])) != 1 or o in idx.outputs for o in split.output) or \
-                any(o in idx.outputs or len(idx.users.get(o, [])) != 1 for o in (rq.output[0], rk.output[0])):
-            continue
-        sizes = _const(idx, split.input[1]) if len(split.input) > 1 else None
+        rq, rk, interleaved = pair
         hq, hkv = _attr(gqa, "num_heads", 0), _attr(gqa, "kv_num_heads", 0)
-        d = int(sizes[0]) // hq if sizes is not None and sizes.shape == (3,) and hq and hkv else 0
-        if not d or d % 16 or list(sizes) != [hq * d, hkv * d, hkv * d]:  # its rotary kernel: head_size % 16 == 0
+        packed = _packed_split(idx, rq.input[0], rk.input[0], gqa.input[2], hq, hkv)
+        if packed is None or packed[1] % 16:  # its rotary kernel: head_size % 16 == 0
             continue
+        split = packed[0]
         trig = [_positions(idx, r.input[k], op) for r in (rq, rk) for k, op in ((1, "Cos"), (2, "Sin"))]
         if any(t is None for t in trig) or len(set(trig)) != 1:
             continue
@@ -314,14 +371,8 @@ def _packed_gqa_once(model: onnx.ModelProto, caches: dict) -> bool:
                 graph.node.insert(at + k, n)
             caches[(positions, freq)] = (base + "_cos", base + "_sin")
         cos, sin = caches[(positions, freq)]
-        attrs = {a.name: helper.get_attribute_value(a) for a in gqa.attribute}
-        attrs.update(do_rotary=1, rotary_interleaved=int(interleaved))
-        fused = helper.make_node("GroupQueryAttention", [split.input[0], "", "", "", "", gqa.input[5], gqa.input[6], cos, sin],
-                                 list(gqa.output), domain=MSFT, name=(gqa.name or "gqa") + "_packed", **attrs)
-        at = list(graph.node).index(gqa)
-        graph.node.insert(at, fused)
-        for n in (gqa, rq, rk, split):
-            graph.node.remove(n)
+        _replace_with_rotary_gqa(graph, gqa, [split.input[0], "", ""], cos, sin, interleaved, "_packed",
+                                 (rq, rk, split))
         return True
     return False
 
