@@ -22,13 +22,13 @@ numpy + onnxruntime only: a deployment process never imports torch.
 from __future__ import annotations
 
 import json
-import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
+from memc.runtime.kv_buffers import Buffers, Last
 from memc.targets.session import create_session
 
 DECODE_FILE = "decode.onnx"
@@ -98,81 +98,6 @@ def check_state(specs: Sequence[StateSpec], state: Sequence[np.ndarray], batch: 
     return int(past or 0)
 
 
-CAPACITY_STEP = 256  # preallocated KV buffers: capacity rounded up to this, doubled when full
-
-
-@dataclass(slots=True)
-class _Last:
-    """The state the engine returned last: its list and arrays (to recognise it when it comes back), its batch and
-    past length, and (preallocated graphs) the KV buffers its arrays view, in state order."""
-
-    state: list
-    arrays: tuple
-    batch: int
-    past: int
-    buffers: tuple = ()
-    views: tuple = ()  # the arrays viewing ``buffers``, in the same order
-    capacity: int = 0  # the smallest buffer's
-
-    def __post_init__(self) -> None:
-        if self.buffers and not self.capacity:
-            self.capacity = min(b.shape[2] for b in self.buffers)
-
-    def is_(self, state: Sequence[np.ndarray], batch: int) -> bool:
-        if state is not self.state or batch != self.batch or len(state) != len(self.arrays):
-            return False
-        for a, b in zip(state, self.arrays):
-            if a is not b:
-                return False
-        return True
-
-
-class _Buffers:
-    """The KV buffers behind a preallocated graph's states, each with the one view of it that is a state's newest
-    array (the only array that may extend the buffer in place: any other view is an older state, a branch).
-
-    The newest views of the last state's buffers are that state's arrays (``_Last``); a buffer is recorded here
-    when the last state moves to other buffers, so a decode loop's steps record nothing."""
-
-    def __init__(self) -> None:
-        self._latest: dict[int, tuple[weakref.ref, weakref.ref]] = {}  # id(buffer) -> (buffer, newest view)
-
-    def mark(self, buf: np.ndarray, view: np.ndarray) -> None:
-        if len(self._latest) > 64:  # forget buffers that are gone
-            self._latest = {k: v for k, v in self._latest.items() if v[0]() is not None}
-        self._latest[id(buf)] = (weakref.ref(buf), weakref.ref(view))
-
-    def leave(self, old: _Last | None, new_buffers: tuple) -> None:
-        """``old`` stops being the last state: record its arrays as the newest views of its buffers that the new
-        last state does not use."""
-        if old is None or old.buffers is new_buffers:
-            return
-        for buf, view in zip(old.buffers, old.views):
-            if not any(buf is b for b in new_buffers):
-                self.mark(buf, view)
-
-    def newest(self, buf: np.ndarray, last: _Last | None) -> np.ndarray | None:
-        if last is not None:
-            for b, a in zip(last.buffers, last.views):
-                if b is buf:
-                    return a
-        entry = self._latest.get(id(buf))
-        return entry[1]() if entry is not None and entry[0]() is buf else None
-
-    def buffer_for(self, array: np.ndarray, needed: int, limit: int | None, last: _Last | None) -> np.ndarray:
-        """A buffer holding ``array`` [b, h, past, d] in its first ``past`` positions with room for ``needed``:
-        the array's own buffer when ``array`` is that buffer's newest view, else a copy (a grown one if needed)."""
-        base = array.base
-        if base is not None and base.ndim == 4 and base.shape[2] >= needed and self.newest(base, last) is array:
-            return base
-        old = base.shape[2] if isinstance(base, np.ndarray) and base.ndim == 4 else 0
-        capacity = max(2 * old, -(-needed // CAPACITY_STEP) * CAPACITY_STEP)
-        capacity = max(needed, min(capacity, limit) if limit else capacity)
-        buf = np.empty((*array.shape[:2], capacity, array.shape[3]), dtype=array.dtype)
-        buf[:, :, :array.shape[2]] = array
-        return buf
-
-
 class DecodeEngine:
     """Drive a decode graph with one onnxruntime session.
 
@@ -217,12 +142,12 @@ class DecodeEngine:
         self.max_seq_len: int | None = (int(meta.get("memc.max_seq_len", "0")) or None) if has_past else None
         # a hard limit, unlike max_seq_len (which speed runs lift): attention's rotary table has this many positions
         self.max_positions: int | None = int(kv.get("rotary_positions") or 0) or None
-        self._buffers = _Buffers()
+        self._buffers = Buffers()
         self._io = self.session.io_binding() if self.length_input else None
         self._bound: dict[tuple[str, bool], np.ndarray] = {}
         self._io_shape: tuple[int, int] | None = None
         self._io_cache: tuple = ()
-        self._last: _Last | None = None
+        self._last: Last | None = None
         self._all_kv = all(s.kind == "kv" for s in self.state_specs)
 
     def _specs(self, recorded: str | None, inputs: list) -> list[StateSpec]:
@@ -323,7 +248,7 @@ class DecodeEngine:
         return bool(ids.min() >= 0 and ids.max() < self.vocab_size)
 
     def _run(self, ids: np.ndarray, state: Sequence[np.ndarray], past: int,
-             last: _Last | None) -> tuple[np.ndarray, State]:
+             last: Last | None) -> tuple[np.ndarray, State]:
         """``last``: the engine's last state when ``state`` is it (checked when it was made; not checked again)."""
         if self.length_input:
             if last is not None and self._all_kv and last.buffers and last.capacity >= past + ids.shape[1]:
@@ -333,7 +258,7 @@ class DecodeEngine:
         feeds.update((spec.name, array) for spec, array in zip(self.state_specs, state))
         logits, *present = self.session.run(self.output_names, feeds)
         if self.kv_layout is not None:
-            self._last = _Last(present, tuple(present), ids.shape[0], past + ids.shape[1])
+            self._last = Last(present, tuple(present), ids.shape[0], past + ids.shape[1])
         return logits, present
 
     def _bind(self, name: str, array: np.ndarray, output: bool) -> None:
@@ -365,7 +290,7 @@ class DecodeEngine:
         so a prefill does not stream them through the caches a second time."""
         return logits if logits.shape[1] > 1 else logits.copy()
 
-    def _loop_step(self, token: np.ndarray, last: _Last) -> tuple[np.ndarray, State] | None:
+    def _loop_step(self, token: np.ndarray, last: Last) -> tuple[np.ndarray, State] | None:
         """step() in a decode loop: ``token`` [batch] int64 after the engine's own last state, whose buffers (and
         the token / length / logits arrays of a one-token call) are bound already. None when anything is not so
         (the general path then checks, binds, or says what is wrong)."""
@@ -382,7 +307,7 @@ class DecodeEngine:
         length[...] = last.past
         return self._run_bound(last, last.batch, 1, logits)
 
-    def _continue_in_place(self, ids: np.ndarray, last: _Last) -> tuple[np.ndarray, State]:
+    def _continue_in_place(self, ids: np.ndarray, last: Last) -> tuple[np.ndarray, State]:
         """The decode loop's path: the last state's buffers are bound already and have room; only the token, the
         length and the new views change (what a step costs in Python matters next to a small model's layers)."""
         batch, seq = ids.shape
@@ -396,18 +321,18 @@ class DecodeEngine:
         self._bind("logits", logits, True)
         return self._run_bound(last, batch, seq, logits)
 
-    def _run_bound(self, last: _Last, batch: int, seq: int, logits: np.ndarray) -> tuple[np.ndarray, State]:
+    def _run_bound(self, last: Last, batch: int, seq: int, logits: np.ndarray) -> tuple[np.ndarray, State]:
         """Run with everything bound (``last``'s buffers, the ids, the length and ``logits``); the new last state
         is views of the same buffers, ``seq`` positions longer."""
         self.session.run_with_iobinding(self._io)
         n = last.past + seq
         new_state = [b[:, :, :n] for b in last.buffers]
         views = tuple(new_state)
-        self._last = _Last(new_state, views, batch, n, last.buffers, views, last.capacity)
+        self._last = Last(new_state, views, batch, n, last.buffers, views, last.capacity)
         return self._out(logits), new_state
 
     def _run_in_place(self, ids: np.ndarray, state: Sequence[np.ndarray], past: int,
-                      last: _Last | None) -> tuple[np.ndarray, State]:
+                      last: Last | None) -> tuple[np.ndarray, State]:
         """A preallocated graph through I/O binding: KV buffers are the past inputs and the present outputs."""
         batch, seq = ids.shape
         old, self._last = self._last, None  # the bindings change: no state is "bound already" until the run is over
@@ -442,7 +367,7 @@ class DecodeEngine:
         buffers = tuple(buffers)
         self._buffers.leave(old, buffers)
         views = tuple(a for a, s in zip(new_state, self.state_specs) if s.kind == "kv")
-        self._last = _Last(new_state, tuple(new_state), batch, past + seq, buffers, views)
+        self._last = Last(new_state, tuple(new_state), batch, past + seq, buffers, views)
         out = self._io.get_outputs()[0].numpy() if logits is None else self._out(logits)
         del keep
         return out, new_state

@@ -132,9 +132,9 @@ def test_a_changed_state_list_is_checked_again(engine):
 
 
 def test_buffers_grow_past_their_capacity(engine, monkeypatch):
-    import memc.runtime.engine as eng
+    import memc.runtime.kv_buffers as kv_buffers
 
-    monkeypatch.setattr(eng, "CAPACITY_STEP", 4)
+    monkeypatch.setattr(kv_buffers, "CAPACITY_STEP", 4)
     ids = _prompt(2, 14)
     _, state = engine.prefill(ids[:, :5])
     assert state[0].base.shape[2] == 8  # rounded up to the step
