@@ -21,6 +21,7 @@ Trainable: ``scorer`` only (regressed on the teacher's attention, see memc/passe
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -38,6 +39,7 @@ def _fail(option: str, message: str) -> None:
 class SelectiveConfig:
     """Options of one SelectiveMemoryAttention layer (validated on construction)."""
 
+    variant: ClassVar[str] = "select"  # the memory-caching pass's name for this form (as MemoryCachingConfig.variant)
     window: int  # exact softmax over the last `window` tokens (the token itself included)
     segment: int  # older tokens close in segments of this many (by absolute index // segment)
     keep: int = 0  # candidates per closed segment (0 = all `segment` tokens)

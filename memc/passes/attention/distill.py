@@ -275,7 +275,7 @@ class DistillAttention(Pass):
 
     @staticmethod
     def _variant(layers: dict[str, nn.Module]) -> str:
-        return getattr(next(iter(layers.values())).cfg, "variant", "select")
+        return next(iter(layers.values())).cfg.variant
 
     def _layer_errors(self, gm, sites, layers, ids: torch.Tensor) -> dict[str, dict[str, float]]:
         """Per layer, on teacher-fed eval windows: relative error of the layer and of its window alone, the router's
