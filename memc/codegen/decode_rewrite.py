@@ -174,6 +174,11 @@ RECURRENT: dict[type, tuple[type, str, str]] = {
     MemoryCachingAttention: (MemoryCachingState, "mc", "mc"),
     SelectiveMemoryAttention: (SelectiveState, "sel", "select"),
 }
+# per recurrent layer type: the option that caps its state (0 = unbounded), what it caps, how the layer is named
+_CAPS: dict[type, tuple[str, str, str]] = {
+    MemoryCachingAttention: ("max_segments", "cached segments", "MemoryCachingAttention"),
+    SelectiveMemoryAttention: ("max_tokens", "kept tokens", "SelectiveMemoryAttention (memory-caching variant select)"),
+}
 
 
 class RecurrentStep(nn.Module):
@@ -207,19 +212,12 @@ def check_kv_site(site: AttentionSite) -> None:
 
 
 def check_mc_layer(module: str, layer: RecurrentLayer) -> None:
-    if isinstance(layer, SelectiveMemoryAttention):
-        if layer.cfg.max_tokens <= 0:
-            raise UnsupportedError(
-                f"{_site_label(module)}: its SelectiveMemoryAttention (memory-caching variant select) is unbounded "
-                "(max_tokens = 0), so its decode state grows with the context and has no fixed-size decode graph",
-                hint="set the memory-caching pass option max_tokens > 0 (a cap on kept tokens), or "
-                     "target.decode_graph = false",
-            )
-    elif layer.cfg.max_segments <= 0:
+    option, capped, name = _CAPS[type(layer)]
+    if getattr(layer.cfg, option) <= 0:
         raise UnsupportedError(
-            f"{_site_label(module)}: its MemoryCachingAttention is unbounded (max_segments = 0), so its decode state "
+            f"{_site_label(module)}: its {name} is unbounded ({option} = 0), so its decode state "
             "grows with the context and has no fixed-size decode graph",
-            hint="set the memory-caching pass option max_segments > 0 (a cap on cached segments), or "
+            hint=f"set the memory-caching pass option {option} > 0 (a cap on {capped}), or "
                  "target.decode_graph = false",
         )
 
