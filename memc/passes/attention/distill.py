@@ -134,6 +134,10 @@ class DistillAttention(Pass):
         sites: list[MemoryCachingSite] = program.annotations[MC_SITES_KEY]
         gm = program.module
         layers = {s.target: gm.get_submodule(s.target) for s in sites}
+        if c.e2e_steps and all(isinstance(m, SelectiveMemoryAttention) for m in layers.values()):
+            raise PassError(f"{self.option_path('e2e_steps')}: {c.e2e_steps} end-to-end steps, but select layers "
+                            "have nothing the end-to-end KL can train (their selection is discrete: the output "
+                            "gives the scorer no gradient); set it to 0")
         seq = c.seq_len or program.source.max_seq_len or 0
         if program.source.max_seq_len and seq > program.source.max_seq_len:
             raise PassError(f"{self.option_path('seq_len')}: {seq} > the model's context {program.source.max_seq_len}")

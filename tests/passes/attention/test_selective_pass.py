@@ -84,3 +84,11 @@ def test_select_pipeline_compiles_to_onnx_and_verifies(byte_llama, tmp_path):
     result = compile_model(byte_llama, tmp_path / "out", "-c", toml)
     assert result.rc == 0, result.explain()
     assert result.report["verification"]["passed"]
+
+
+def test_end_to_end_steps_are_refused_for_select_layers(byte_llama):
+    from memc.errors import PassError
+
+    mc = {"variant": "select", "window": 4, "segment": 4}
+    with pytest.raises(PassError, match=r"pipeline\[2\]\.e2e_steps.*select layers.*set it to 0"):
+        _run(byte_llama, mc, {"text": "trainsplit:code", "steps": 1, "e2e_steps": 2, "batch": 1, "seq_len": 48})
