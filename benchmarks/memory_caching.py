@@ -143,6 +143,29 @@ def kv_bytes(layers: int, kv_heads: int, head_dim: int, context: int) -> int:
     return layers * 2 * kv_heads * context * head_dim * 4
 
 
+def state_table(command: str, layers: dict[str, dict], dims: tuple[int, int, int]) -> Table:
+    """State bytes of each variant's layers (as distilled; an uncapped segment memory also with max_segments = 8)
+    at 1k / 8k / 32k tokens, against the original's KV cache."""
+    forms = []
+    for v, layer in layers.items():
+        forms.append((v, layer))
+        if layer.get("variant") != "select" and not layer.get("max_segments"):
+            forms.append((f"{v}, max_segments = 8", {**layer, "max_segments": 8}))
+    rows = []
+    for ctx in STATE_CONTEXTS:
+        kv = kv_bytes(*dims, ctx)
+        row: list = [ctx, kv]
+        for _, layer in forms:
+            mc = state_bytes(layer, *dims, ctx)
+            row += [mc, f"{kv / mc:.1f}x"]
+        rows.append(row)
+    cols = ["context", "(a) KV cache bytes"] + [c for name, _ in forms for c in (f"{name} state bytes", "smaller by")]
+    table = Table("memory_caching_state", command, cols, rows)
+    table.notes.append(f"batch 1, fp32, all {dims[0]} layers; layer options: "
+                       + "; ".join(f"{v} {layer}" for v, layer in layers.items()) + ".")
+    return table
+
+
 def _layer(variant_dir: Path) -> dict:
     return json.loads((variant_dir / "metrics.json").read_text())["layer"]
 
@@ -189,8 +212,14 @@ def quality(model: str, mc_dir: Path, variants: list[str], stride: int, context:
     return rows, raw
 
 
+def _with_pool(layer: dict, max_tokens: int | None) -> dict:
+    """A select layer's options with another pool cap (it changes no weight: a deployment option); others as
+    they are."""
+    return {**layer, "max_tokens": max_tokens} if max_tokens is not None and layer.get("variant") == "select" else layer
+
+
 def recall(model: str, mc_dir: Path, variants: list[str], distances: list[int], trials: int,
-           seed: int = 0) -> tuple[list, dict]:
+           seed: int = 0, max_tokens: int | None = None) -> tuple[list, dict]:
     from memc.eval.backends import TorchBackend
     from memc.eval.recall import recall_probe
     from memc.eval.text import load_text, text_codec
@@ -207,7 +236,7 @@ def recall(model: str, mc_dir: Path, variants: list[str], distances: list[int], 
     probe("(a) original", _program(model, None, None))
     found = [v for v in variants if (mc_dir / v / "layers.safetensors").is_file()]
     for i, v in enumerate(found):
-        program = _program(model, _layer(mc_dir / v), mc_dir / v / "layers.safetensors")
+        program = _program(model, _with_pool(_layer(mc_dir / v), max_tokens), mc_dir / v / "layers.safetensors")
         if i == 0:
             set_memory(program, False)
             probe("(b) window only", program)
@@ -237,6 +266,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--recall-trials", type=int, default=32)
     ap.add_argument("--recall-seed", type=int, default=0,
                     help="the probe's seed (keys, values, positions); another seed is a fresh sample of trials")
+    ap.add_argument("--recall-max-tokens", type=int,
+                    help="select layers of the recall model read a pool of this many tokens instead of the one they "
+                         "were distilled with (the pool changes no weight)")
     ap.add_argument("--recall-table", default="memory_caching_recall",
                     help="name of the recall table under benchmarks/results/ (another name keeps the committed one)")
     args = ap.parse_args(argv)
@@ -256,17 +288,9 @@ def main(argv: list[str] | None = None) -> int:
         "Δ ± SE pos ≥ 512", "gap to (a) closed (all / ≥ 512)"], rows, raw=raw)
     table.notes.append(f"Held-out code, {sample} of the non-overlapping 1024-token windows ({raw['windows']} "
                        f"windows); Δ against (a), paired standard error over windows. CPU: {cpu_info()}.")
-    layer = next(v for k, v in raw.items() if k.startswith("layer-"))
     cfg = json.loads((Path(args.model) / "config.json").read_text())
     dims = (cfg["num_hidden_layers"], cfg["num_key_value_heads"], cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"])
-    capped = {**layer, "max_segments": 8}
-    state_rows = []
-    for ctx in STATE_CONTEXTS:
-        kv, mc, mc_cap = kv_bytes(*dims, ctx), state_bytes(layer, *dims, ctx), state_bytes(capped, *dims, ctx)
-        state_rows.append([ctx, kv, mc, f"{kv / mc:.1f}x", mc_cap, f"{kv / mc_cap:.1f}x"])
-    state = Table("memory_caching_state", command, ["context", "(a) KV cache bytes", "memc state bytes",
-                  "smaller by", "memc state, max_segments = 8", "smaller by"], state_rows)
-    state.notes.append(f"batch 1, fp32, all {dims[0]} layers; layer options {layer}.")
+    state = state_table(command, {k[len("layer-"):]: v for k, v in raw.items() if k.startswith("layer-")}, dims)
     print(table.markdown())
     print(state.markdown())
     table.write()
@@ -278,10 +302,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def recall_table(args: argparse.Namespace, variants: list[str], command: str) -> None:
     r_rows, r_raw = recall(args.recall_model, args.recall_mc_dir, variants,
-                           [int(d) for d in args.recall_distances.split(",")], args.recall_trials, args.recall_seed)
+                           [int(d) for d in args.recall_distances.split(",")], args.recall_trials, args.recall_seed,
+                           args.recall_max_tokens)
     rec = Table(args.recall_table, command, ["model", *[f"d={d}" for d in args.recall_distances.split(",")]],
                 r_rows, raw=r_raw)
-    layers = {v: _layer(args.recall_mc_dir / v) for v in variants if (args.recall_mc_dir / v / "metrics.json").is_file()}
+    layers = {v: _with_pool(_layer(args.recall_mc_dir / v), args.recall_max_tokens) for v in variants
+              if (args.recall_mc_dir / v / "metrics.json").is_file()}
     shape = "; ".join(f"{v}: window {x['window']}, segment {x['segment']}, "
                       + (f"keep {x.get('keep') or x['segment']}, max_tokens {x.get('max_tokens', 0)}"
                          if x.get("variant") == "select" else f"feature_dim {x['feature_dim']}")

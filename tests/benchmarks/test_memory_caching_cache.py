@@ -63,3 +63,25 @@ def test_key_depends_on_model_files_layer_weights_memory_and_context(tmp_path):
     (model / "config.json").write_text('{"a": 1}')
     others.add(NllCache.key(str(model), {"window": 32}, weights, True, 1024))
     assert base not in others and len(others) == 6
+
+
+def test_recall_pool_override_touches_select_layers_only() -> None:
+    from benchmarks.memory_caching import _with_pool
+
+    select, gated = {"variant": "select", "max_tokens": 32}, {"variant": "gated", "max_tokens": 0}
+    assert _with_pool(select, 256) == {"variant": "select", "max_tokens": 256} and select["max_tokens"] == 32
+    assert _with_pool(gated, 256) is gated and _with_pool(select, None) is select
+
+
+def test_state_table_has_each_variant_and_a_capped_form_of_unbounded_segment_memories() -> None:
+    from benchmarks.memory_caching import kv_bytes, state_table
+
+    gated = {"variant": "gated", "window": 32, "segment": 128, "feature_dim": 16, "max_segments": 0}
+    select = {"variant": "select", "window": 32, "segment": 16, "keep": 0, "max_tokens": 256}
+    t = state_table("cmd", {"gated": gated, "select": select}, (4, 2, 64))
+    assert t.columns[2::2] == ["gated state bytes", "gated, max_segments = 8 state bytes", "select state bytes"]
+    first, last = t.rows[0], t.rows[-1]
+    assert last[0] == 32768 and last[1] == kv_bytes(4, 2, 64, 32768)
+    assert last[2] > last[4]  # the cap bounds the gated state
+    assert first[6] == last[6] and first[2] < last[2]  # the pool is full by 1k (992 candidates), then constant
+    assert last[6] < last[1] / 100  # 304 raw tokens (window + open segment + pool) and their scores, vs 32k

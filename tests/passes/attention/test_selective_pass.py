@@ -92,3 +92,13 @@ def test_end_to_end_steps_are_refused_for_select_layers(byte_llama):
     mc = {"variant": "select", "window": 4, "segment": 4}
     with pytest.raises(PassError, match=r"pipeline\[2\]\.e2e_steps.*select layers.*set it to 0"):
         _run(byte_llama, mc, {"text": "trainsplit:code", "steps": 1, "e2e_steps": 2, "batch": 1, "seq_len": 48})
+
+
+def test_shipped_select_toolchain_is_valid(tmp_path):
+    from tests.helpers import REPO_ROOT, run_cli
+
+    rc, out, err = run_cli(["compile", REPO_ROOT / "models" / "ref-llama", "-c",
+                            REPO_ROOT / "toolchains" / "memory-caching-select.toml", "-o", tmp_path / "o", "--dry-run"])
+    assert rc == 0, err
+    assert "variant='select'" in out and "max_tokens=256" in out and "e2e_steps=0" in out
+    assert not (tmp_path / "o").exists()
