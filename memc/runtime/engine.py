@@ -29,6 +29,7 @@ from typing import Sequence
 import numpy as np
 
 from memc.runtime.kv_buffers import Buffers, Last
+from memc.runtime.logit_slots import LogitSlots
 from memc.targets.session import create_session
 
 DECODE_FILE = "decode.onnx"
@@ -147,6 +148,7 @@ class DecodeEngine:
         self._bound: dict[tuple[str, bool], np.ndarray] = {}
         self._io_shape: tuple[int, int] | None = None
         self._io_cache: tuple = ()
+        self._logit_slots = LogitSlots(self._logits_dtype)
         self._last: Last | None = None
         self._all_kv = all(s.kind == "kv" for s in self.state_specs)
 
@@ -283,12 +285,16 @@ class DecodeEngine:
             self._io_cache = (ids_in, length, np.empty((batch, seq, self.vocab_size), self._logits_dtype))
         return self._io_cache
 
-    @staticmethod
-    def _out(logits: np.ndarray) -> np.ndarray:
-        """What a call returns of its bound logits: a step's are copied (the array is bound again for the next
-        step); a prompt's (seq > 1: e.g. 16 MB for ref-llama at 1k tokens) are not, as their array is used once,
-        so a prefill does not stream them through the caches a second time."""
-        return logits if logits.shape[1] > 1 else logits.copy()
+    def _out(self, logits: np.ndarray) -> np.ndarray:
+        """What a call returns of its bound logits: a step's are copied into a slot of their own (the array is
+        bound again for the next step; memc.runtime.logit_slots); a prompt's (seq > 1: e.g. 16 MB for ref-llama
+        at 1k tokens) are not, as their array is used once, so a prefill does not stream them through the caches
+        a second time."""
+        if logits.shape[1] > 1:
+            return logits
+        out = self._logit_slots.take(logits.shape[0], logits.shape[2])
+        np.copyto(out, logits)
+        return out
 
     def _loop_step(self, token: np.ndarray, last: Last) -> tuple[np.ndarray, State] | None:
         """step() in a decode loop: ``token`` [batch] int64 after the engine's own last state, whose buffers (and

@@ -120,6 +120,24 @@ def test_the_decode_loop_path_equals_the_checked_path(engine):
     np.testing.assert_allclose(other_logits[:, -1], engine.prefill(ids[:, :11])[0][:, -1], atol=1e-5)
 
 
+def test_each_steps_logits_keep_their_values(engine, monkeypatch):
+    """A step's logits are a slot of their own (memc.runtime.logit_slots), never written again: every earlier
+    step's logits still equal a fresh prefill's, also across a new block of slots (3 slots a block here)."""
+    import memc.runtime.logit_slots as logit_slots
+
+    monkeypatch.setattr(logit_slots, "BLOCK_BYTES", 3 * VOCAB * 4)
+    fresh = DecodeEngine(engine.path)
+    ids = _prompt(1, 12, seed=5)
+    _, state = fresh.prefill(ids[:, :4])
+    kept = []
+    for t in range(4, 12):
+        logits, state = fresh.step(ids[:, t], state)
+        kept.append(logits)
+    assert len({k.ctypes.data for k in kept}) == len(kept)
+    for t, logits in zip(range(4, 12), kept):
+        np.testing.assert_allclose(logits[:, -1], engine.prefill(ids[:, : t + 1])[0][:, -1], atol=1e-5)
+
+
 def test_a_changed_state_list_is_checked_again(engine):
     _, state = engine.prefill(_prompt(1, 4))
     _, state = engine.step(1, state)
