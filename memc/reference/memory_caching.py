@@ -1,8 +1,8 @@
 """Distill ref-llama's memory-caching form once and commit the small result (layer weights + metrics).
 
 ``python -m memc.reference.memory_caching --variant gated --out models/ref-llama-mc/gated`` runs the passes of
-``toolchains/memory-caching.toml`` (detect-attention -> memory-caching -> distill-attention, options overridable
-here) on the committed model and writes ``layers.safetensors`` (only the new layers' parameters, with their options
+``toolchains/memory-caching-gated.toml`` (``--toolchain`` another, e.g. toolchains/memory-caching.toml for the
+select layers; detect-attention -> memory-caching -> distill-attention, options overridable here) on the committed model and writes ``layers.safetensors`` (only the new layers' parameters, with their options
 as metadata) and ``metrics.json`` (the distillation report). Compiles and benchmarks then load the weights with
 the memory-caching pass's ``weights`` option instead of distilling again. ``--recall-text BYTES`` distils on train
 code with planted key -> value lines (memc.reference.recall_text), for the recall model.
@@ -28,7 +28,7 @@ from memc.passes.base import PassContext, create_pass
 from memc.passes.manager import PassManager
 from memc.reference import recall_text
 
-TOOLCHAIN = Path(__file__).resolve().parents[2] / "toolchains" / "memory-caching.toml"
+TOOLCHAIN = Path(__file__).resolve().parents[2] / "toolchains" / "memory-caching-gated.toml"
 WEIGHTS = "layers.safetensors"
 
 

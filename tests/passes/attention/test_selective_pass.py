@@ -98,7 +98,7 @@ def test_shipped_select_toolchain_is_valid(tmp_path):
     from tests.helpers import REPO_ROOT, run_cli
 
     rc, out, err = run_cli(["compile", REPO_ROOT / "models" / "ref-llama", "-c",
-                            REPO_ROOT / "toolchains" / "memory-caching-select.toml", "-o", tmp_path / "o", "--dry-run"])
+                            REPO_ROOT / "toolchains" / "memory-caching.toml", "-o", tmp_path / "o", "--dry-run"])
     assert rc == 0, err
     assert "variant='select'" in out and "max_tokens=256" in out and "e2e_steps=0" in out
     assert not (tmp_path / "o").exists()
