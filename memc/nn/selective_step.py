@@ -42,11 +42,22 @@ def _close(mod: "SelectiveMemoryAttention", st: SelectiveState, start: torch.Ten
     rank = _rank(score, pos, valid)
     m = cfg.max_tokens or (st.pool_pos.shape[-1] + cfg.per_segment)  # unbounded: every candidate, appended
     hot = ((rank.unsqueeze(-1) == torch.arange(m, device=dev)) & valid.unsqueeze(-1))  # [B, H, E, M]
-    f = hot.to(st.pool_k.dtype)
-    new_k = torch.einsum("bhem,bhed->bhmd", f, torch.cat([st.pool_k, st.open_k], 2))
-    new_v = torch.einsum("bhem,bhed->bhmd", f, torch.cat([st.pool_v, st.open_v], 2))
-    new_score = torch.einsum("bhem,bhe->bhm", f, score)
-    new_pos = (hot.to(torch.int64) * pos.unsqueeze(-1)).sum(-2)  # 0 where no entry landed: an empty slot
+    # slot m takes the one entry ranked m (a gather: a one-hot product over all entries was half of a decode
+    # step's time in onnxruntime's Einsum); a slot no entry reaches is empty (zeros, pos 0)
+    filled = hot.any(-2)  # [B, H, M]
+    src = hot.to(torch.int32).argmax(-2)  # [B, H, M]
+    d = st.pool_k.shape[-1]
+
+    def take(values: torch.Tensor) -> torch.Tensor:
+        if values.dim() == 4:
+            got = torch.gather(values, 2, src.unsqueeze(-1).expand(-1, -1, -1, d))
+            return torch.where(filled.unsqueeze(-1), got, torch.zeros((), dtype=got.dtype, device=dev))
+        return torch.where(filled, torch.gather(values, 2, src), torch.zeros((), dtype=values.dtype, device=dev))
+
+    new_k = take(torch.cat([st.pool_k, st.open_k], 2))
+    new_v = take(torch.cat([st.pool_v, st.open_v], 2))
+    new_score = take(score)
+    new_pos = take(pos)  # 0 where no entry landed: an empty slot
     if not cfg.max_tokens:
         return new_k, new_v, new_score, new_pos
     return tuple(torch.where(closes, new, old) for new, old in (
