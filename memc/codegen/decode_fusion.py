@@ -29,40 +29,41 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from memc.codegen.fusion import (MSFT, _attr, _drop_dead_nodes, _drop_unused_initializers, _Index, _is_std,
-                                  _packed_split, _replace_with_rotary_gqa, _rotary_pair, _through_shape_ops,
-                                  _trig_operands, _unique, _zero_based_range)
+from memc.codegen.fusion import (_packed_split, _replace_with_rotary_gqa, _rotary_pair, _through_shape_ops,
+                                  _trig_operands, _zero_based_range)
+from memc.codegen.onnx_graph import (MSFT, GraphIndex, attr, drop_dead_nodes, drop_unused_initializers,
+                                     is_std, unique_name)
 
 # the table's rows: speed runs (memc eval --speed, benchmarks.decode) step from contexts up to 32k, a few steps on
 ROTARY_POSITIONS = 32768 + 1024
 
 
-def _offset_positions(idx: _Index, pos: str, length: str) -> bool:
+def _offset_positions(idx: GraphIndex, pos: str, length: str) -> bool:
     """``pos`` is Range(0, n, 1) + ``length`` (the graph's past-length input), through shape-only ops and casts."""
     src = _through_shape_ops(idx, pos)
-    if not _is_std(src, "Add") or len(src.input) != 2:
+    if not is_std(src, "Add") or len(src.input) != 2:
         return False
     return any(b == length and _zero_based_range(idx, idx.producer.get(a)) for a, b in (src.input, src.input[::-1]))
 
 
-def _trig_freq(idx: _Index, trig: str, op: str, length: str) -> str | None:
+def _trig_freq(idx: GraphIndex, trig: str, op: str, length: str) -> str | None:
     """The frequency initializer when ``trig`` = op(positions * freq) with positions past_length + 0..n-1."""
     return next((freq for pos, freq in _trig_operands(idx, trig, op) if _offset_positions(idx, pos, length)), None)
 
 
-def _lengths_from(idx: _Index, gqa: onnx.NodeProto, length: str) -> bool:
+def _lengths_from(idx: GraphIndex, gqa: onnx.NodeProto, length: str) -> bool:
     """GroupQueryAttention's total length is Cast(past_length + seq) (memc.codegen.attention.lengths), so the
     positions it derives for the rotary are the graph's own."""
     cast = idx.producer.get(gqa.input[6])
-    if not _is_std(cast, "Cast"):
+    if not is_std(cast, "Cast"):
         return False
     add = idx.producer.get(cast.input[0])
-    return _is_std(add, "Add") and length in add.input
+    return is_std(add, "Add") and length in add.input
 
 
 def _table(graph: onnx.GraphProto, freq: str, positions: int) -> tuple[str, str]:
     """cos / sin [positions, len(freq)] from constants only (folded by onnxruntime at load)."""
-    base = _unique(graph, freq + "_rotary_table")
+    base = unique_name(graph, freq + "_rotary_table")
     consts = [numpy_helper.from_array(np.array(v, np.int64), f"{base}_{n}")
               for n, v in (("start", 0), ("limit", positions), ("delta", 1), ("axes", [1]))]
     graph.initializer.extend(consts)
@@ -80,10 +81,10 @@ def _table(graph: onnx.GraphProto, freq: str, positions: int) -> tuple[str, str]
 
 def _rotary_gqa_once(model: onnx.ModelProto, length: str, positions: int, tables: dict) -> bool:
     graph = model.graph
-    idx = _Index(graph)
+    idx = GraphIndex(graph)
     for gqa in graph.node:
         if gqa.op_type != "GroupQueryAttention" or gqa.domain != MSFT or len(gqa.input) != 7 or \
-                not all(gqa.input[:7]) or _attr(gqa, "do_rotary", 0):
+                not all(gqa.input[:7]) or attr(gqa, "do_rotary", 0):
             continue
         pair = _rotary_pair(idx, gqa)
         if pair is None:
@@ -97,7 +98,7 @@ def _rotary_gqa_once(model: onnx.ModelProto, length: str, positions: int, tables
         if d % 16:  # onnxruntime's rotary kernel inside GroupQueryAttention: head_size % 16 == 0
             continue
         q, k, v = rq.input[0], rk.input[0], gqa.input[2]
-        hq, hkv = _attr(gqa, "num_heads", 0), _attr(gqa, "kv_num_heads", 0)
+        hq, hkv = attr(gqa, "num_heads", 0), attr(gqa, "kv_num_heads", 0)
         packed = _packed_split(idx, q, k, v, hq, hkv)
         split = packed[0] if packed is not None and packed[1] == d else None
         if freq not in tables:
@@ -117,8 +118,8 @@ def rotary_into_attention(model: onnx.ModelProto, length_input: str, positions: 
     while _rotary_gqa_once(model, length_input, positions, tables):
         count += 1
     if count:
-        _drop_dead_nodes(model.graph)
-        _drop_unused_initializers(model.graph)
+        drop_dead_nodes(model.graph)
+        drop_unused_initializers(model.graph)
     return count
 
 
@@ -129,12 +130,12 @@ def share_lengths(model: onnx.ModelProto, length_input: str, ids: str = "input_i
     the batch read from a KV input's shape). ``ids``: the graph input of shape [batch, seq, ...]. Returns whether
     it changed anything."""
     graph = model.graph
-    idx = _Index(graph)
+    idx = GraphIndex(graph)
     sites = [n for n in graph.node if n.op_type == "GroupQueryAttention" and n.domain == MSFT and len(n.input) >= 7
              and _lengths_from(idx, n, length_input)]
     if not sites or ids not in {i.name for i in graph.input}:
         return False
-    base = _unique(graph, "gqa_lengths")
+    base = unique_name(graph, "gqa_lengths")
     one = numpy_helper.from_array(np.array([1], np.int32), base + "_one")
     graph.initializer.append(one)
     made = [helper.make_node("Shape", [ids], [base + "_seq"], start=1, end=2, name=base + "_seq"),
@@ -148,6 +149,6 @@ def share_lengths(model: onnx.ModelProto, length_input: str, ids: str = "input_i
         graph.node.insert(k, n)
     for n in sites:
         n.input[5], n.input[6] = base + "_seqlens", base + "_total"
-    _drop_dead_nodes(graph)
-    _drop_unused_initializers(graph)
+    drop_dead_nodes(graph)
+    drop_unused_initializers(graph)
     return True

@@ -37,60 +37,12 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-MSFT = "com.microsoft"
-_FLOATS = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE)
-
-
-def _subgraph_nodes(node: onnx.NodeProto) -> list[onnx.NodeProto]:
-    """The nodes of ``node``'s subgraph attributes (If / Loop / Scan bodies), which may read outer values."""
-    return [sub for a in node.attribute
-            for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)) for sub in g.node]
-
-
-class _Index:
-    """Producers, users and initializers of a graph (rebuilt after each change; graphs here are small)."""
-
-    def __init__(self, graph: onnx.GraphProto):
-        self.inits = {t.name: t for t in graph.initializer}
-        self.outputs = {o.name for o in graph.output}
-        self.producer = {o: n for n in graph.node for o in n.output}
-        self.users: dict[str, list[onnx.NodeProto]] = {}
-        for n in graph.node:
-            for i in n.input:
-                if i:
-                    self.users.setdefault(i, []).append(n)
-        for n in graph.node:  # subgraphs read outer values too: count those as users
-            for sub in _subgraph_nodes(n):
-                for i in sub.input:
-                    self.users.setdefault(i, []).append(n)
-
-    def weight(self, name: str) -> onnx.TensorProto | None:
-        """A 2-D float initializer used only once (by the node asking)."""
-        t = self.inits.get(name)
-        if t is None or len(t.dims) != 2 or t.data_type not in _FLOATS or len(self.users.get(name, [])) != 1 \
-                or name in self.outputs:
-            return None
-        return t
-
-    def rename_uses(self, old: str, new: str) -> None:
-        for n in self.users.get(old, []):
-            for k, i in enumerate(n.input):
-                if i == old:
-                    n.input[k] = new
-
-
-def _unique(graph: onnx.GraphProto, base: str) -> str:
-    taken = {t.name for t in graph.initializer} | {o for n in graph.node for o in n.output} | \
-        {i.name for i in graph.input}
-    name, k = base, 0
-    while name in taken:
-        k += 1
-        name = f"{base}_{k}"
-    return name
+from memc.codegen.onnx_graph import (MSFT, GraphIndex, attr, const_value, drop_dead_nodes, drop_unused_initializers,
+                                     is_std, unique_name)
 
 
 def _pack_once(graph: onnx.GraphProto) -> bool:
-    idx = _Index(graph)
+    idx = GraphIndex(graph)
     position = {id(n): k for k, n in enumerate(graph.node)}
     for x, users in idx.users.items():
         group = [n for n in users if n.op_type == "MatMul" and n.domain in ("", "ai.onnx") and len(n.input) == 2
@@ -105,11 +57,11 @@ def _pack_once(graph: onnx.GraphProto) -> bool:
             nodes.sort(key=lambda n: position[id(n)])
             weights = [numpy_helper.to_array(idx.inits[n.input[1]]) for n in nodes]
             packed = numpy_helper.from_array(np.concatenate(weights, axis=1),
-                                             _unique(graph, nodes[0].input[1] + "_packed"))
+                                             unique_name(graph, nodes[0].input[1] + "_packed"))
             sizes = numpy_helper.from_array(np.array([w.shape[1] for w in weights], np.int64),
-                                            _unique(graph, nodes[0].input[1] + "_split"))
+                                            unique_name(graph, nodes[0].input[1] + "_split"))
             graph.initializer.extend([packed, sizes])
-            out = _unique(graph, nodes[0].output[0] + "_packed")
+            out = unique_name(graph, nodes[0].output[0] + "_packed")
             matmul = helper.make_node("MatMul", [x, packed.name], [out], name=(nodes[0].name or "matmul") + "_packed")
             split = helper.make_node("Split", [out, sizes.name], [n.output[0] for n in nodes], axis=-1,
                                      name=(nodes[0].name or "matmul") + "_split")
@@ -122,17 +74,10 @@ def _pack_once(graph: onnx.GraphProto) -> bool:
     return False
 
 
-def _attr(node: onnx.NodeProto, name: str, default):
-    for a in node.attribute:
-        if a.name == name:
-            return helper.get_attribute_value(a)
-    return default
-
-
 def _skip_norm_once(model: onnx.ModelProto) -> bool:
     graph = model.graph
     shapes = _shapes(model)
-    idx = _Index(graph)
+    idx = GraphIndex(graph)
     for norm in graph.node:
         if norm.op_type != "RMSNormalization" or norm.domain not in ("", "ai.onnx") or len(norm.input) < 2:
             continue
@@ -142,7 +87,7 @@ def _skip_norm_once(model: onnx.ModelProto) -> bool:
         scale = idx.inits.get(norm.input[1])
         want = (3, scale.dims[0]) if scale is not None and len(scale.dims) == 1 else None  # [batch, seq, hidden]
         if want is None or shapes.get(add.input[0]) != want or shapes.get(add.input[1]) != want \
-                or _attr(norm, "axis", -1) != -1 or _attr(norm, "stash_type", 1) != 1:
+                or attr(norm, "axis", -1) != -1 or attr(norm, "stash_type", 1) != 1:
             continue
         total = add.output[0]
         if total in idx.outputs:  # the sum is a graph output: leave the pair (its name must stay)
@@ -151,11 +96,11 @@ def _skip_norm_once(model: onnx.ModelProto) -> bool:
                for a in u.attribute):  # read inside a subgraph: renaming there is not worth the rule
             continue
         keep_sum = any(u is not norm for u in idx.users.get(total, []))
-        fused_sum = _unique(graph, total + "_skip") if keep_sum else ""
+        fused_sum = unique_name(graph, total + "_skip") if keep_sum else ""
         fused = helper.make_node(
             "SkipSimplifiedLayerNormalization", [add.input[0], add.input[1], norm.input[1]],
             [norm.output[0], "", "", fused_sum] if keep_sum else [norm.output[0]], domain=MSFT,
-            name=(norm.name or "rms") + "_skip", epsilon=float(_attr(norm, "epsilon", 1e-5)))
+            name=(norm.name or "rms") + "_skip", epsilon=float(attr(norm, "epsilon", 1e-5)))
         at = list(graph.node).index(add)
         graph.node.remove(norm)
         if keep_sum:
@@ -186,7 +131,7 @@ def _shapes(model: onnx.ModelProto) -> dict[str, tuple[int, int]]:
         shape = None
         if n.op_type == "MatMul" and n.input[1] in inits and len(inits[n.input[1]].dims) == 2 and n.input[0] in shapes:
             shape = (shapes[n.input[0]][0], int(inits[n.input[1]].dims[-1]))
-        elif n.op_type == "Gather" and n.input[0] in inits and _attr(n, "axis", 0) == 0 and \
+        elif n.op_type == "Gather" and n.input[0] in inits and attr(n, "axis", 0) == 0 and \
                 len(inits[n.input[0]].dims) == 2 and n.input[1] in shapes:  # an embedding lookup
             shape = (shapes[n.input[1]][0] + 1, int(inits[n.input[0]].dims[-1]))
         elif n.op_type in ("Add", "Mul") and len(n.input) == 2 and n.input[0] in shapes and \
@@ -195,8 +140,8 @@ def _shapes(model: onnx.ModelProto) -> dict[str, tuple[int, int]]:
         elif n.op_type in ("RMSNormalization", "RotaryEmbedding", "Relu", "Sigmoid", "Cast") and n.input \
                 and n.input[0] in shapes:  # the input's shape
             shape = shapes[n.input[0]]
-        elif n.op_type == "MatMulNBits" and n.input[0] in shapes and _attr(n, "N", 0):
-            shape = (shapes[n.input[0]][0], int(_attr(n, "N", 0)))
+        elif n.op_type == "MatMulNBits" and n.input[0] in shapes and attr(n, "N", 0):
+            shape = (shapes[n.input[0]][0], int(attr(n, "N", 0)))
         elif n.op_type == "GatherBlockQuantized" and n.input[1] in shapes and _gathered_width(n, inits, producer):
             shape = (shapes[n.input[1]][0] + 1, _gathered_width(n, inits, producer))
         elif n.op_type == "GroupQueryAttention" and len(n.input) > 2 and n.input[1] and n.input[0] in shapes:
@@ -216,7 +161,7 @@ def _shapes(model: onnx.ModelProto) -> dict[str, tuple[int, int]]:
 def _gathered_width(node: onnx.NodeProto, inits: dict, producer: dict) -> int | None:
     """The row width a quantized embedding lookup (GatherBlockQuantized over axis 0, blocks along axis 1) returns:
     the packed row's bytes * 8 / bits, the data being an initializer or a Reshape of one to a constant shape."""
-    if _attr(node, "gather_axis", 0) != 0 or _attr(node, "quantize_axis", 1) != 1:
+    if attr(node, "gather_axis", 0) != 0 or attr(node, "quantize_axis", 1) != 1:
         return None
     data = node.input[0]
     if data in inits and len(inits[data].dims) == 2:
@@ -229,26 +174,13 @@ def _gathered_width(node: onnx.NodeProto, inits: dict, producer: dict) -> int | 
         if target.shape != (2,) or target[1] <= 0:
             return None
         cols = int(target[1])
-    return cols * 8 // int(_attr(node, "bits", 4))
+    return cols * 8 // int(attr(node, "bits", 4))
 
 
 _POSITION_OPS = ("Unsqueeze", "Expand", "Cast", "Reshape")
 
 
-def _is_std(node: onnx.NodeProto | None, op: str) -> bool:
-    return node is not None and node.op_type == op and node.domain in ("", "ai.onnx")
-
-
-def _const(idx: _Index, name: str):
-    if name in idx.inits:
-        return numpy_helper.to_array(idx.inits[name])
-    node = idx.producer.get(name)
-    if node is not None and node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
-        return numpy_helper.to_array(node.attribute[0].t)
-    return None
-
-
-def _through_shape_ops(idx: _Index, name: str) -> onnx.NodeProto | None:
+def _through_shape_ops(idx: GraphIndex, name: str) -> onnx.NodeProto | None:
     """The producer of ``name`` past any Unsqueeze / Expand / Cast / Reshape (ops that keep the values)."""
     src = idx.producer.get(name)
     while src is not None and src.op_type in _POSITION_OPS and src.domain in ("", "ai.onnx"):
@@ -256,23 +188,23 @@ def _through_shape_ops(idx: _Index, name: str) -> onnx.NodeProto | None:
     return src
 
 
-def _zero_based_range(idx: _Index, node: onnx.NodeProto | None) -> bool:
+def _zero_based_range(idx: GraphIndex, node: onnx.NodeProto | None) -> bool:
     """``node`` is Range(0, n, 1)."""
-    if not _is_std(node, "Range"):
+    if not is_std(node, "Range"):
         return False
-    start, delta = _const(idx, node.input[0]), _const(idx, node.input[2])
+    start, delta = const_value(idx, node.input[0]), const_value(idx, node.input[2])
     return start is not None and delta is not None and start.size == 1 and delta.size == 1 and \
         float(start.reshape(())) == 0 and float(delta.reshape(())) == 1
 
 
-def _trig_operands(idx: _Index, trig: str, op: str) -> list[tuple[str, str]]:
+def _trig_operands(idx: GraphIndex, trig: str, op: str) -> list[tuple[str, str]]:
     """(positions, frequency initializer) readings of ``trig`` = op(positions * freq), freq a 1-D float
     initializer: both operand orders of the Mul that qualify."""
     node = idx.producer.get(trig)
-    if not _is_std(node, op):
+    if not is_std(node, op):
         return []
     mul = idx.producer.get(node.input[0])
-    if not _is_std(mul, "Mul") or len(mul.input) != 2:
+    if not is_std(mul, "Mul") or len(mul.input) != 2:
         return []
     out = []
     for pos, freq in (mul.input, mul.input[::-1]):
@@ -282,7 +214,7 @@ def _trig_operands(idx: _Index, trig: str, op: str) -> list[tuple[str, str]]:
     return out
 
 
-def _positions(idx: _Index, trig: str, op: str) -> tuple[str, str] | None:
+def _positions(idx: GraphIndex, trig: str, op: str) -> tuple[str, str] | None:
     """(Range output, frequency initializer) when ``trig`` = op(positions * freq) with positions 0..n-1 per row."""
     for pos, freq in _trig_operands(idx, trig, op):
         src = _through_shape_ops(idx, pos)
@@ -291,33 +223,33 @@ def _positions(idx: _Index, trig: str, op: str) -> tuple[str, str] | None:
     return None
 
 
-def _rotary_pair(idx: _Index, gqa: onnx.NodeProto) -> tuple[onnx.NodeProto, onnx.NodeProto, int] | None:
+def _rotary_pair(idx: GraphIndex, gqa: onnx.NodeProto) -> tuple[onnx.NodeProto, onnx.NodeProto, int] | None:
     """(query rotary, key rotary, interleaved) when ``gqa``'s query and key are standard RotaryEmbedding nodes it can
     apply itself: full rotary from cos / sin inputs, the same interleaving, its own head counts, and outputs that
     only ``gqa`` reads."""
     rq, rk = idx.producer.get(gqa.input[0]), idx.producer.get(gqa.input[1])
-    if rq is None or rk is None or any(not _is_std(r, "RotaryEmbedding") or len([i for i in r.input if i]) != 3
-                                       or _attr(r, "rotary_embedding_dim", 0) for r in (rq, rk)):
+    if rq is None or rk is None or any(not is_std(r, "RotaryEmbedding") or len([i for i in r.input if i]) != 3
+                                       or attr(r, "rotary_embedding_dim", 0) for r in (rq, rk)):
         return None
-    interleaved = _attr(rq, "interleaved", 0)
-    if _attr(rk, "interleaved", 0) != interleaved or \
-            (_attr(rq, "num_heads", 0), _attr(rk, "num_heads", 0)) != (_attr(gqa, "num_heads", 0), _attr(gqa, "kv_num_heads", 0)):
+    interleaved = attr(rq, "interleaved", 0)
+    if attr(rk, "interleaved", 0) != interleaved or \
+            (attr(rq, "num_heads", 0), attr(rk, "num_heads", 0)) != (attr(gqa, "num_heads", 0), attr(gqa, "kv_num_heads", 0)):
         return None
     if any(o in idx.outputs or len(idx.users.get(o, [])) != 1 for o in (rq.output[0], rk.output[0])):
         return None
     return rq, rk, interleaved
 
 
-def _packed_split(idx: _Index, q: str, k: str, v: str, hq: int, hkv: int) -> tuple[onnx.NodeProto, int] | None:
+def _packed_split(idx: GraphIndex, q: str, k: str, v: str, hq: int, hkv: int) -> tuple[onnx.NodeProto, int] | None:
     """(Split, head_dim) when q / k / v are the three outputs of one Split of a computed tensor along its last axis,
     read only once each, in sizes [hq * d, hkv * d, hkv * d] (the packed projection of ``pack_matmuls``)."""
     split = idx.producer.get(q)
-    if not _is_std(split, "Split") or list(split.output) != [q, k, v] or _attr(split, "axis", 0) not in (-1, 2) \
+    if not is_std(split, "Split") or list(split.output) != [q, k, v] or attr(split, "axis", 0) not in (-1, 2) \
             or split.input[0] in idx.inits:
         return None
     if any(len(idx.users.get(o, [])) != 1 or o in idx.outputs for o in split.output):
         return None
-    sizes = _const(idx, split.input[1]) if len(split.input) > 1 else None
+    sizes = const_value(idx, split.input[1]) if len(split.input) > 1 else None
     d = int(sizes.reshape(-1)[0]) // hq if sizes is not None and sizes.size == 3 and hq and hkv else 0
     if not d or list(sizes.reshape(-1)) != [hq * d, hkv * d, hkv * d]:
         return None
@@ -339,16 +271,16 @@ def _replace_with_rotary_gqa(graph: onnx.GraphProto, gqa: onnx.NodeProto, qkv: l
 
 def _packed_gqa_once(model: onnx.ModelProto, caches: dict) -> bool:
     graph = model.graph
-    idx = _Index(graph)
+    idx = GraphIndex(graph)
     for gqa in graph.node:
         if gqa.op_type != "GroupQueryAttention" or gqa.domain != MSFT or len(gqa.input) != 7 or \
-                any(gqa.input[3:5]) or not all(gqa.input[:3]) or _attr(gqa, "do_rotary", 0):
+                any(gqa.input[3:5]) or not all(gqa.input[:3]) or attr(gqa, "do_rotary", 0):
             continue
         pair = _rotary_pair(idx, gqa)
         if pair is None:
             continue
         rq, rk, interleaved = pair
-        hq, hkv = _attr(gqa, "num_heads", 0), _attr(gqa, "kv_num_heads", 0)
+        hq, hkv = attr(gqa, "num_heads", 0), attr(gqa, "kv_num_heads", 0)
         packed = _packed_split(idx, rq.input[0], rk.input[0], gqa.input[2], hq, hkv)
         if packed is None or packed[1] % 16:  # its rotary kernel: head_size % 16 == 0
             continue
@@ -358,7 +290,7 @@ def _packed_gqa_once(model: onnx.ModelProto, caches: dict) -> bool:
             continue
         positions, freq = trig[0]
         if (positions, freq) not in caches:
-            base = _unique(graph, positions + "_rotary")
+            base = unique_name(graph, positions + "_rotary")
             axes = numpy_helper.from_array(np.array([1], np.int64), base + "_axes")
             graph.initializer.append(axes)
             made = [helper.make_node("Unsqueeze", [positions, axes.name], [base + "_col"], name=base + "_col"),
@@ -377,38 +309,15 @@ def _packed_gqa_once(model: onnx.ModelProto, caches: dict) -> bool:
     return False
 
 
-def _drop_dead_nodes(graph: onnx.GraphProto) -> None:
-    """Nodes none of whose outputs is read (the Cos / Sin the packed rule left without users)."""
-    while True:
-        used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
-        for n in graph.node:
-            used |= {i for sub in _subgraph_nodes(n) for i in sub.input}
-        dead = [n for n in graph.node if not any(o in used for o in n.output if o)]
-        if not dead:
-            return
-        for n in dead:
-            graph.node.remove(n)
-
-
 def pack_gqa_inputs(model: onnx.ModelProto) -> int:
     """Apply the packed-QKV-attention rule to a fixpoint; returns how many attention nodes read a packed input."""
     count, caches = 0, {}
     while _packed_gqa_once(model, caches):
         count += 1
     if count:
-        _drop_dead_nodes(model.graph)
-        _drop_unused_initializers(model.graph)
+        drop_dead_nodes(model.graph)
+        drop_unused_initializers(model.graph)
     return count
-
-
-def _drop_unused_initializers(graph: onnx.GraphProto) -> None:
-    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
-    for n in graph.node:
-        used |= {i for sub in _subgraph_nodes(n) for i in sub.input}
-    keep = [t for t in graph.initializer if t.name in used]
-    if len(keep) != len(graph.initializer):
-        del graph.initializer[:]
-        graph.initializer.extend(keep)
 
 
 def pack_matmuls(model: onnx.ModelProto) -> int:
@@ -416,11 +325,11 @@ def pack_matmuls(model: onnx.ModelProto) -> int:
     before = sum(n.op_type == "MatMul" for n in model.graph.node)
     while _pack_once(model.graph):
         pass
-    _drop_unused_initializers(model.graph)
+    drop_unused_initializers(model.graph)
     return before - sum(n.op_type == "MatMul" for n in model.graph.node)
 
 
-def _nbits_parts(idx: _Index, node: onnx.NodeProto) -> tuple | None:
+def _nbits_parts(idx: GraphIndex, node: onnx.NodeProto) -> tuple | None:
     """(codes, scales, scale Cast or None, zero points or None) initializers of a MatMulNBits whose stored tensors
     only it reads (so packing moves them, never copies), or None. Scales are a float32 initializer or a Cast of a
     float16 one (memc.codegen.quant.store_half_scales)."""
@@ -448,7 +357,7 @@ def _nbits_parts(idx: _Index, node: onnx.NodeProto) -> tuple | None:
 
 
 def _pack_nbits_once(graph: onnx.GraphProto) -> bool:
-    idx = _Index(graph)
+    idx = GraphIndex(graph)
     position = {id(n): k for k, n in enumerate(graph.node)}
     for x, users in idx.users.items():
         groups: dict[tuple, list[tuple[onnx.NodeProto, tuple]]] = {}
@@ -459,8 +368,8 @@ def _pack_nbits_once(graph: onnx.GraphProto) -> bool:
             if parts is None:
                 continue
             codes, scales, cast, zeros = parts
-            key = (tuple(_attr(n, a, 0) for a in ("K", "bits", "block_size", "accuracy_level")), zeros is not None,
-                   scales.data_type, cast is not None and _attr(cast, "to", 0), tuple(codes.dims[1:]), len(scales.dims),
+            key = (tuple(attr(n, a, 0) for a in ("K", "bits", "block_size", "accuracy_level")), zeros is not None,
+                   scales.data_type, cast is not None and attr(cast, "to", 0), tuple(codes.dims[1:]), len(scales.dims),
                    tuple(zeros.dims[1:]) if zeros is not None else None)
             groups.setdefault(key, []).append((n, parts))
         for members in groups.values():
@@ -472,7 +381,7 @@ def _pack_nbits_once(graph: onnx.GraphProto) -> bool:
 
             def concat(k: int, suffix: str) -> onnx.TensorProto:
                 t = numpy_helper.from_array(np.concatenate([numpy_helper.to_array(m[1][k]) for m in members], axis=0),
-                                            _unique(graph, base + suffix))
+                                            unique_name(graph, base + suffix))
                 graph.initializer.append(t)
                 return t
             codes, scales = concat(0, "_codes"), concat(1, "_scales")
@@ -480,15 +389,15 @@ def _pack_nbits_once(graph: onnx.GraphProto) -> bool:
             made = []
             scale_in = scales.name
             if members[0][1][2] is not None:
-                scale_in = _unique(graph, base + "_scales_f32")
-                made.append(helper.make_node("Cast", [scales.name], [scale_in], to=_attr(members[0][1][2], "to", 0),
+                scale_in = unique_name(graph, base + "_scales_f32")
+                made.append(helper.make_node("Cast", [scales.name], [scale_in], to=attr(members[0][1][2], "to", 0),
                                              name=scale_in))
-            sizes = [int(_attr(m[0], "N", 0)) for m in members]
-            split_sizes = numpy_helper.from_array(np.array(sizes, np.int64), _unique(graph, base + "_split"))
+            sizes = [int(attr(m[0], "N", 0)) for m in members]
+            split_sizes = numpy_helper.from_array(np.array(sizes, np.int64), unique_name(graph, base + "_split"))
             graph.initializer.append(split_sizes)
             attrs = {a.name: helper.get_attribute_value(a) for a in first.attribute}
             attrs["N"] = sum(sizes)
-            out = _unique(graph, base)
+            out = unique_name(graph, base)
             made.append(helper.make_node("MatMulNBits", [x, codes.name, scale_in] + ([zeros.name] if zeros else []),
                                          [out], domain=MSFT, name=out, **attrs))
             made.append(helper.make_node("Split", [out, split_sizes.name], [m[0].output[0] for m in members], axis=-1,
@@ -511,7 +420,7 @@ def pack_matmul_nbits(model: onnx.ModelProto) -> int:
     before = count()
     while _pack_nbits_once(model.graph):
         pass
-    _drop_unused_initializers(model.graph)
+    drop_unused_initializers(model.graph)
     return before - count()
 
 
