@@ -139,6 +139,13 @@ def state_bytes(layer: dict, layers: int, kv_heads: int, head_dim: int, context:
     return layers * state.nbytes()
 
 
+def model_dims(model: str) -> tuple[int, int, int]:
+    """(layers, KV heads, head dim) from the model's config.json: what state_bytes / kv_bytes count with."""
+    cfg = json.loads((Path(model) / "config.json").read_text())
+    return (cfg["num_hidden_layers"], cfg["num_key_value_heads"],
+            cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"])
+
+
 def kv_bytes(layers: int, kv_heads: int, head_dim: int, context: int) -> int:
     return layers * 2 * kv_heads * context * head_dim * 4
 
@@ -288,9 +295,8 @@ def main(argv: list[str] | None = None) -> int:
         "Δ ± SE pos ≥ 512", "gap to (a) closed (all / ≥ 512)"], rows, raw=raw)
     table.notes.append(f"Held-out code, {sample} of the non-overlapping 1024-token windows ({raw['windows']} "
                        f"windows); Δ against (a), paired standard error over windows. CPU: {cpu_info()}.")
-    cfg = json.loads((Path(args.model) / "config.json").read_text())
-    dims = (cfg["num_hidden_layers"], cfg["num_key_value_heads"], cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"])
-    state = state_table(command, {k[len("layer-"):]: v for k, v in raw.items() if k.startswith("layer-")}, dims)
+    state = state_table(command, {k[len("layer-"):]: v for k, v in raw.items() if k.startswith("layer-")},
+                        model_dims(args.model))
     print(table.markdown())
     print(state.markdown())
     table.write()

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.harness import Table, cpu_info
-from benchmarks.memory_caching import kv_bytes, set_memory, state_bytes, _program
+from benchmarks.memory_caching import _program, kv_bytes, model_dims, set_memory, state_bytes
 from benchmarks.mixed_bits_select import validation_windows
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -112,9 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     set_memory(b_prog, False)
     b = score("(b) window only", b_prog)
     gap = {p: paired_delta(a, b, wspans, p) for p in (0, 512)}
-    cfg = json.loads((Path(model) / "config.json").read_text())
-    dims = (cfg["num_hidden_layers"], cfg["num_key_value_heads"],
-            cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"])
+    dims = model_dims(model)
     kv32k = kv_bytes(*dims, 32768)
     rows, raw, closes = [], {"windows": len(starts), "starts": starts.tolist(), "layer": layer}, {}
 
