@@ -10,10 +10,13 @@ engines, no engine's slice right after its own: turn_orders), the state's bytes,
 and greedy agreement with torch over those steps. At each longer context the engines that can reach it step from a
 synthesised state of that length: random KV caches for torch / memc KV (positions beyond the trained 1024 are
 fine for speed and state size, never for quality); for memory caching the prefilled state with its counters set
-to that context (tokens seen, tokens in the open segment, every cached-segment slot full), so each step does the
-work of a step at that context. memc's KV graph lowers attention to GroupQueryAttention over a preallocated
-buffer updated in place (memc.codegen.attention); the memory-caching graph is toolchains/memory-caching-pretrained
-.toml as shipped (decode graph on, ``max_segments = 8``: a constant state). One thread everywhere.
+to that context (tokens seen; for the gated layout also the open segment's fill and every cached-segment slot
+full), so each step does the work of a step at that context. memc's KV graph lowers attention to
+GroupQueryAttention over a preallocated buffer updated in place (memc.codegen.attention); the memory-caching graph
+is toolchains/memory-caching.toml's select pipeline with its committed layers (toolchains/memory-caching-pretrained
+.toml: the same weights without distilling again; decode graph on, a pool of 256 tokens: a constant state). memc's
+sessions flush denormals on the calling thread during their runs (memc.targets.float_env); the peers run as their
+tools set them up. One thread everywhere.
 
 Peers (``pip install memc[peers]``): onnxruntime-genai's model builder (fp32, int4) on a temporary copy of the
 model directory (the builder needs an eos_token_id in config.json and imports onnx_ir). llama.cpp is listed as not
@@ -111,16 +114,21 @@ class Memc:
             return [rng.standard_normal((1, s.shape[1], length, s.shape[3])).astype(s.dtype) for s in self.e.state_specs]
         out = []
         for spec, array in zip(self.e.state_specs, prefilled):  # the prefilled state, counters set to `length`
-            field, layer = spec.name[len("past_mc_"):].rsplit("_", 1)
-            window = next(a for s, a in zip(self.e.state_specs, prefilled) if s.name == f"past_mc_win_k_{layer}")
-            closed = max(0, length - window.shape[2])
-            if field == "t":
+            prefix, rest = spec.name.split("_", 2)[1], spec.name.split("_", 2)[2]
+            field, layer = rest.rsplit("_", 1)
+            if field == "t":  # both layouts: tokens seen
                 array = np.array(length, dtype=array.dtype)
-            elif field == "open_n":
-                array = np.full_like(array, closed % self.segment)
-            elif field == "slot_n":
-                array = np.full_like(array, self.segment)
-                array[..., 0] = max(self.segment, closed - closed % self.segment - self.segment * (array.shape[-1] - 1))
+            elif prefix == "mc":  # gated / sparse...: the open segment's fill and every cached-segment slot full
+                window = next(a for s, a in zip(self.e.state_specs, prefilled) if s.name == f"past_mc_win_k_{layer}")
+                closed = max(0, length - window.shape[2])
+                if field == "open_n":
+                    array = np.full_like(array, closed % self.segment)
+                elif field == "slot_n":
+                    array = np.full_like(array, self.segment)
+                    array[..., 0] = max(self.segment,
+                                        closed - closed % self.segment - self.segment * (array.shape[-1] - 1))
+            # select (past_sel_*): the prefilled window, open segment and full pool stand for any later context;
+            # a step's work (one softmax over window + segment + pool, the pool's close) does not depend on it
             out.append(array)
         return out
 
@@ -214,7 +222,7 @@ def turns_case(model: str, kv: str | None, mc: str | None, segment: int, peers: 
     if kv:
         engines["memc-kv"] = Memc(kv, "memc decode.onnx fp32 (KV, DecodeEngine)")
     if mc:
-        engines["memc-mc"] = Memc(mc, "memc memory-caching decode.onnx fp32 (max_segments 8)", segment)
+        engines["memc-mc"] = Memc(mc, "memc memory-caching decode.onnx fp32 (select, pool 256)", segment)
     for key, path in peers.items():
         engines[key] = Genai(path, f"onnxruntime-genai {key.split('-', 1)[1]} (model builder)")
     out: dict = {k: {"name": e.name, "disk_bytes": e.disk, "prefill_s": [], "decode_ms": {}, "state_bytes": {}}
@@ -361,7 +369,7 @@ def main(argv: list[str] | None = None) -> None:
             _compile(args.model, kv, "-c", "toolchain.toml", "--set", "target.decode_graph=true")
         if "memc-mc" in chosen:
             mc = tmp / "mc"
-            _compile(args.model, mc, "-c", "toolchains/memory-caching-pretrained.toml")
+            _compile(args.model, mc, "-c", "toolchains/memory-caching-pretrained.toml")  # the shipped select layers
             segment = next(p["options"]["segment"] for p in json.loads((mc / "report.json").read_text())["passes"]
                            if p["name"] == "memory-caching")
         precisions = tuple(e.split("-", 1)[1] for e in chosen if e.startswith("genai-"))

@@ -102,3 +102,27 @@ def test_shipped_select_toolchain_is_valid(tmp_path):
     assert rc == 0, err
     assert "variant='select'" in out and "max_tokens=256" in out and "e2e_steps=0" in out
     assert not (tmp_path / "o").exists()
+
+
+def test_pretrained_select_toolchain_loads_the_committed_layers():
+    """toolchains/memory-caching-pretrained.toml's layer options agree with the committed select layers (a
+    mismatch is refused by name), and the layers it loads are those weights."""
+    import tomllib
+
+    from safetensors import safe_open
+
+    from tests.helpers import REPO_ROOT
+
+    cfg = tomllib.loads((REPO_ROOT / "toolchains" / "memory-caching-pretrained.toml").read_text())
+    stages = [dict(s) for s in cfg["pipeline"][:2]]
+    assert [s.pop("pass") for s in stages] == ["detect-attention", "memory-caching"]
+    stages[1]["weights"] = str(REPO_ROOT / stages[1]["weights"])
+    passes = [create_pass(n, o, f"pipeline[{i}]") for i, (n, o) in
+              enumerate(zip(["detect-attention", "memory-caching"], stages))]
+    program = PassManager(passes).run(captured(REPO_ROOT / "models" / "ref-llama"), PassContext(seed=0))
+    layers = {n: m for n, m in program.module.named_modules() if isinstance(m, SelectiveMemoryAttention)}
+    assert len(layers) == 4
+    with safe_open(stages[1]["weights"], framework="pt") as f:
+        for name, layer in layers.items():
+            for pname, p in layer.named_parameters():
+                assert torch.equal(p.detach(), f.get_tensor(f"{name}.{pname}"))
