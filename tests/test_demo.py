@@ -33,6 +33,9 @@ def test_console_script_compiles(demo):
         "model.onnx", "report.json", "summary.txt",
     ]
     assert "PASSED" in (out / "summary.txt").read_text()
+    # how memc's runtime runs the graph, for deployments that build their own session
+    session = json.loads((out / "report.json").read_text())["target"]["session"]
+    assert session["config"] == {"session.set_denormal_as_zero": "1"} and session["flush_denormals"] is True
 
 
 def test_demo_logits_match_original(demo, tiny_llama_dir):

@@ -20,7 +20,7 @@ from memc.errors import CaptureError, VerificationError, first_line
 from memc.program import Program
 from memc.quant.check import check_quant_formats
 from memc.runtime.engine import DECODE_FILE
-from memc.targets.session import create_session
+from memc.targets.session import SESSION_CONFIG, create_session
 from memc.targets.base import Artifact, BuildResult, SampleCheck, Target, Verification, register_target
 
 MODEL_FILE = "model.onnx"
@@ -96,7 +96,11 @@ class OnnxRuntimeTarget(Target):
         onnx.save_model(model, str(path))
         onnx.checker.check_model(str(path))
         metrics = {"opset": self.config.opset, "nodes": len(model.graph.node), "op_histogram": _op_histogram(model),
-                   "attention": _attention_metrics(self._fused)}
+                   "attention": _attention_metrics(self._fused),
+                   # how memc's runtime runs these graphs; another deployment's session should do the same
+                   "session": {"config": dict(SESSION_CONFIG), "flush_denormals": True,
+                               "note": "FTZ/DAZ on the thread running the session (memc.targets.float_env): softmax "
+                                       "leaves denormals that cost Intel cores a microcode assist per op"}}
         artifacts = [Artifact(MODEL_FILE, path.stat().st_size, "onnx model")]
         if self.config.decode_graph:
             artifacts.append(self._build_decode(program, out_dir, metrics))
