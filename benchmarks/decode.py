@@ -39,7 +39,9 @@ from benchmarks.harness import Table, cpu_info, run_case
 
 PROMPT = 990
 CONTEXTS = [1024, 8192, 32768]
-ENGINES = ["memc-kv", "memc-mc", "genai-fp32", "genai-int4"]  # torch eager always runs: it is the reference
+# torch eager always runs: it is the reference; genai-fp32-ftz is genai's fp32 model run with denormals flushed
+# (memc's session setting, memc.targets.float_env), to show how much of a difference is that setting
+ENGINES = ["memc-kv", "memc-mc", "genai-fp32", "genai-fp32-ftz", "genai-int4"]
 
 
 def _prompt(model: str) -> Any:
@@ -169,6 +171,23 @@ class Genai:
         return self.buffer
 
 
+class GenaiFlushed(Genai):
+    """The same genai model, each call inside memc's denormal flush (one thread: genai's session runs on the
+    calling thread, so the scope covers its work)."""
+
+    def prefill(self, ids):
+        from memc.targets.float_env import flushed
+
+        with flushed():
+            return super().prefill(ids)
+
+    def step(self, token, g):
+        from memc.targets.float_env import flushed
+
+        with flushed():
+            return super().step(token, g)
+
+
 def _greedy_run(engine, prompt, steps: int, per: int):
     """``steps`` greedy steps after ``prompt`` in slices of ``per``: yields (step times, new tokens, state, CPU
     times) after each slice, so the caller lets the engines take turns."""
@@ -210,7 +229,8 @@ def turn_orders(keys: list[str], turns: int, order: str = "alternate") -> list[l
 
 
 def turns_case(model: str, kv: str | None, mc: str | None, segment: int, peers: dict, steps: int, rounds: int,
-               contexts: list[int], slice_steps: int = 4, order: str = "alternate", repeats: int = 1) -> dict:
+               contexts: list[int], slice_steps: int = 4, order: str = "alternate", repeats: int = 1,
+               wanted: tuple[str, ...] = ()) -> dict:
     import statistics
 
     import numpy as np
@@ -225,6 +245,8 @@ def turns_case(model: str, kv: str | None, mc: str | None, segment: int, peers: 
         engines["memc-mc"] = Memc(mc, "memc memory-caching decode.onnx fp32 (select, pool 256)", segment)
     for key, path in peers.items():
         engines[key] = Genai(path, f"onnxruntime-genai {key.split('-', 1)[1]} (model builder)")
+        if key == "genai-fp32" and "genai-fp32-ftz" in wanted:
+            engines["genai-fp32-ftz"] = GenaiFlushed(path, "onnxruntime-genai fp32, denormals flushed (as memc)")
     out: dict = {k: {"name": e.name, "disk_bytes": e.disk, "prefill_s": [], "decode_ms": {}, "state_bytes": {}}
                  for k, e in engines.items()}
     # prefill, in turns
@@ -372,13 +394,13 @@ def main(argv: list[str] | None = None) -> None:
             _compile(args.model, mc, "-c", "toolchains/memory-caching-pretrained.toml")  # the shipped select layers
             segment = next(p["options"]["segment"] for p in json.loads((mc / "report.json").read_text())["passes"]
                            if p["name"] == "memory-caching")
-        precisions = tuple(e.split("-", 1)[1] for e in chosen if e.startswith("genai-"))
+        precisions = tuple(dict.fromkeys(e.split("-")[1] for e in chosen if e.startswith("genai-")))
         peers = {} if args.no_peers or not precisions else _build_genai(args.model, tmp, precisions)
         build_s = time.perf_counter() - t
         res = run_case("benchmarks.decode:turns_case", model=args.model, kv=str(kv) if kv else None,
                        mc=str(mc) if mc else None, segment=segment, peers=peers, steps=args.steps,
                        rounds=args.rounds, contexts=contexts, slice_steps=args.slice, order=args.order,
-                       repeats=args.repeats)
+                       repeats=args.repeats, wanted=tuple(chosen))
         reports = {k: json.loads((d / "report.json").read_text())["verification"] for k, d in
                    (("KV", kv), ("memory caching", mc)) if d is not None}
 
@@ -390,7 +412,7 @@ def main(argv: list[str] | None = None) -> None:
     cols += [f"state @{c}" for c in [PROMPT + args.steps, *longer]]
     cols += [f"greedy = torch (of {args.steps})"]
     t = Table("decode", cmd.strip(), cols)
-    keys = [k for k in ("torch", "memc-kv", "memc-mc", "genai-fp32", "genai-int4") if k in res]
+    keys = [k for k in ("torch", "memc-kv", "memc-mc", "genai-fp32", "genai-fp32-ftz", "genai-int4") if k in res]
     for key in keys:
         r = res[key]
         row = [r["name"], _mb(r["disk_bytes"]), r["prefill_tok_s"], r["decode_cpu_median_ms"]]
@@ -416,6 +438,11 @@ def main(argv: list[str] | None = None) -> None:
                       f"CPU ms/token {res['memc-kv']['decode_cpu_median_ms'] / g['decode_cpu_median_ms']:.2f}x "
                       f"(bar: <= 1); memc KV / torch eager prefill tok/s: "
                       f"{res['memc-kv']['prefill_tok_s'] / res['torch']['prefill_tok_s']:.2f}x (bar: >= 1)")
+    if "genai-fp32-ftz" in res and kv_ms:
+        g = res["genai-fp32-ftz"]
+        ratios.append(f"memc KV / genai fp32 with denormals flushed too: "
+                      f"{kv_ms[str(PROMPT)] / g['decode_ms'][str(PROMPT)]:.2f}x decode ms/token @{PROMPT}, CPU "
+                      f"{res['memc-kv']['decode_cpu_median_ms'] / g['decode_cpu_median_ms']:.2f}x (the graphs alone)")
     t.notes += ratios
     t.notes.append(
         f"CPU: {cpu_info()}; one thread per engine; versions: "

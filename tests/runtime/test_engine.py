@@ -250,3 +250,28 @@ def test_engine_does_not_import_torch(decode_artifact):
     """)
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("chunk", [4, 5])
+def test_prompts_run_in_chunks_with_the_same_logits(decode_artifact, chunk):
+    """A one-row prompt longer than prefill_chunk runs in chunks (each attending to the cache the earlier ones
+    wrote; a last chunk of one token with 21 tokens in chunks of 5): the same logits and state as one call."""
+    whole = DecodeEngine(decode_artifact("llama"), prefill_chunk=0)
+    chunked = DecodeEngine(decode_artifact("llama"), prefill_chunk=chunk)
+    ids = _prompt(1, 21)
+    want, want_state = whole.prefill(ids)
+    calls = []
+    run = chunked._run
+    chunked._run = lambda piece, *a: calls.append(piece.shape[1]) or run(piece, *a)
+    got, state = chunked.prefill(ids)
+    del chunked._run
+    assert calls == [chunk] * (21 // chunk) + ([21 % chunk] if 21 % chunk else [])
+    assert got.shape == want.shape and got.flags.c_contiguous
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    for a, b in zip(state, want_state):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    # and it goes on from there: steps, then another long piece, then the returned logits are still intact
+    step, state = chunked.step(np.array([3]), state)
+    more, state = chunked.forward(ids[:, :9], state)
+    ref = whole.prefill(np.concatenate([ids, [[3]], ids[:, :9]], 1))[0]
+    np.testing.assert_allclose(np.concatenate([got, step, more], 1), ref, atol=1e-4)
