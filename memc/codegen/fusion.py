@@ -436,7 +436,12 @@ def fuse_skip_rms_norm(model: onnx.ModelProto) -> int:
 
 def fuse_for_onnxruntime(model: onnx.ModelProto) -> dict[str, int]:
     """The rules (the norms first: they read value shapes that packing would route through Splits; the packed
-    attention last: it reads the packing's Splits); returns what each did."""
+    attention after the packing: it reads the packing's Splits; prompt attention in chunks last, on the packed
+    attention); returns what each did."""
+    from memc.codegen.prompt_chunks import chunk_prompt_attention
+
     norms = fuse_skip_rms_norm(model)
     packed = pack_matmuls(model) + pack_matmul_nbits(model)
-    return {"packed_matmuls": packed, "skip_rms_norms": norms, "packed_attention": pack_gqa_inputs(model)}
+    attention = pack_gqa_inputs(model)
+    return {"packed_matmuls": packed, "skip_rms_norms": norms, "packed_attention": attention,
+            "chunked_prompt_attention": chunk_prompt_attention(model)}

@@ -15,7 +15,8 @@ place. The engine hides the difference: a state's KV arrays are always [batch, h
 preallocated graph they are views of buffers the engine owns, bound to the graph's inputs and outputs with
 onnxruntime I/O binding, so a step copies one token's keys / values, not the cache. A buffer is reused only by
 the state that reaches its end; stepping an older state again (branching) copies the buffer first, so every
-state returned stays valid.
+state returned stays valid. A long one-row prompt runs in chunks (PREFILL_CHUNK). Every run flushes denormal floats
+to zero on the calling thread and restores its float mode after (memc.targets.session / float_env).
 
 numpy + onnxruntime only: a deployment process never imports torch.
 """
