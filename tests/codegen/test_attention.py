@@ -12,6 +12,7 @@ from onnx import TensorProto, helper
 
 from memc.codegen.attention import STANDARD, choose, lengths
 from memc.codegen.onnx import lower_exported
+from memc.codegen.onnx_graph import subgraph_nodes
 from memc.codegen.peephole import simplify_gqa_layouts
 
 B, HQ, HKV, D = 2, 4, 2, 8
@@ -77,7 +78,8 @@ class _Cached(torch.nn.Module):
 def _lower(module, inputs, names, outputs) -> ort.InferenceSession:
     ep = torch.export.export(module, inputs, strict=False)
     model = lower_exported(ep, inputs, names, outputs, {}, 18)
-    assert any(n.op_type == "GroupQueryAttention" and n.domain == "com.microsoft" for n in model.graph.node)
+    nodes = [*model.graph.node, *(s for n in model.graph.node for s in subgraph_nodes(n))]  # prompt chunks: an If
+    assert any(n.op_type == "GroupQueryAttention" and n.domain == "com.microsoft" for n in nodes)
     return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
 
 

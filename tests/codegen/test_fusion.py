@@ -144,7 +144,8 @@ def test_both_rules_on_a_layer():
              numpy_helper.from_array(np.ones(H, np.float32), "scale")]
     before = _model(nodes, [_vi("x", ["b", "s", H]), _vi("y", ["b", "s", H])], [_vi("out", ["b", "s", H])], inits)
     after = copy.deepcopy(before)
-    assert fuse_for_onnxruntime(after) == {"packed_matmuls": 1, "skip_rms_norms": 1, "packed_attention": 0}
+    assert fuse_for_onnxruntime(after) == {"packed_matmuls": 1, "skip_rms_norms": 1, "packed_attention": 0,
+                                         "chunked_prompt_attention": 0}
     assert _ops(after) == ["SkipSimplifiedLayerNormalization", "MatMul", "Split", "Mul", "MatMul", "Add"]
     feeds = {"x": _x(1, 5, H, seed=3), "y": _x(1, 5, H, seed=4)}
     np.testing.assert_allclose(_run(after, feeds)[0], _run(before, feeds)[0], rtol=1e-5, atol=1e-5)

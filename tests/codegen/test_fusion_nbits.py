@@ -121,7 +121,8 @@ def test_quantized_qkv_get_packed_attention():
     layer.graph.initializer.extend(t for p in qkv for t in p[1])
     _register_schemas()
     before = copy.deepcopy(layer)
-    assert fuse_for_onnxruntime(layer) == {"packed_matmuls": 2, "skip_rms_norms": 0, "packed_attention": 1}
+    assert fuse_for_onnxruntime(layer) == {"packed_matmuls": 2, "skip_rms_norms": 0, "packed_attention": 1,
+                                         "chunked_prompt_attention": 1}
     assert _ops(layer).count("MatMulNBits") == 1 and "Split" not in _ops(layer) and "RotaryEmbedding" not in _ops(layer)
     x = np.random.default_rng(1).standard_normal((1, 11, 16)).astype(np.float32)
     np.testing.assert_allclose(_run(layer, x)[0], _run(before, x)[0], atol=1e-5)

@@ -37,7 +37,7 @@ def _gqa_model(rotary: bool, packed: bool) -> onnx.ModelProto:
         extra = ["cos", "sin"]
     nodes.append(helper.make_node("GroupQueryAttention", [*qkv, "", "", "seqlens", "total", *extra],
                                   ["y", "present_k", "present_v"], domain="com.microsoft", name="attn",
-                                  num_heads=HQ, kv_num_heads=HKV, do_rotary=int(rotary)))
+                                  num_heads=HQ, kv_num_heads=HKV, do_rotary=int(rotary), scale=D ** -0.5))
     graph = helper.make_graph(nodes, "gqa", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", "S", width])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", "S", HQ * D])], inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
