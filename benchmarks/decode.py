@@ -471,6 +471,40 @@ def main(argv: list[str] | None = None) -> None:
     path = t.write()
     print(t.markdown())
     print(f"wrote {path}")
+    print(f"wrote {plot(t.raw)}")
+
+
+def plot(raw: dict) -> Path:
+    """benchmarks/results/decode.png from a run's raw results (decode.json's ``raw``): decode ms/token and state
+    bytes against the context, one line per engine (genai only at ~1k: its context is the model's 1024)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from benchmarks.harness import RESULTS
+
+    fig, (speed, state) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for key, r in raw.items():
+        if not isinstance(r, dict) or "decode_ms" not in r:
+            continue
+        xs = sorted(int(c) for c in r["decode_ms"])
+        style = dict(marker="o", label=r["name"], linestyle="-" if len(xs) > 1 else "none")
+        speed.plot(xs, [r["decode_ms"][str(c)] for c in xs], **style)
+        ys = sorted(int(c) for c in r["state_bytes"])
+        state.plot(ys, [r["state_bytes"][str(c)] / 1e6 for c in ys], **style)
+    for ax, label in ((speed, "decode ms/token (1 thread, median)"), (state, "state MB (batch 1, fp32)")):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("context (tokens)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    speed.legend(fontsize=6)
+    fig.tight_layout()
+    out = RESULTS / "decode.png"
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
 
 
 def cols_ctx(cols: list[str]) -> list[int]:
