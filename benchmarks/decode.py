@@ -116,7 +116,7 @@ class Memc:
             return [rng.standard_normal((1, s.shape[1], length, s.shape[3])).astype(s.dtype) for s in self.e.state_specs]
         out = []
         for spec, array in zip(self.e.state_specs, prefilled):  # the prefilled state, counters set to `length`
-            prefix, rest = spec.name.split("_", 2)[1], spec.name.split("_", 2)[2]
+            _, prefix, rest = spec.name.split("_", 2)  # past_mc_<field>_<layer> | past_sel_<field>_<layer>
             field, layer = rest.rsplit("_", 1)
             if field == "t":  # both layouts: tokens seen
                 array = np.array(length, dtype=array.dtype)

@@ -36,8 +36,7 @@ def _fresh(base: str, taken: set) -> str:
 
 
 def _is_prompt_gqa(node: onnx.NodeProto) -> bool:
-    past = list(node.input[3:5]) + [""] * (2 - len(node.input[3:5]))
-    return node.op_type == "GroupQueryAttention" and node.domain == MSFT and not any(past) \
+    return node.op_type == "GroupQueryAttention" and node.domain == MSFT and not any(node.input[3:5]) \
         and len(node.input) >= 7 and bool(node.input[5]) and bool(node.input[6])
 
 

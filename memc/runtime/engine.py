@@ -242,30 +242,30 @@ class DecodeEngine:
             )
         if self.vocab_size is not None and ids.size and not self._ids_in_vocab(ids):
             raise DecodeStateError(f"token ids must be in [0, {self.vocab_size}), got {ids.min()}..{ids.max()}")
-        chunk = self.prefill_chunk
-        if self.length_input is not None and ids.shape[0] == 1 and 0 < chunk < ids.shape[1] and self.vocab_size:
-            return self._chunked(ids, state, past, last, chunk)
-        # a one-token graph, or GroupQueryAttention continuing a batch > 1 cache: the sequence goes token by token
+        # a one-token graph, or GroupQueryAttention continuing a batch > 1 cache: the sequence goes token by token;
+        # a long one-row prompt through GroupQueryAttention goes in chunks (PREFILL_CHUNK)
         by_token = self.single_token or (self.length_input is not None and ids.shape[0] > 1 and past > 0)
         if by_token and ids.shape[1] > 1:
-            parts = []
-            for t in range(ids.shape[1]):
-                logits, state = self._run(ids[:, t:t + 1], state, past + t, last)
-                last = self._last if self._last is not None and self._last.state is state else None
-                parts.append(logits)
-            return np.concatenate(parts, axis=1), state
+            return self._in_pieces(ids, state, past, last, 1)
+        chunk = self.prefill_chunk
+        if self.length_input is not None and ids.shape[0] == 1 and 0 < chunk < ids.shape[1]:
+            return self._in_pieces(ids, state, past, last, chunk)
         return self._run(ids, state, past, last)
 
-    def _chunked(self, ids: np.ndarray, state: Sequence[np.ndarray], past: int, last: Last | None,
-                 chunk: int) -> tuple[np.ndarray, State]:
-        """A one-row sequence in chunks (PREFILL_CHUNK says why), each chunk's logits written by onnxruntime
-        straight into its rows of one array."""
-        logits = np.empty((1, ids.shape[1], self.vocab_size), self._logits_dtype)
-        for start in range(0, ids.shape[1], chunk):
-            piece = ids[:, start:start + chunk]
-            rows = logits[:, start:start + piece.shape[1]]
+    def _in_pieces(self, ids: np.ndarray, state: Sequence[np.ndarray], past: int, last: Last | None,
+                   size: int) -> tuple[np.ndarray, State]:
+        """A sequence in pieces of ``size`` tokens, each continuing the last one's state. The logits go into one
+        array: a piece of several tokens (one row) has onnxruntime write its rows there directly."""
+        batch, seq = ids.shape
+        logits = np.empty((batch, seq, self.vocab_size), self._logits_dtype) if self.vocab_size else None
+        for start in range(0, seq, size):
+            piece = ids[:, start:start + size]
+            rows = None if logits is None else logits[:, start:start + piece.shape[1]]
             out, state = self._run(piece, state, past + start, last, rows if piece.shape[1] > 1 else None)
-            if piece.shape[1] == 1:
+            if logits is None:  # a graph of dynamic vocabulary: known from the first piece
+                logits = np.empty((batch, seq, out.shape[2]), out.dtype)
+                rows = logits[:, start:start + piece.shape[1]]
+            if rows is not out:
                 rows[...] = out
             last = self._last if self._last is not None and self._last.state is state else None
         return logits, state
